@@ -1,0 +1,1 @@
+"""Cluster metadata: the slot map now; the Raft metadata group comes with the cluster issue."""

@@ -1,0 +1,3 @@
+"""mq9: a message broker for AI agents that speaks the NATS protocol."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,110 @@
+"""Node configuration: one table of settings, read from flags, ``MQ9_*`` variables and an
+optional TOML file.
+
+Precedence: command-line flag > environment variable > config file > default. Each setting's
+flag is its name with dashes (``--data-dir``), its variable the same in capitals
+(``MQ9_DATA_DIR``) and its config-file key the name with underscores (``data_dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+
+MIB = 1024 * 1024
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    host: str = _opt("0.0.0.0", "address the NATS port listens on")
+    port: int = _opt(4222, "NATS client port, shared by all gateway processes (SO_REUSEPORT)")
+    metrics_port: int = _opt(9090, "Prometheus /metrics port (0 = off)")
+    data_dir: str = _opt("./mq9-data", "where shards keep their RocksDB databases")
+    gateways: int = _opt(0, "gateway processes (0 = one per CPU)")
+    shards: int = _opt(2, "storage shard processes, one RocksDB each")
+    cluster_port: int = _opt(6222, "metadata-group port (used by cluster mode)")
+    max_payload: int = _opt(MIB, "largest message body accepted, bytes")
+    max_connections: int = _opt(65536, "client connections per node")
+    max_control_line: int = _opt(4096, "longest protocol line, bytes")
+    max_pending: int = _opt(64 * MIB, "bytes queued for one slow client before it is cut off")
+    max_msgs: int = _opt(10000, "messages one mailbox holds")
+    default_ttl: int = _opt(86400, "mailbox TTL when CREATE names none, seconds")
+    ping_interval: float = _opt(120.0, "seconds between server PINGs to a client")
+    max_pings_out: int = _opt(2, "unanswered PINGs before a client is dropped as stale")
+    auth_timeout: float = _opt(2.0, "seconds a client has to send CONNECT when auth is on")
+    fsync: str = _opt("never", "fsync RocksDB's WAL per write batch: never | batch",
+                      choices=("never", "batch"))
+    auth_token: str | None = _opt(None, "require this token in CONNECT")
+    user: str | None = _opt(None, "require this user in CONNECT (with --pass)")
+    password: str | None = _opt(None, "password for --user", flag="--pass", env="MQ9_PASS")
+    server_name: str | None = _opt(None, "name in INFO (default: mq9-<hostname>)")
+    log_level: str = _opt("info", "debug | info | warning | error",
+                          choices=("debug", "info", "warning", "error"))
+    config: str | None = _opt(None, "TOML file with any of these settings")
+
+    @property
+    def gateway_count(self) -> int:
+        return self.gateways or (os.cpu_count() or 1)
+
+    @property
+    def run_dir(self) -> str:
+        """Sockets and per-process metric files live here; recreated at each start."""
+        return os.path.join(os.path.abspath(self.data_dir), "run")
+
+
+def _flag(f) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def _env(f) -> str:
+    return f.metadata.get("env", "MQ9_" + f.name.upper())
+
+
+def _convert(f, raw):
+    if raw is None:
+        return None
+    base = f.type if isinstance(f.type, type) else f.type.split("|")[0].strip()
+    conv = {"int": int, "float": float, "str": str}.get(base if isinstance(base, str) else base.__name__, str)
+    return conv(raw)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in fields(Config):
+        parser.add_argument(
+            _flag(f), dest=f.name, default=None, metavar=f.name.upper(),
+            choices=f.metadata.get("choices"),
+            help=f"{f.metadata['help']} [env {_env(f)}; default {f.default}]",
+        )
+
+
+def from_args(ns: argparse.Namespace, environ: dict[str, str] | None = None) -> Config:
+    environ = os.environ if environ is None else environ
+    cli = {f.name: getattr(ns, f.name, None) for f in fields(Config)}
+    config_path = cli.get("config") or environ.get("MQ9_CONFIG")
+    from_file: dict = {}
+    if config_path:
+        with open(config_path, "rb") as fh:
+            from_file = {k.replace("-", "_"): v for k, v in tomllib.load(fh).items()}
+        unknown = set(from_file) - {f.name for f in fields(Config)}
+        if unknown:
+            raise ValueError(f"unknown settings in {config_path}: {', '.join(sorted(unknown))}")
+    values = {}
+    for f in fields(Config):
+        for raw in (cli[f.name], environ.get(_env(f)), from_file.get(f.name)):
+            if raw is not None:
+                values[f.name] = _convert(f, raw)
+                break
+    cfg = Config(**values)
+    choices = {f.name: f.metadata.get("choices") for f in fields(Config)}
+    for name, allowed in choices.items():
+        if allowed and getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}")
+    if (cfg.user is None) != (cfg.password is None):
+        raise ValueError("--user and --pass go together")
+    return cfg
