@@ -1,0 +1,38 @@
+"""Every mq9 metric, defined once.
+
+Each process of a node writes its own values into files under ``PROMETHEUS_MULTIPROC_DIR``
+(set by the supervisor before it spawns children, so this import picks multi-process mode);
+the supervisor's /metrics endpoint sums them into one view of the node. Hot paths add counts
+in bulk (``inc(n)`` once per batch), never once per message.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Gauges are summed over live processes; a dead process's values are dropped by the
+# supervisor (mark_process_dead) when it restarts the child.
+CONNECTIONS = Gauge("mq9_connections", "Open client connections", multiprocess_mode="livesum")
+SUBSCRIPTIONS = Gauge("mq9_subscriptions", "Active client subscriptions", multiprocess_mode="livesum")
+MAILBOXES = Gauge("mq9_mailboxes", "Mailboxes stored on this node", multiprocess_mode="livesum")
+STORED_MESSAGES = Gauge("mq9_stored_messages", "Messages stored in mailboxes", multiprocess_mode="livesum")
+STORED_BYTES = Gauge("mq9_stored_bytes", "Payload bytes stored in mailboxes", multiprocess_mode="livesum")
+
+MESSAGES_IN = Counter("mq9_messages_in", "Messages published by clients", ["kind"])
+MESSAGES_OUT = Counter("mq9_messages_out", "Messages delivered to clients", ["kind"])
+BYTES_IN = Counter("mq9_bytes_in", "Payload bytes published by clients", ["kind"])
+BYTES_OUT = Counter("mq9_bytes_out", "Payload bytes delivered to clients", ["kind"])
+DROPS = Counter("mq9_drops", "Messages dropped, by reason", ["reason"])
+MAILBOX_OPS = Counter("mq9_mailbox_ops", "Mailbox operations handled by shards", ["op", "result"])
+AUTH_FAILURES = Counter("mq9_auth_failures", "Rejected client credentials and mailbox tokens", ["kind"])
+SLOW_CONSUMERS = Counter("mq9_slow_consumers", "Clients cut off for not reading")
+PROCESS_RESTARTS = Counter("mq9_process_restarts", "Child processes restarted by the supervisor", ["kind"])
+
+SHARD_BATCH_SECONDS = Histogram(
+    "mq9_shard_batch_seconds", "Time a shard spends on one batch of operations, RocksDB write included",
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+SHARD_BATCH_SIZE = Histogram(
+    "mq9_shard_batch_ops", "Operations per shard batch",
+    buckets=(1, 2, 5, 10, 50, 100, 500, 1000, 5000),
+)
