@@ -116,9 +116,12 @@ class Deliver(_Msg):
 # ---- gateway <-> gateway ----------------------------------------------------------------
 
 class PeerHello(_Msg):
-    """A gateway started: peers drop what they knew of its interest and send theirs."""
+    """Drop everything you know of gateway ``gw``'s interest; what follows on this pipe is
+    its complete interest. ``want``: also send me yours (a gateway says so when it starts;
+    the answer does not, so hellos never ping-pong)."""
 
     gw: int
+    want: bool = True
 
 
 class Interest(_Msg):

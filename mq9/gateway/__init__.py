@@ -1,0 +1,1 @@
+"""The gateway: terminates NATS client connections and routes their messages."""

@@ -1,0 +1,295 @@
+"""One NATS client connection: handshake, auth, limits, subscriptions and output batching.
+
+The connection knows nothing about routing or mailboxes: every PUB goes to
+``broker.publish`` and every SUB/UNSUB to ``broker.subscribe``/``broker.unsubscribe``; the
+broker calls back ``deliver`` for messages. Output is gathered in a list and written once per
+event-loop turn (``broker.want_flush``), so a burst of deliveries costs one syscall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from mq9.protocol import errors
+from mq9.protocol.parser import Parser
+from mq9.protocol.subjects import valid_publish_subject, valid_subject
+
+PING = b"PING\r\n"
+PONG = b"PONG\r\n"
+OK = b"+OK\r\n"
+
+
+class Subscription:
+    __slots__ = ("client", "sid", "sid_b", "subject", "queue", "max_msgs", "delivered", "owner", "key")
+
+    def __init__(self, client: "Client", sid: str, subject: str, queue: str | None, key: int):
+        self.client = client
+        self.sid = sid
+        self.sid_b = sid.encode()
+        self.subject = subject
+        self.queue = queue
+        self.max_msgs = 0  # 0 = unlimited; set by UNSUB <sid> <max>
+        self.delivered = 0
+        self.owner: tuple[str, int] | None = None  # (mail_id, priorities) for a mailbox owner sub
+        self.key = key  # gateway-unique id, names the sub to shards
+
+
+class Client(asyncio.Protocol):
+    """``broker`` is the gateway (``mq9.gateway.server.Gateway``)."""
+
+    def __init__(self, broker, cid: int):
+        self.broker = broker
+        self.cfg = broker.cfg
+        self.cid = cid
+        self.transport: asyncio.Transport | None = None
+        self.parser = Parser(self, self.cfg.max_payload, self.cfg.max_control_line)
+        self.subs: dict[str, Subscription] = {}
+        self.out: list[bytes] = []
+        self.out_size = 0
+        self.closed = False
+        self.connected = False  # CONNECT received (and authorised)
+        self.verbose = False
+        self.pedantic = False
+        self.echo = True
+        self.headers = False
+        self.no_responders = False
+        self.name = ""
+        self.lang = ""
+        self.pings_out = 0
+        self.start = time.time()
+        self.last_activity = self.start
+        self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
+        self._auth_timer: asyncio.TimerHandle | None = None
+        self.remote = ("", 0)
+
+    # ---- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.remote = peer[:2]
+        # Bounded kernel/uvloop buffering: past this, the pending-bytes check cuts the client.
+        transport.set_write_buffer_limits(high=self.cfg.max_pending)
+        if not self.broker.admit(self):
+            self.transport.write(self.broker.info_line(self))
+            self.close_with_error(errors.MAX_CONNECTIONS_EXCEEDED)
+            return
+        self.transport.write(self.broker.info_line(self))
+        if self.broker.auth_required:
+            self._auth_timer = asyncio.get_running_loop().call_later(
+                self.cfg.auth_timeout, self._auth_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        try:
+            self.parser.feed(data)
+        except Exception:  # a bug must never reach the client as a traceback or kill the loop
+            self.broker.log.exception("client_parser_failure", cid=self.cid)
+            self.close_with_error(errors.PARSE_ERROR)
+
+    def connection_lost(self, exc) -> None:
+        self._teardown()
+
+    def pause_writing(self) -> None:
+        # The socket buffer is full; data keeps accumulating in ``out`` until max_pending.
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # ---- output -----------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if not self.out:
+            self.broker.want_flush(self)
+        self.out.append(data)
+        self.out_size += len(data)
+        if self.out_size > self.cfg.max_pending:
+            self._slow_consumer()
+
+    def flush(self) -> None:
+        if self.closed or not self.out:
+            return
+        out = self.out
+        self.out = []
+        self.out_size = 0
+        self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        if self.transport.get_write_buffer_size() > self.cfg.max_pending:
+            self._slow_consumer()
+
+    def _slow_consumer(self) -> None:
+        self.broker.slow_consumer(self)
+        self.out = []
+        self.out_size = 0
+        self.close_with_error(errors.SLOW_CONSUMER)
+
+    def deliver(self, sub: Subscription, subject: str, reply: str | None,
+                headers: bytes | None, payload: bytes) -> None:
+        """Queue one MSG/HMSG for ``sub``. Headers are dropped for clients that did not
+        declare header support, as nats-server does."""
+        if headers is not None and self.headers:
+            hl = len(headers)
+            if reply:
+                line = b"HMSG %s %s %s %d %d\r\n" % (
+                    subject.encode(), sub.sid_b, reply.encode(), hl, hl + len(payload))
+            else:
+                line = b"HMSG %s %s %d %d\r\n" % (subject.encode(), sub.sid_b, hl, hl + len(payload))
+            self.send(line + headers + payload + b"\r\n")
+        else:
+            if reply:
+                line = b"MSG %s %s %s %d\r\n" % (subject.encode(), sub.sid_b, reply.encode(), len(payload))
+            else:
+                line = b"MSG %s %s %d\r\n" % (subject.encode(), sub.sid_b, len(payload))
+            self.send(line + payload + b"\r\n")
+        self.msgs_out += 1
+        self.bytes_out += len(payload)
+        sub.delivered += 1
+        if sub.max_msgs and sub.delivered >= sub.max_msgs:
+            self._remove_sub(sub)
+
+    # ---- closing ----------------------------------------------------------------------
+
+    def close_with_error(self, text: str) -> None:
+        if self.closed:
+            return
+        if self.out:
+            self.flush()
+        self.transport.write(errors.err_line(text))
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self.out:
+            self.flush()
+        self._teardown()
+        self.transport.close()
+
+    def _teardown(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+        for sub in list(self.subs.values()):
+            self.broker.unsubscribe(sub)
+        self.subs.clear()
+        self.out = []
+        self.broker.release(self)
+
+    def _auth_timeout(self) -> None:
+        if not self.connected:
+            self.close_with_error(errors.AUTHENTICATION_TIMEOUT)
+
+    # ---- parser callbacks ------------------------------------------------------------
+
+    def protocol_error(self, text: str) -> None:
+        self.close_with_error(text)
+
+    def _require_connect(self) -> bool:
+        if self.connected or not self.broker.auth_required:
+            return True
+        self.broker.auth_failed("no_connect")
+        self.close_with_error(errors.AUTHORIZATION_VIOLATION)
+        return False
+
+    def op_connect(self, args: bytes) -> None:
+        try:
+            opts = json.loads(args)
+            if not isinstance(opts, dict):
+                raise ValueError
+        except ValueError:
+            self.close_with_error(errors.INVALID_CONNECT)
+            return
+        self.verbose = bool(opts.get("verbose", False))
+        self.pedantic = bool(opts.get("pedantic", False))
+        self.echo = bool(opts.get("echo", True))
+        self.headers = bool(opts.get("headers", False))
+        self.no_responders = bool(opts.get("no_responders", False))
+        proto = opts.get("protocol", 0)
+        if isinstance(proto, int) and proto > 1:
+            self.close_with_error(errors.INVALID_CLIENT_PROTOCOL)
+            return
+        if self.no_responders and not self.headers:
+            self.close_with_error(errors.NO_RESPONDERS_REQUIRES_HEADERS)
+            return
+        self.name = str(opts.get("name", "") or "")
+        self.lang = str(opts.get("lang", "") or "")
+        if self.broker.auth_required and not self.connected:
+            if not self.broker.check_auth(opts):
+                self.broker.auth_failed("credentials")
+                self.close_with_error(errors.AUTHORIZATION_VIOLATION)
+                return
+            if self._auth_timer is not None:
+                self._auth_timer.cancel()
+                self._auth_timer = None
+        self.connected = True
+        if self.verbose:
+            self.send(OK)
+
+    def op_ping(self) -> None:
+        if not self._require_connect():
+            return
+        self.broker.pong_when_routed(self)
+
+    def op_pong(self) -> None:
+        self.pings_out = 0
+
+    def op_pub(self, subject: str, reply: str | None, payload: bytes) -> None:
+        self._publish(subject, reply, None, payload)
+
+    def op_hpub(self, subject: str, reply: str | None, headers: bytes, payload: bytes) -> None:
+        if not self.headers:
+            self.close_with_error(errors.HEADERS_NOT_SUPPORTED)
+            return
+        self._publish(subject, reply, headers, payload)
+
+    def _publish(self, subject, reply, headers, payload) -> None:
+        if not self.connected and not self._require_connect():
+            return
+        if self.pedantic and not valid_publish_subject(subject):
+            self.send(errors.err_line(errors.INVALID_PUBLISH_SUBJECT))
+            return
+        self.msgs_in += 1
+        self.bytes_in += len(payload)
+        self.broker.publish(subject, reply, headers, payload, self)
+        if self.verbose:
+            self.send(OK)
+
+    def op_sub(self, subject: str, queue: str | None, sid: str) -> None:
+        if not self.connected and not self._require_connect():
+            return
+        if not valid_subject(subject) or (queue is not None and not valid_publish_subject(queue)):
+            self.send(errors.err_line(errors.INVALID_SUBJECT))
+            return
+        if sid in self.subs:
+            # nats-server keeps the first subscription for a reused sid.
+            if self.verbose:
+                self.send(OK)
+            return
+        sub = Subscription(self, sid, subject, queue, self.broker.next_key())
+        self.subs[sid] = sub
+        self.broker.subscribe(sub)
+        if self.verbose:
+            self.send(OK)
+
+    def op_unsub(self, sid: str, max_msgs: int | None) -> None:
+        if not self.connected and not self._require_connect():
+            return
+        sub = self.subs.get(sid)
+        if sub is not None:
+            if max_msgs and max_msgs > sub.delivered:
+                sub.max_msgs = max_msgs
+            else:
+                self._remove_sub(sub)
+        if self.verbose:
+            self.send(OK)
+
+    def _remove_sub(self, sub: Subscription) -> None:
+        if self.subs.pop(sub.sid, None) is not None:
+            self.broker.unsubscribe(sub)

@@ -1,0 +1,260 @@
+"""mq9 requests at the gateway: MAILBOX.CREATE / QUERY / DELETE, INBOX sends and owner
+subscriptions, turned into wire operations for the shard that owns the mailbox.
+
+Validation of request bodies happens here, once, before anything reaches a shard; every
+failure is a JSON reply ``{"error", "code"}``. Replies are published like any message, so a
+requester on another gateway gets them through normal routing.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+
+from mq9 import metrics, subjects, wire
+from mq9.gateway.client import Subscription
+
+_QUERY_MAX = 1000
+
+
+class BadRequest(Exception):
+    pass
+
+
+def token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def new_mail_id() -> str:
+    # 120 random bits, lowercase base32: unguessable, and a valid single NATS token.
+    return "m-" + base64.b32encode(secrets.token_bytes(15)).decode().lower()
+
+
+def new_token() -> str:
+    return "tok-" + secrets.token_hex(16)
+
+
+def error_body(code: str, text: str) -> bytes:
+    return json.dumps({"error": text, "code": code}).encode()
+
+
+def _json_object(payload: bytes) -> dict:
+    if not payload.strip():
+        return {}
+    try:
+        body = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("body is not valid JSON")
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+def _int_field(body: dict, name: str, default: int, lo: int, hi: int | None = None) -> int:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise BadRequest(f"'{name}' must be an integer")
+    if v < lo or (hi is not None and v > hi):
+        raise BadRequest(f"'{name}' must be between {lo} and {hi}" if hi is not None
+                         else f"'{name}' must be >= {lo}")
+    return v
+
+
+def _token(body: dict) -> str:
+    tok = body.get("token")
+    if not isinstance(tok, str) or not tok:
+        return ""
+    return tok
+
+
+class Mailboxes:
+    def __init__(self, cfg, link, router, publish_reply):
+        self.cfg = cfg
+        self.link = link
+        self.router = router
+        self.reply = publish_reply  # reply(subject, body_bytes)
+        self.owner_subs: dict[int, Subscription] = {}
+        # Delivered reports, batched per (shard, key, mail_id) and flushed with the frame.
+        self._acks: dict[tuple[int, int, str], list[int]] = {}
+
+    # ---- publishes on $mq9.AI.* -----------------------------------------------------
+
+    def handle(self, subject: str, reply: str | None, headers: bytes | None, payload: bytes,
+               client) -> bool:
+        """Returns True if the publish was an mq9 operation (consumed here)."""
+        if subject.startswith(subjects.INBOX):
+            self._send(subject, reply, headers, payload)
+            return True
+        try:
+            if subject == subjects.MAILBOX_CREATE:
+                self._create(reply, payload)
+            elif subject.startswith(subjects.MAILBOX_QUERY):
+                self._query(subject[len(subjects.MAILBOX_QUERY):], reply, payload)
+            elif subject.startswith(subjects.MAILBOX_DELETE):
+                self._delete(subject[len(subjects.MAILBOX_DELETE):], reply, payload)
+            else:
+                return False
+        except BadRequest as e:
+            self._error(reply, "bad_request", str(e))
+        return True
+
+    def _error(self, reply: str | None, code: str, text: str) -> None:
+        if reply:
+            self.reply(reply, error_body(code, text))
+
+    def _answer(self, reply: str | None, extra: dict | None = None):
+        def done(res: wire.Result) -> None:
+            if not reply:
+                return
+            if res.code:
+                self.reply(reply, error_body(res.code, res.error or res.code))
+            else:
+                data = dict(res.data or {})
+                if extra:
+                    data.update(extra)
+                self.reply(reply, json.dumps(data).encode())
+        return done
+
+    def _create(self, reply: str | None, payload: bytes) -> None:
+        body = _json_object(payload)
+        mtype = body.get("type", "standard")
+        if mtype is None:
+            mtype = "standard"
+        if mtype not in ("standard", "latest"):
+            raise BadRequest("'type' must be \"standard\" or \"latest\"")
+        ttl = _int_field(body, "ttl", self.cfg.default_ttl, 0)
+        name = body.get("name")
+        auto = name is None
+        if auto:
+            name = new_mail_id()
+        elif not isinstance(name, str) or not subjects.valid_mail_id(name):
+            raise BadRequest("'name' must be 1-128 letters, digits, '-', '_', with '.' between tokens")
+        token = new_token()
+        self._do_create(reply, name, mtype, ttl, token, auto, attempts=3)
+
+    def _do_create(self, reply, name, mtype, ttl, token, auto, attempts) -> None:
+        def done(res: wire.Result) -> None:
+            if res.code == "exists" and auto and attempts > 1:
+                # 120 random bits make this all but impossible; retry rather than fail.
+                self._do_create(reply, new_mail_id(), mtype, ttl, token, auto, attempts - 1)
+                return
+            self._answer(reply, {"token": token})(res)
+
+        rid = self.link.next_rid()
+        op = wire.Create(rid=rid, mail_id=name, type=mtype, ttl=ttl, token_hash=token_hash(token), auto=auto)
+        self.link.request(self.link.shard_of(name), op, done)
+
+    def _mail_id_or_error(self, mail_id: str, reply) -> bool:
+        if subjects.valid_mail_id(mail_id):
+            return True
+        self._error(reply, "bad_request", "invalid mail_id")
+        return False
+
+    def _query(self, mail_id: str, reply: str | None, payload: bytes) -> None:
+        body = _json_object(payload)
+        if not self._mail_id_or_error(mail_id, reply):
+            return
+        limit = _int_field(body, "limit", 100, 1, _QUERY_MAX)
+        mark = body.get("mark_read", False)
+        if not isinstance(mark, bool):
+            raise BadRequest("'mark_read' must be true or false")
+        rid = self.link.next_rid()
+        op = wire.Query(rid=rid, mail_id=mail_id, token_hash=token_hash(_token(body)),
+                        limit=limit, mark_read=mark)
+        self.link.request(self.link.shard_of(mail_id), op, self._answer(reply))
+
+    def _delete(self, mail_id: str, reply: str | None, payload: bytes) -> None:
+        body = _json_object(payload)
+        if not self._mail_id_or_error(mail_id, reply):
+            return
+        rid = self.link.next_rid()
+        op = wire.Delete(rid=rid, mail_id=mail_id, token_hash=token_hash(_token(body)))
+        self.link.request(self.link.shard_of(mail_id), op, self._answer(reply))
+
+    def _send(self, subject: str, reply: str | None, headers: bytes | None, payload: bytes) -> None:
+        parsed = subjects.parse_inbox(subject)
+        if parsed is None or not subjects.valid_mail_id(parsed[0]):
+            metrics.DROPS.labels("bad_subject").inc()
+            self._error(reply, "bad_request", "send to $mq9.AI.INBOX.{mail_id}.{urgent|normal|notify}")
+            return
+        mail_id, priority = parsed
+        if priority not in subjects.PRIORITY_BIT:
+            self._error(reply, "bad_request", f"unknown priority '{priority}': use urgent, normal or notify")
+            return
+
+        def done(res: wire.Result) -> None:
+            if res.code:
+                if not reply:
+                    metrics.DROPS.labels(res.code).inc()
+                self._error(reply, res.code, res.error or res.code)
+                return
+            if reply:
+                self.reply(reply, json.dumps(res.data).encode())
+            # Monitors (wildcard subscriptions) see the message once it is stored.
+            hdrs = _with_mq9_headers(headers, res.data["msg_id"], priority)
+            self.router.route(subject, None, hdrs, payload, None)
+
+        rid = self.link.next_rid()
+        op = wire.Send(rid=rid, mail_id=mail_id, priority=priority, subject=subject,
+                       payload=payload, headers=headers)
+        self.link.request(self.link.shard_of(mail_id), op, done)
+
+    # ---- owner subscriptions --------------------------------------------------------
+
+    def subscribe(self, sub: Subscription, owner: tuple[str, int]) -> None:
+        sub.owner = owner
+        self.owner_subs[sub.key] = sub
+        mail_id, prios = owner
+        self.link.post(self.link.shard_of(mail_id),
+                       wire.Subscribe(key=sub.key, mail_id=mail_id, priorities=prios, queue=sub.queue))
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if self.owner_subs.pop(sub.key, None) is None:
+            return
+        mail_id = sub.owner[0]
+        shard = self.link.shard_of(mail_id)
+        self.flush_acks()  # Delivered before Unsubscribe, so the shard counts them first
+        self.link.post(shard, wire.Unsubscribe(key=sub.key, mail_id=mail_id))
+
+    def on_shard_connected(self, shard: int) -> None:
+        self.link.post(shard, wire.Hello())
+        for sub in self.owner_subs.values():
+            mail_id, prios = sub.owner
+            if self.link.shard_of(mail_id) == shard:
+                self.link.post(shard, wire.Subscribe(key=sub.key, mail_id=mail_id,
+                                                     priorities=prios, queue=sub.queue))
+
+    def on_deliver(self, d: wire.Deliver) -> None:
+        sub = self.owner_subs.get(d.key)
+        shard = self.link.shard_of(d.mail_id)
+        if sub is None or sub.client.closed:
+            self.link.post(shard, wire.Undelivered(key=d.key, mail_id=d.mail_id, msg_ids=[d.msg_id]))
+            return
+        k = (shard, d.key, d.mail_id)
+        acks = self._acks.get(k)
+        if acks is None:
+            if not self._acks:
+                self.link.loop.call_soon(self.flush_acks)
+            acks = self._acks[k] = []
+        acks.append(d.msg_id)
+        sub.client.deliver(sub, d.subject, None, _with_mq9_headers(d.headers, d.msg_id, d.priority),
+                           d.payload)
+
+    def flush_acks(self) -> None:
+        if not self._acks:
+            return
+        acks = self._acks
+        self._acks = {}
+        for (shard, key, mail_id), ids in acks.items():
+            self.link.post(shard, wire.Delivered(key=key, mail_id=mail_id, msg_ids=ids))
+
+
+def _with_mq9_headers(headers: bytes | None, msg_id: int, priority: str) -> bytes:
+    extra = b"Mq9-Msg-Id: %d\r\nMq9-Priority: %s\r\n\r\n" % (msg_id, priority.encode())
+    if headers and headers.endswith(b"\r\n\r\n"):
+        return headers[:-2] + extra
+    return b"NATS/1.0\r\n" + extra

@@ -1,0 +1,205 @@
+"""Plain NATS routing inside one node: local subscribers and the other gateways.
+
+The sublist holds two kinds of items: ``Subscription``s of this gateway's clients and
+``RemoteInterest`` records of other gateways (learned from ``Interest`` messages). A publish
+is delivered to matching local subscriptions and forwarded once to each gateway with plain
+interest; for a queue group, one member is chosen among all gateways, and the gateway that
+holds it is told by name in ``Routed.queues`` so it delivers to exactly one of its members.
+
+Interest changes are sent only on a 0 <-> 1 transition of a (subject, queue) pair, numbered,
+and acknowledged by each peer; ``barrier`` lets a PING wait until peers know this gateway's
+interest, so "subscribe, flush, publish elsewhere" never loses the message.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+
+from mq9 import wire
+from mq9.gateway.client import Subscription
+from mq9.gateway.sublist import Sublist
+
+
+class RemoteInterest:
+    __slots__ = ("gw", "subject", "queue", "count")
+
+    def __init__(self, gw: int, subject: str, queue: str | None):
+        self.gw = gw
+        self.subject = subject
+        self.queue = queue
+        self.count = 0
+
+
+class Router:
+    def __init__(self, gw_index: int, peers):
+        self.gw = gw_index
+        self.peers = peers  # has .send(gw, msg), .others
+        self.sublist = Sublist()
+        self.local_counts: dict[tuple[str, str | None], int] = defaultdict(int)
+        self.remote: dict[tuple[int, str, str | None], RemoteInterest] = {}
+        self.seq = 0
+        self.sent: dict[int, int] = {g: 0 for g in peers.others}  # last interest seq sent to g
+        self.acked: dict[int, int] = {g: 0 for g in peers.others}  # last seq g acknowledged
+        self._barrier_waiters: list[tuple[dict, float, object]] = []
+
+    # ---- local subscriptions ---------------------------------------------------------
+
+    def add_local(self, sub: Subscription) -> None:
+        self.sublist.insert(sub.subject, sub, sub.queue)
+        key = (sub.subject, sub.queue)
+        self.local_counts[key] += 1
+        if self.local_counts[key] == 1:
+            self._announce(sub.subject, sub.queue, 1)
+
+    def remove_local(self, sub: Subscription) -> None:
+        if not self.sublist.remove(sub.subject, sub, sub.queue):
+            return
+        key = (sub.subject, sub.queue)
+        self.local_counts[key] -= 1
+        if self.local_counts[key] <= 0:
+            del self.local_counts[key]
+            self._announce(sub.subject, sub.queue, -1)
+
+    def _announce(self, subject: str, queue: str | None, delta: int) -> None:
+        if not self.peers.others:
+            return
+        self.seq += 1
+        msg = wire.Interest(gw=self.gw, seq=self.seq, subject=subject, queue=queue, delta=delta)
+        for g in self.peers.others:
+            self.sent[g] = self.seq
+            self.peers.send(g, msg)
+
+    # ---- interest from peers ---------------------------------------------------------
+
+    def on_peer_hello(self, hello: wire.PeerHello) -> None:
+        g = hello.gw
+        for key in [k for k in self.remote if k[0] == g]:
+            ri = self.remote.pop(key)
+            self.sublist.remove(ri.subject, ri, ri.queue)
+        if hello.want:
+            self.peers.send(g, wire.PeerHello(gw=self.gw, want=False))
+            if self.local_counts:
+                self.seq += 1
+                self.sent[g] = self.seq
+            for (subject, queue) in self.local_counts:
+                self.peers.send(g, wire.Interest(gw=self.gw, seq=self.seq, subject=subject,
+                                                 queue=queue, delta=1))
+
+    def on_interest(self, msg: wire.Interest) -> None:
+        if msg.delta:
+            key = (msg.gw, msg.subject, msg.queue)
+            ri = self.remote.get(key)
+            if ri is None:
+                if msg.delta < 0:
+                    return
+                ri = self.remote[key] = RemoteInterest(msg.gw, msg.subject, msg.queue)
+                self.sublist.insert(msg.subject, ri, msg.queue)
+            ri.count += msg.delta
+            if ri.count <= 0:
+                del self.remote[key]
+                self.sublist.remove(ri.subject, ri, ri.queue)
+        self.peers.send(msg.gw, wire.InterestAck(gw=self.gw, seq=msg.seq))
+
+    def on_interest_ack(self, msg: wire.InterestAck) -> None:
+        if msg.gw in self.acked and msg.seq > self.acked[msg.gw]:
+            self.acked[msg.gw] = msg.seq
+        self.release_barriers()
+
+    # ---- PING barrier ----------------------------------------------------------------
+
+    def barrier(self, callback, timeout: float = 0.25) -> None:
+        """Call ``callback`` once every peer has acknowledged the interest sent so far
+        (or after ``timeout``, so a dead peer cannot stall a client's PING)."""
+        if self._peers_caught_up(self.sent):
+            callback()
+            return
+        self._barrier_waiters.append((dict(self.sent), time.monotonic() + timeout, callback))
+
+    def _peers_caught_up(self, sent: dict[int, int]) -> bool:
+        acked = self.acked
+        for g, seq in sent.items():
+            if acked[g] < seq:
+                return False
+        return True
+
+    def release_barriers(self) -> None:
+        if not self._barrier_waiters:
+            return
+        now = time.monotonic()
+        keep = []
+        for seq, deadline, cb in self._barrier_waiters:
+            if now >= deadline or self._peers_caught_up(seq):
+                cb()
+            else:
+                keep.append((seq, deadline, cb))
+        self._barrier_waiters = keep
+
+    # ---- publishing ------------------------------------------------------------------
+
+    def route(self, subject: str, reply: str | None, headers: bytes | None, payload: bytes,
+              origin) -> bool:
+        """Deliver a publish from a local client (``origin`` may be None for messages the
+        gateway itself publishes). Returns whether anyone, anywhere, was interested."""
+        plain, queues = self.sublist.match(subject)
+        if not plain and not queues:
+            return False
+        forward: dict[int, list] = {}
+        for item in plain:
+            if item.__class__ is Subscription:
+                client = item.client
+                if client is origin and not client.echo:
+                    continue
+                client.deliver(item, subject, reply, headers, payload)
+            else:
+                forward.setdefault(item.gw, [True])
+        for queue, members in queues.items():
+            chosen = _pick(members)
+            if chosen.__class__ is Subscription:
+                chosen.client.deliver(chosen, subject, reply, headers, payload)
+            else:
+                forward.setdefault(chosen.gw, [False]).append(queue)
+        for g, spec in forward.items():
+            self.peers.send(g, wire.Routed(subject=subject, payload=payload, reply=reply,
+                                           headers=headers, plain=spec[0], queues=spec[1:]))
+        return True
+
+    def on_routed(self, msg: wire.Routed) -> None:
+        plain, queues = self.sublist.match(msg.subject)
+        subject, reply, headers, payload = msg.subject, msg.reply, msg.headers, msg.payload
+        if msg.plain:
+            for item in plain:
+                if item.__class__ is Subscription:
+                    item.client.deliver(item, subject, reply, headers, payload)
+        for queue in msg.queues:
+            local = [m for m in queues.get(queue, ()) if m.__class__ is Subscription]
+            if local:
+                chosen = local[random.randrange(len(local))] if len(local) > 1 else local[0]
+                chosen.client.deliver(chosen, subject, reply, headers, payload)
+
+    def deliver_local(self, subject: str, reply: str | None, headers: bytes | None,
+                      payload: bytes, client) -> bool:
+        """Deliver only to ``client``'s own subscriptions (the no-responders status)."""
+        plain, queues = self.sublist.match(subject)
+        hit = False
+        for item in list(plain) + [m for ms in queues.values() for m in ms]:
+            if item.__class__ is Subscription and item.client is client:
+                client.deliver(item, subject, reply, headers, payload)
+                hit = True
+        return hit
+
+
+def _pick(members):
+    """One member of a queue group; another gateway's interest weighs as many members."""
+    if len(members) == 1:
+        return members[0]
+    total = 0
+    for m in members:
+        total += m.count if m.__class__ is RemoteInterest else 1
+    r = random.randrange(total)
+    for m in members:
+        r -= m.count if m.__class__ is RemoteInterest else 1
+        if r < 0:
+            return m
+    return members[-1]

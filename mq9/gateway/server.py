@@ -1,0 +1,263 @@
+"""A gateway process: the NATS listener and the wiring between clients, the router, the
+mesh of gateways and the shards.
+
+``Gateway`` is the ``broker`` every ``Client`` talks to. It decides, per publish, whether the
+subject is an mq9 operation (``Mailboxes``) or plain NATS (``Router``), and per subscription
+whether it is a mailbox owner subscription (sent to the shard) or a plain one (sublist).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import signal
+import socket
+import time
+import uuid
+
+import zmq
+
+from mq9 import __version__, log, metrics, subjects
+from mq9.config import Config
+from mq9.gateway.client import PING, PONG, Client, Subscription
+from mq9.gateway.conncount import ConnCounter
+from mq9.gateway.mailboxes import Mailboxes
+from mq9.gateway.peers import Peers
+from mq9.gateway.router import Router
+from mq9.gateway.shardlink import ShardLink
+from mq9.protocol import errors
+
+NO_RESPONDERS = b"NATS/1.0 503\r\n\r\n"
+
+
+class Gateway:
+    def __init__(self, cfg: Config, index: int, loop: asyncio.AbstractEventLoop):
+        self.cfg = cfg
+        self.index = index
+        self.loop = loop
+        self.log = log.bind()
+        self.ctx = zmq.Context()
+        self.peers = Peers(cfg, index, self.ctx, loop)
+        self.router = Router(index, self.peers)
+        self.link = ShardLink(cfg, index, self.ctx, loop)
+        self.mailboxes = Mailboxes(cfg, self.link, self.router, self._publish_reply)
+        self.conns = ConnCounter(cfg, index)
+        self.clients: dict[int, Client] = {}
+        self._cid = index << 40  # client ids unique across the node's gateways
+        self._key = 0
+        self._dirty: list[Client] = []
+        self._flush_scheduled = False
+        self.auth_required = bool(cfg.auth_token or cfg.user)
+        self.server_id = uuid.uuid4().hex.upper()[:22]
+        self.server_name = cfg.server_name or f"mq9-{socket.gethostname()}"
+        self._info_base = {
+            "server_id": self.server_id,
+            "server_name": self.server_name,
+            "version": __version__,
+            "proto": 1,
+            "go": "mq9 (python)",
+            "host": cfg.host,
+            "port": cfg.port,
+            "headers": True,
+            "max_payload": cfg.max_payload,
+        }
+        if self.auth_required:
+            self._info_base["auth_required"] = True
+        self.server: asyncio.AbstractServer | None = None
+        self._pinger: asyncio.TimerHandle | None = None
+        self._stats_timer: asyncio.TimerHandle | None = None
+        self._closed_totals = [0, 0, 0, 0]  # msgs in/out, bytes in/out of clients that left
+        self._reported = [0, 0, 0, 0]
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.peers.start(self.router)
+        self.link.start(self)
+        sock = socket.socket(socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((self.cfg.host, self.cfg.port))
+        sock.listen(4096)
+        sock.setblocking(False)
+        self.server = await self.loop.create_server(self._new_client, sock=sock)
+        self._pinger = self.loop.call_later(self.cfg.ping_interval, self._ping_clients)
+        self._stats_timer = self.loop.call_later(1.0, self._report_stats)
+        self.log.info("gateway_listening", host=self.cfg.host, port=self.cfg.port, index=self.index)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for c in list(self.clients.values()):
+            c.close()
+        self.mailboxes.flush_acks()
+        if self._stats_timer is not None:
+            self._stats_timer.cancel()
+        await asyncio.sleep(0.05)
+        self.link.close()
+        self.peers.close()
+        self.ctx.term()
+        self.conns.close()
+
+    def _new_client(self) -> Client:
+        self._cid += 1
+        return Client(self, self._cid)
+
+    # ---- broker interface used by Client ---------------------------------------------
+
+    def info_line(self, client: Client) -> bytes:
+        info = dict(self._info_base, client_id=client.cid, client_ip=client.remote[0])
+        return b"INFO " + json.dumps(info, separators=(",", ":")).encode() + b" \r\n"
+
+    def admit(self, client: Client) -> bool:
+        if self.conns.total() >= self.cfg.max_connections:
+            return False
+        self.clients[client.cid] = client
+        self.conns.set(len(self.clients))
+        return True
+
+    def release(self, client: Client) -> None:
+        if self.clients.pop(client.cid, None) is not None:
+            self.conns.set(len(self.clients))
+            t = self._closed_totals
+            t[0] += client.msgs_in
+            t[1] += client.msgs_out
+            t[2] += client.bytes_in
+            t[3] += client.bytes_out
+
+    def check_auth(self, opts: dict) -> bool:
+        cfg = self.cfg
+        if cfg.auth_token:
+            tok = opts.get("auth_token")
+            return isinstance(tok, str) and hmac.compare_digest(tok.encode(), cfg.auth_token.encode())
+        user, pw = opts.get("user"), opts.get("pass")
+        if not isinstance(user, str) or not isinstance(pw, str):
+            return False
+        return (hmac.compare_digest(user.encode(), (cfg.user or "").encode())
+                & hmac.compare_digest(pw.encode(), (cfg.password or "").encode())) == 1
+
+    def auth_failed(self, kind: str) -> None:
+        metrics.AUTH_FAILURES.labels(kind).inc()
+
+    def slow_consumer(self, client: Client) -> None:
+        metrics.SLOW_CONSUMERS.inc()
+        self.log.warning("slow_consumer", cid=client.cid, name=client.name)
+
+    def next_key(self) -> int:
+        self._key += 1
+        return self._key
+
+    def want_flush(self, client: Client) -> None:
+        self._dirty.append(client)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty = self._dirty
+        self._dirty = []
+        for c in dirty:
+            c.flush()
+
+    def pong_when_routed(self, client: Client) -> None:
+        self.router.barrier(lambda: client.send(PONG))
+        if self.router._barrier_waiters:
+            self.loop.call_later(0.26, self.router.release_barriers)
+
+    def publish(self, subject: str, reply: str | None, headers: bytes | None, payload: bytes,
+                client: Client) -> None:
+        if subject.startswith(subjects.PREFIX) and self.mailboxes.handle(subject, reply, headers, payload, client):
+            if not subject.startswith(subjects.INBOX):
+                # Watchers of '$mq9.AI.#' see requests too (without the reply subject, so a
+                # watcher can never answer in the broker's place); INBOX sends reach them
+                # once stored.
+                self.router.route(subject, None, headers, payload, client)
+            return
+        if not self.router.route(subject, reply, headers, payload, client):
+            if reply and client.no_responders:
+                self.router.deliver_local(reply, None, NO_RESPONDERS, b"", client)
+
+    def subscribe(self, sub: Subscription) -> None:
+        owner = subjects.owner_subscription(sub.subject)
+        if owner is not None:
+            self.mailboxes.subscribe(sub, owner)
+        else:
+            self.router.add_local(sub)
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if sub.owner is not None:
+            self.mailboxes.unsubscribe(sub)
+        else:
+            self.router.remove_local(sub)
+
+    def _publish_reply(self, subject: str, body: bytes) -> None:
+        self.router.route(subject, None, None, body, None)
+
+    # ---- ShardLink handler -----------------------------------------------------------
+
+    def on_deliver(self, d) -> None:
+        self.mailboxes.on_deliver(d)
+
+    def on_shard_connected(self, shard: int) -> None:
+        self.log.info("shard_connected", shard=shard)
+        self.mailboxes.on_shard_connected(shard)
+
+    # ---- timers ----------------------------------------------------------------------
+
+    def _ping_clients(self) -> None:
+        for c in list(self.clients.values()):
+            if c.closed:
+                continue
+            if c.pings_out >= self.cfg.max_pings_out:
+                c.close_with_error(errors.STALE_CONNECTION)
+                continue
+            c.pings_out += 1
+            c.send(PING)
+        self._pinger = self.loop.call_later(self.cfg.ping_interval, self._ping_clients)
+
+    def _report_stats(self) -> None:
+        """Per-connection counters are plain ints on the hot path; they are folded into the
+        shared metrics once a second (and when a client leaves, via ``release``)."""
+        totals = list(self._closed_totals)
+        subs = 0
+        for c in self.clients.values():
+            totals[0] += c.msgs_in
+            totals[1] += c.msgs_out
+            totals[2] += c.bytes_in
+            totals[3] += c.bytes_out
+            subs += len(c.subs)
+        d = [t - r for t, r in zip(totals, self._reported)]
+        if d[0]:
+            metrics.MESSAGES_IN.labels("all").inc(d[0])
+            metrics.BYTES_IN.labels("all").inc(d[2])
+        if d[1]:
+            metrics.MESSAGES_OUT.labels("all").inc(d[1])
+            metrics.BYTES_OUT.labels("all").inc(d[3])
+        self._reported = totals
+        metrics.CONNECTIONS.set(len(self.clients))
+        metrics.SUBSCRIPTIONS.set(subs)
+        self._stats_timer = self.loop.call_later(1.0, self._report_stats)
+
+
+async def _main(cfg: Config, index: int) -> None:
+    loop = asyncio.get_running_loop()
+    gw = Gateway(cfg, index, loop)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await gw.start()
+    await stop.wait()
+    gw.log.info("gateway_draining", clients=len(gw.clients))
+    await gw.stop()
+
+
+def run(cfg: Config, index: int) -> None:
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # uvloop is a dependency; plain asyncio still works without it
+        pass
+    asyncio.run(_main(cfg, index))

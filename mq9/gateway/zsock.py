@@ -1,0 +1,72 @@
+"""ZeroMQ sockets driven by the gateway's asyncio loop, with one frame per loop turn.
+
+``Outbox`` gathers wire structs for one destination and sends them as a single msgpack frame
+at the end of the current loop turn. ``watch`` reads a socket from the loop: ZeroMQ's FD is
+edge-triggered and also consumed by sends, so readable sockets are drained until EVENTS says
+empty, and re-checked after every send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import zmq
+
+from mq9 import metrics, wire
+
+
+class Outbox:
+    __slots__ = ("sock", "loop", "items", "_after_send", "prefix")
+
+    def __init__(self, sock: zmq.Socket, loop: asyncio.AbstractEventLoop, after_send=None,
+                 prefix: list[bytes] | None = None):
+        self.sock = sock
+        self.loop = loop
+        self.items: list = []
+        self._after_send = after_send
+        self.prefix = prefix  # leading frames (a ROUTER identity), if any
+
+    def put(self, msg) -> None:
+        if not self.items:
+            self.loop.call_soon(self.flush)
+        self.items.append(msg)
+
+    def flush(self) -> None:
+        if not self.items:
+            return
+        items = self.items
+        self.items = []
+        frame = wire.encode(items)
+        try:
+            if self.prefix:
+                self.sock.send_multipart([*self.prefix, frame], zmq.NOBLOCK)
+            else:
+                self.sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            # The peer is gone or hopelessly behind (HWM reached): dropping beats blocking
+            # the loop. Requests among these time out at the sender as ``unavailable``.
+            metrics.DROPS.labels("ipc_backlog").inc(len(items))
+        if self._after_send is not None:
+            self._after_send()
+
+
+def watch(loop: asyncio.AbstractEventLoop, sock: zmq.Socket, on_frame, max_batch: int = 1000):
+    """Call ``on_frame(frame_bytes)`` for every message readable on ``sock``; returns a
+    ``drain`` function to call after sends on the same socket."""
+
+    def drain() -> None:
+        n = 0
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                frame = sock.recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            on_frame(frame)
+            n += 1
+            if n >= max_batch:
+                # Let clients run too; come back on the next turn.
+                loop.call_soon(drain)
+                return
+
+    loop.add_reader(sock.getsockopt(zmq.FD), drain)
+    return drain
