@@ -96,9 +96,15 @@ def from_args(ns: argparse.Namespace, environ: dict[str, str] | None = None) -> 
             raise ValueError(f"unknown settings in {config_path}: {', '.join(sorted(unknown))}")
     values = {}
     for f in fields(Config):
-        for raw in (cli[f.name], environ.get(_env(f)), from_file.get(f.name)):
+        sources = ((cli[f.name], _flag(f)), (environ.get(_env(f)), _env(f)),
+                   (from_file.get(f.name), f"{f.name} in {config_path}"))
+        for raw, where in sources:
             if raw is not None:
-                values[f.name] = _convert(f, raw)
+                try:
+                    values[f.name] = _convert(f, raw)
+                except (TypeError, ValueError):
+                    # int("abc")'s own message does not say which setting was wrong
+                    raise ValueError(f"{where}: not a valid {f.type.split('|')[0].strip()}: {raw!r}") from None
                 break
     cfg = Config(**values)
     choices = {f.name: f.metadata.get("choices") for f in fields(Config)}
@@ -107,4 +113,24 @@ def from_args(ns: argparse.Namespace, environ: dict[str, str] | None = None) -> 
             raise ValueError(f"{name} must be one of {', '.join(allowed)}")
     if (cfg.user is None) != (cfg.password is None):
         raise ValueError("--user and --pass go together")
+    _check_ranges(cfg)
     return cfg
+
+
+# (setting, lowest, highest): values outside would only fail later, inside a child process
+_RANGES = (
+    ("port", 1, 65535), ("metrics_port", 0, 65535), ("cluster_port", 0, 65535),
+    ("gateways", 0, 1024), ("shards", 1, 1024), ("max_payload", 1, None),
+    ("max_connections", 1, None), ("max_control_line", 1, None), ("max_pending", 1, None),
+    ("max_msgs", 1, None), ("default_ttl", 0, None), ("ping_interval", 0.001, None),
+    ("max_pings_out", 1, None), ("auth_timeout", 0.001, None),
+)
+
+
+def _check_ranges(cfg: Config) -> None:
+    by_name = {f.name: f for f in fields(Config)}
+    for name, lo, hi in _RANGES:
+        value = getattr(cfg, name)
+        if value < lo or (hi is not None and value > hi):
+            limit = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            raise ValueError(f"{_flag(by_name[name])} must be {limit}, got {value}")

@@ -50,8 +50,10 @@ class Client(asyncio.Protocol):
         self.out_size = 0
         self.closed = False
         self.connected = False  # CONNECT received (and authorised)
-        self.verbose = False
-        self.pedantic = False
+        # nats-server's defaults for a client that never sends CONNECT.
+        self.verbose = True
+        self.pedantic = True
+        self.info_after_pong = False  # nats-server >= 2.12 repeats INFO after the first PONG
         self.echo = True
         self.headers = False
         self.no_responders = False
@@ -215,6 +217,8 @@ class Client(asyncio.Protocol):
         if isinstance(proto, int) and proto > 1:
             self.close_with_error(errors.INVALID_CLIENT_PROTOCOL)
             return
+        if isinstance(proto, int) and proto >= 1 and not self.connected:
+            self.info_after_pong = True
         if self.no_responders and not self.headers:
             self.close_with_error(errors.NO_RESPONDERS_REQUIRES_HEADERS)
             return
@@ -247,24 +251,25 @@ class Client(asyncio.Protocol):
         if not self.headers:
             self.close_with_error(errors.HEADERS_NOT_SUPPORTED)
             return
-        self._publish(subject, reply, headers, payload)
+        # An empty header block is a plain message, as nats-server delivers it.
+        self._publish(subject, reply, headers or None, payload)
 
     def _publish(self, subject, reply, headers, payload) -> None:
         if not self.connected and not self._require_connect():
             return
         if self.pedantic and not valid_publish_subject(subject):
+            # nats-server complains and still delivers the message.
             self.send(errors.err_line(errors.INVALID_PUBLISH_SUBJECT))
-            return
+        if self.verbose:
+            self.send(OK)  # before any MSG this PUB produces on the same connection
         self.msgs_in += 1
         self.bytes_in += len(payload)
         self.broker.publish(subject, reply, headers, payload, self)
-        if self.verbose:
-            self.send(OK)
 
     def op_sub(self, subject: str, queue: str | None, sid: str) -> None:
         if not self.connected and not self._require_connect():
             return
-        if not valid_subject(subject) or (queue is not None and not valid_publish_subject(queue)):
+        if not valid_subject(subject):
             self.send(errors.err_line(errors.INVALID_SUBJECT))
             return
         if sid in self.subs:

@@ -145,6 +145,7 @@ class Router:
         plain, queues = self.sublist.match(subject)
         if not plain and not queues:
             return False
+        delivered = False
         forward: dict[int, list] = {}
         for item in plain:
             if item.__class__ is Subscription:
@@ -152,18 +153,24 @@ class Router:
                 if client is origin and not client.echo:
                     continue
                 client.deliver(item, subject, reply, headers, payload)
+                delivered = True
             else:
                 forward.setdefault(item.gw, [True])
         for queue, members in queues.items():
+            if origin is not None and not origin.echo:
+                members = [m for m in members if m.__class__ is not Subscription or m.client is not origin]
+                if not members:
+                    continue
             chosen = _pick(members)
             if chosen.__class__ is Subscription:
                 chosen.client.deliver(chosen, subject, reply, headers, payload)
+                delivered = True
             else:
                 forward.setdefault(chosen.gw, [False]).append(queue)
         for g, spec in forward.items():
             self.peers.send(g, wire.Routed(subject=subject, payload=payload, reply=reply,
                                            headers=headers, plain=spec[0], queues=spec[1:]))
-        return True
+        return delivered or bool(forward)
 
     def on_routed(self, msg: wire.Routed) -> None:
         plain, queues = self.sublist.match(msg.subject)
@@ -178,16 +185,14 @@ class Router:
                 chosen = local[random.randrange(len(local))] if len(local) > 1 else local[0]
                 chosen.client.deliver(chosen, subject, reply, headers, payload)
 
-    def deliver_local(self, subject: str, reply: str | None, headers: bytes | None,
-                      payload: bytes, client) -> bool:
-        """Deliver only to ``client``'s own subscriptions (the no-responders status)."""
-        plain, queues = self.sublist.match(subject)
-        hit = False
-        for item in list(plain) + [m for ms in queues.values() for m in ms]:
+    def no_responders(self, reply: str, status: bytes, client) -> None:
+        """The 503 status goes to the requester's first own non-queue subscription that
+        matches the reply subject, as nats-server does."""
+        plain, _ = self.sublist.match(reply)
+        for item in plain:
             if item.__class__ is Subscription and item.client is client:
-                client.deliver(item, subject, reply, headers, payload)
-                hit = True
-        return hit
+                client.deliver(item, reply, None, status, b"")
+                return
 
 
 def _pick(members):

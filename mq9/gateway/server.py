@@ -29,7 +29,6 @@ from mq9.gateway.router import Router
 from mq9.gateway.shardlink import ShardLink
 from mq9.protocol import errors
 
-NO_RESPONDERS = b"NATS/1.0 503\r\n\r\n"
 
 
 class Gateway:
@@ -107,8 +106,10 @@ class Gateway:
 
     # ---- broker interface used by Client ---------------------------------------------
 
-    def info_line(self, client: Client) -> bytes:
+    def info_line(self, client: Client, connect_info: bool = False) -> bytes:
         info = dict(self._info_base, client_id=client.cid, client_ip=client.remote[0])
+        if connect_info:
+            info["connect_info"] = True
         return b"INFO " + json.dumps(info, separators=(",", ":")).encode() + b" \r\n"
 
     def admit(self, client: Client) -> bool:
@@ -163,7 +164,13 @@ class Gateway:
             c.flush()
 
     def pong_when_routed(self, client: Client) -> None:
-        self.router.barrier(lambda: client.send(PONG))
+        def pong() -> None:
+            client.send(PONG)
+            if client.info_after_pong:
+                client.info_after_pong = False
+                client.send(self.info_line(client, connect_info=True))
+
+        self.router.barrier(pong)
         if self.router._barrier_waiters:
             self.loop.call_later(0.26, self.router.release_barriers)
 
@@ -178,7 +185,8 @@ class Gateway:
             return
         if not self.router.route(subject, reply, headers, payload, client):
             if reply and client.no_responders:
-                self.router.deliver_local(reply, None, NO_RESPONDERS, b"", client)
+                status = b"NATS/1.0 503\r\nNats-Subject: %s\r\n\r\n" % subject.encode()
+                self.router.no_responders(reply, status, client)
 
     def subscribe(self, sub: Subscription) -> None:
         owner = subjects.owner_subscription(sub.subject)

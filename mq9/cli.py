@@ -1,0 +1,57 @@
+"""The ``mq9`` command: ``mq9 node [flags]`` runs a node, ``mq9 --version``.
+
+Every setting of ``mq9.config`` is a flag of ``mq9 node``; ``--help`` shows each one's
+``MQ9_*`` variable and default. A bad setting is a one-line error and exit status 2, the
+usual status for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mq9 import __version__, config
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # argparse's default also prints the whole usage block; one line is easier to spot
+        # in a container log.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mq9", description="A message broker for AI agents that speaks NATS.")
+    parser.add_argument("--version", action="version", version=f"mq9 {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    node = commands.add_parser(
+        "node", help="run a node (gateways + storage shards)",
+        description="Run an mq9 node. Each flag can also be set by its MQ9_* variable or in "
+                    "the --config TOML file; a flag wins over the variable, the variable over "
+                    "the file.")
+    config.add_arguments(node)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    ns = parser.parse_args(argv)
+    if ns.command != "node":
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        cfg = config.from_args(ns)
+    except ValueError as e:
+        print(f"mq9 node: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the --config file
+        print(f"mq9 node: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    # Imported here, not at the top: the supervisor must set PROMETHEUS_MULTIPROC_DIR
+    # before prometheus_client is first imported, and --help should stay fast.
+    from mq9 import supervisor
+
+    try:
+        return supervisor.run_node(cfg)
+    except KeyboardInterrupt:  # Ctrl-C before the supervisor took over SIGINT
+        return 130

@@ -1,0 +1,171 @@
+"""Structured logging: one logfmt line per event.
+
+    ts=2025-01-02T03:04:05.678Z level=info proc=gateway-1 event=client_connected cid=7 addr=127.0.0.1:50312
+
+Every process of a node writes to the same inherited stderr, so each line names its process
+(``proc``); one line per event (tracebacks included, escaped) keeps lines from different
+processes from interleaving and lets ``grep``/log shippers split them. Usage::
+
+    from mq9 import log
+    log.info("shard_ready", shard=0, path=path)
+    conn_log = log.bind(cid=7)          # fields repeated on every line
+    conn_log.exception("client_parser_failure")
+
+It sits on the stdlib ``logging`` module, so records from libraries (asyncio, pysyncobj)
+come out in the same format, with ``event=log logger=<name> msg=...``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+import traceback
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
+          logging.ERROR: "error", logging.CRITICAL: "critical"}
+
+_logger = logging.getLogger("mq9")
+_BARE = re.compile(r'^[^\s="\\\x00-\x1f\x7f]+$')
+_BAD_KEY = re.compile(r"[^A-Za-z0-9_.\-]")
+_proc = "mq9"
+
+
+def _value(v) -> str:
+    if v is None:
+        return "null"
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    if type(v) is int or type(v) is float:
+        return repr(v)
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        v = bytes(v).decode("utf-8", "backslashreplace")
+    elif not isinstance(v, str):
+        v = str(v)
+    if _BARE.match(v):
+        return v
+    # JSON string quoting escapes exactly what logfmt parsers expect: quotes, backslashes,
+    # newlines and other control characters.
+    return json.dumps(v, ensure_ascii=False)
+
+
+def _key(k: str) -> str:
+    return _BAD_KEY.sub("_", k) or "_"
+
+
+class LogfmtFormatter(logging.Formatter):
+    def __init__(self, proc: str):
+        super().__init__()
+        self.proc = proc
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        parts = [f"ts={ts}.{int(record.msecs):03d}Z",
+                 f"level={_NAMES.get(record.levelno, str(record.levelno).lower())}",
+                 f"proc={_value(self.proc)}"]
+        fields = getattr(record, "mq9_fields", None)
+        if fields is None:
+            parts.append("event=log")
+            parts.append(f"logger={_value(record.name)}")
+            parts.append(f"msg={_value(record.getMessage())}")
+        else:
+            parts.append(f"event={_value(record.msg)}")
+            for k, v in fields.items():
+                parts.append(f"{_key(k)}={_value(v)}")
+        if record.exc_info and record.exc_info[0] is not None:
+            etype, evalue, tb = record.exc_info
+            parts.append(f"error={_value(f'{etype.__name__}: {evalue}')}")
+            parts.append(f"traceback={_value(''.join(traceback.format_exception(etype, evalue, tb)).rstrip())}")
+        elif record.stack_info:
+            parts.append(f"stack={_value(record.stack_info)}")
+        return " ".join(parts)
+
+
+class Logger:
+    """Emits events; ``bind`` returns a logger that adds fixed fields to each line."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: dict | None = None):
+        self.fields = fields or {}
+
+    def bind(self, **fields) -> "Logger":
+        return Logger({**self.fields, **fields})
+
+    def _emit(self, level: int, event: str, fields: dict, exc_info=None) -> None:
+        if self.fields:
+            fields = {**self.fields, **fields}
+        # stacklevel points funcName/lineno at the caller of info()/error(), not at us
+        _logger.log(level, event, extra={"mq9_fields": fields}, exc_info=exc_info, stacklevel=3)
+
+    def debug(self, event: str, **fields) -> None:
+        if _logger.isEnabledFor(logging.DEBUG):
+            self._emit(logging.DEBUG, event, fields)
+
+    def info(self, event: str, **fields) -> None:
+        if _logger.isEnabledFor(logging.INFO):
+            self._emit(logging.INFO, event, fields)
+
+    def warning(self, event: str, **fields) -> None:
+        if _logger.isEnabledFor(logging.WARNING):
+            self._emit(logging.WARNING, event, fields)
+
+    def error(self, event: str, **fields) -> None:
+        if _logger.isEnabledFor(logging.ERROR):
+            self._emit(logging.ERROR, event, fields)
+
+    def exception(self, event: str, **fields) -> None:
+        """An error with the exception being handled (call it from an ``except`` block)."""
+        if _logger.isEnabledFor(logging.ERROR):
+            self._emit(logging.ERROR, event, fields, exc_info=sys.exc_info())
+
+    def enabled(self, level: str) -> bool:
+        """Lets hot paths skip building expensive fields."""
+        return _logger.isEnabledFor(_LEVELS[level])
+
+
+_root = Logger()
+bind = _root.bind
+debug = _root.debug
+info = _root.info
+warning = _root.warning
+error = _root.error
+exception = _root.exception
+enabled = _root.enabled
+
+
+def proc() -> str:
+    return _proc
+
+
+def setup(level: str = "info", proc: str = "mq9", stream=None) -> None:
+    """Send every log record of this process to ``stream`` (stderr) as logfmt.
+
+    Call once per process, first thing; calling again replaces the previous setup (only
+    ours: handlers others installed, such as pytest's capture, are kept).
+    """
+    global _proc
+    if level not in _LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(_LEVELS)}, got {level!r}")
+    _proc = proc
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_mq9", False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler._mq9 = True
+    handler.setFormatter(LogfmtFormatter(proc))
+    root.addHandler(handler)
+    root.setLevel(_LEVELS[level])
+    # Without this, a record from a warnings.warn() would bypass the format.
+    logging.captureWarnings(True)

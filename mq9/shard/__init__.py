@@ -1,0 +1,1 @@
+"""Storage shards: each process owns the mailboxes of its slots in one RocksDB."""

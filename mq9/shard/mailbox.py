@@ -1,0 +1,717 @@
+"""A shard's in-memory mailbox state and delivery logic, independent of ZeroMQ.
+
+``Shard`` is driven one batch at a time by the server loop (or a test)::
+
+    shard.begin(now)                 # once per batch: the clock for TTLs and timestamps
+    shard.apply(gw, op)              # every operation of the batch, any gateway
+    shard.expire()                   # when the expiry tick is due
+    out = shard.finish()             # pump deliveries, write the batch, -> {gw: [Result|Deliver]}
+
+Nothing in ``out`` may leave the process before ``finish`` returns: ``finish`` writes the
+batch's RocksDB WriteBatch first, so every acknowledged write and every pushed message is
+already stored (store first, then reply, then push).
+
+Delivery model. Every stored message is in one of three states:
+  pending    undelivered and not in flight: waits in its priority's deque
+  in flight  pushed to one or more owner subscriptions, no Delivered report yet
+  delivered  some subscriber got it (or a Query marked it read); kept until evicted
+The pump moves pending messages into flight (at most ``window`` per mailbox), urgent before
+normal before notify, oldest first, to every matching plain subscription and one member of
+each matching queue group. A message in flight to a subscription that goes away returns to
+pending, unless it is also in flight to another one. Live sends join the pending deques, so
+replay after a SUB and live delivery are the same mechanism, and a second subscriber never
+gets a message that is already in flight to the first.
+"""
+
+from __future__ import annotations
+
+import base64
+import heapq
+import hmac
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from mq9 import log, subjects, wire
+from mq9.shard.store import Meta, Store, decode_record, encode_record
+
+PRIORITIES = subjects.PRIORITIES  # index = delivery order
+PRIO_INDEX = {p: i for i, p in enumerate(PRIORITIES)}
+PRIO_BITS = tuple(subjects.PRIORITY_BIT[p] for p in PRIORITIES)
+
+WINDOW = 1000  # messages in flight per mailbox
+# Bytes one pump of one mailbox, or one Query reply, may carry: a window of 1 MiB
+# messages must not become a 1 GiB frame.
+PUMP_BYTES = 8 * 1024 * 1024
+QUERY_MAX = 1000
+QUERY_BYTES = 8 * 1024 * 1024
+MAILBOX_TYPES = ("standard", "latest")
+
+# A stored message's in-memory state is one int: payload size << 4 | state << 2 | prio.
+# Millions of messages may sit in a shard, so no object per message.
+PENDING, INFLIGHT, DELIVERED = 0, 1, 2
+
+
+def _pack(size: int, state: int, prio: int) -> int:
+    return size << 4 | state << 2 | prio
+
+
+class Sub:
+    """One owner subscription of a gateway (``key`` is unique within that gateway)."""
+
+    __slots__ = ("gw", "key", "mail_id", "mask", "queue", "inflight")
+
+    def __init__(self, gw: bytes, key: int, mail_id: str, mask: int, queue: str | None):
+        self.gw = gw
+        self.key = key
+        self.mail_id = mail_id
+        self.mask = mask
+        self.queue = queue
+        self.inflight: set[int] = set()
+
+
+class _Queue:
+    __slots__ = ("members", "rr")
+
+    def __init__(self) -> None:
+        self.members: list[Sub] = []
+        self.rr = 0
+
+    def pick(self) -> Sub:
+        m = self.members
+        self.rr += 1
+        return m[self.rr % len(m)]
+
+
+class Subscribers:
+    """Owner subscriptions of one mail_id, kept even while no such mailbox exists (a client
+    may SUB before CREATE, or keep its SUB across an expiry and a re-create).
+
+    Queue groups are keyed by (queue name, priority mask), the nearest thing to NATS's
+    (subject, queue) identity: ``.*`` and ``.urgent`` subscribers never share a group.
+    """
+
+    __slots__ = ("subs", "queues", "plain_by_prio", "queues_by_prio", "mask")
+
+    def __init__(self) -> None:
+        self.subs: list[Sub] = []
+        self.queues: dict[tuple[str, int], _Queue] = {}
+        self.plain_by_prio: tuple[list[Sub], ...] = ([], [], [])
+        self.queues_by_prio: tuple[list[_Queue], ...] = ([], [], [])
+        self.mask = 0
+
+    def add(self, sub: Sub) -> None:
+        self.subs.append(sub)
+        if sub.queue is not None:
+            q = self.queues.get((sub.queue, sub.mask))
+            if q is None:
+                q = self.queues[(sub.queue, sub.mask)] = _Queue()
+            q.members.append(sub)
+        self._index()
+
+    def remove(self, sub: Sub) -> None:
+        self.subs.remove(sub)
+        if sub.queue is not None:
+            qk = (sub.queue, sub.mask)
+            q = self.queues[qk]
+            q.members.remove(sub)
+            if not q.members:
+                del self.queues[qk]
+        self._index()
+
+    def _index(self) -> None:
+        plain: tuple[list[Sub], ...] = ([], [], [])
+        queues: tuple[list[_Queue], ...] = ([], [], [])
+        for p, bit in enumerate(PRIO_BITS):
+            for s in self.subs:
+                if s.queue is None and s.mask & bit:
+                    plain[p].append(s)
+            for (_, mask), q in self.queues.items():
+                if mask & bit:
+                    queues[p].append(q)
+        self.plain_by_prio = plain
+        self.queues_by_prio = queues
+        self.mask = sum(PRIO_BITS[p] for p in range(3) if plain[p] or queues[p])
+
+
+@dataclass(eq=False)
+class Mailbox:
+    mail_id: str
+    meta: Meta
+    latest: bool
+    keys: tuple[bytes, bytes] = (b"", b"")  # Store.prefixes(mail_id), built once
+    next_id: int = 1
+    msgs: dict[int, int] = field(default_factory=dict)  # msg_id -> packed (size, state, prio)
+    pending: tuple[deque, deque, deque] = field(default_factory=lambda: (deque(), deque(), deque()))
+    inflight: dict[int, set[Sub]] = field(default_factory=dict)
+    delivered: list[int] = field(default_factory=list)  # min-heap: eviction order
+    undelivered: int = 0  # pending + in flight
+    nbytes: int = 0
+
+    # The pending deques are sorted by msg_id and may hold stale ids (messages delivered by
+    # a Query or a late Delivered, or replaced in a `latest` mailbox); readers skip any id
+    # whose state is not PENDING. A stale id never becomes pending again, so this is exact.
+
+    def requeue(self, ids: list[int]) -> None:
+        """Put messages back to pending, each at its msg_id place."""
+        by_prio: tuple[list[int], ...] = ([], [], [])
+        msgs = self.msgs
+        for mid in ids:
+            v = msgs[mid]
+            msgs[mid] = v & ~0b1100  # state -> PENDING
+            by_prio[v & 3].append(mid)
+        for p, back in enumerate(by_prio):
+            if not back:
+                continue
+            back.sort()
+            dq = self.pending[p]
+            if not dq or back[-1] < dq[0]:
+                dq.extendleft(reversed(back))
+            else:
+                merged = sorted(set(dq).union(back))
+                dq.clear()
+                dq.extend(merged)
+
+    def compact_pending(self) -> None:
+        """Drop stale ids once they outnumber the live ones, so no deque grows without
+        bound in a mailbox that is read by Query and never by a subscriber."""
+        if sum(map(len, self.pending)) <= 2 * self.undelivered + 64:
+            return
+        msgs = self.msgs
+        for dq in self.pending:
+            live = [m for m in dq if (msgs.get(m, 0b1000) >> 2) & 3 == PENDING]
+            dq.clear()
+            dq.extend(live)
+
+    def undelivered_in_order(self, limit: int) -> list[int]:
+        """Undelivered (pending or in flight) msg_ids in delivery order, at most ``limit``."""
+        out: list[int] = []
+        msgs = self.msgs
+        inflight_by_prio: tuple[list[int], ...] = ([], [], [])
+        for mid in self.inflight:
+            inflight_by_prio[msgs[mid] & 3].append(mid)
+        for p in range(3):
+            pend = [m for m in self.pending[p] if (msgs.get(m, 0b1000) >> 2) & 3 == PENDING]
+            ids = heapq.merge(pend, sorted(inflight_by_prio[p])) if inflight_by_prio[p] else pend
+            for mid in ids:
+                out.append(mid)
+                if len(out) >= limit:
+                    return out
+        return out
+
+
+def _err(rid: int, code: str, text: str) -> wire.Result:
+    return wire.Result(rid=rid, code=code, error=text)
+
+
+def _payload_json(payload: bytes) -> dict:
+    try:
+        return {"payload": payload.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"payload": base64.b64encode(payload).decode(), "encoding": "base64"}
+
+
+class Shard:
+    def __init__(self, store: Store, *, max_msgs: int = 10000, window: int = WINDOW,
+                 clock=time.time):
+        self.store = store
+        self.max_msgs = max(1, max_msgs)
+        self.window = max(1, window)
+        self.clock = clock
+        self.now = clock()
+        self.mailboxes: dict[str, Mailbox] = {}
+        self.groups: dict[str, Subscribers] = {}
+        self.subs: dict[bytes, dict[int, Sub]] = {}  # gw -> key -> Sub
+        self.expiry: list[tuple[float, str]] = []  # heap; stale entries skipped
+        self.total_msgs = 0
+        self.total_bytes = 0
+        self.corrupt = 0  # unreadable records dropped (for metrics)
+        self.pump_errors = 0
+        # Per batch:
+        self.out: dict[bytes, list] = {}
+        self.dirty: set[Mailbox] = set()
+        self.fresh: dict[tuple[str, int], tuple] = {}  # records written this batch, not yet readable
+        self.ops: dict[tuple[str, str], int] = {}  # (op, result) -> count, for metrics
+        self.sends_ok = 0  # the hot one, kept out of ``ops`` until taken
+        self.now_ms = int(self.now * 1000)
+
+    # ---- startup -----------------------------------------------------------------------
+
+    def load(self) -> None:
+        self.now = self.clock()
+        for box in self.store.load(self.now):
+            mb = Mailbox(box.mail_id, box.meta, box.meta.type == "latest", self.store.prefixes(box.mail_id))
+            prio_of = {}
+            for p, ids in enumerate(box.undelivered):
+                mb.pending[p].extend(ids)
+                for mid in ids:
+                    prio_of[mid] = p
+            msgs = mb.msgs
+            for mid, size in box.sizes.items():
+                p = prio_of.get(mid)
+                if p is None:
+                    msgs[mid] = _pack(size, DELIVERED, 0)
+                    mb.delivered.append(mid)  # ascending ids: already a heap
+                else:
+                    msgs[mid] = _pack(size, PENDING, p)
+                mb.nbytes += size
+            mb.undelivered = len(prio_of)
+            mb.next_id = (max(box.sizes) + 1) if box.sizes else 1
+            self._add_mailbox(mb)
+
+    def _add_mailbox(self, mb: Mailbox) -> None:
+        self.mailboxes[mb.mail_id] = mb
+        self.total_msgs += len(mb.msgs)
+        self.total_bytes += mb.nbytes
+        if mb.meta.expires_at:
+            heapq.heappush(self.expiry, (mb.meta.expires_at, mb.mail_id))
+
+    # ---- batch protocol ------------------------------------------------------------------
+
+    def begin(self, now: float | None = None) -> None:
+        self.now = self.clock() if now is None else now
+        self.now_ms = int(self.now * 1000)
+
+    def apply(self, gw: bytes, op) -> None:
+        """Handle one operation; an exception in it never escapes (it becomes ``internal``)."""
+        try:
+            handler = self._handlers[type(op)]
+        except KeyError:
+            return
+        try:
+            handler(self, gw, op)
+        except Exception as e:  # noqa: BLE001 - one bad op must not take the shard down
+            self._count(type(op).__name__.lower(), "internal")
+            rid = getattr(op, "rid", None)
+            if rid is not None:
+                self._reply(gw, _err(rid, "internal", f"internal error: {type(e).__name__}"))
+
+    def finish(self) -> dict[bytes, list]:
+        """Pump, write the batch, and hand over everything to send, per gateway.
+
+        If the write fails, the exception propagates and ``failed_outputs`` gives the replies
+        to send instead (errors only: nothing of this batch may be acknowledged or pushed).
+        """
+        if self.dirty:
+            dirty = self.dirty
+            self.dirty = set()
+            for mb in dirty:
+                if self.mailboxes.get(mb.mail_id) is mb:
+                    try:
+                        self._pump(mb)
+                    except Exception:  # noqa: BLE001 - a bug in one mailbox must not stop the rest
+                        self.pump_errors += 1
+                        if self.pump_errors <= 10:
+                            log.exception("shard_pump_failed", mail_id=mb.mail_id)
+        self.store.commit()
+        out = self.out
+        self.out = {}
+        self.fresh.clear()
+        return out
+
+    def failed_outputs(self) -> dict[bytes, list]:
+        out: dict[bytes, list] = {}
+        for gw, items in self.out.items():
+            errs = [_err(r.rid, "unavailable", "storage write failed")
+                    for r in items if type(r) is wire.Result]
+            if errs:
+                out[gw] = errs
+        self.out = {}
+        self.fresh.clear()
+        self.store.discard()
+        return out
+
+    def take_op_counts(self) -> dict[tuple[str, str], int]:
+        if self.sends_ok:
+            self._count("send", "ok", self.sends_ok)
+            self.sends_ok = 0
+        ops = self.ops
+        self.ops = {}
+        return ops
+
+    def next_expiry(self) -> float | None:
+        return self.expiry[0][0] if self.expiry else None
+
+    def expire(self) -> int:
+        """Delete every mailbox whose TTL has passed; returns how many."""
+        n = 0
+        heap = self.expiry
+        now = self.now
+        while heap and heap[0][0] <= now:
+            at, mail_id = heapq.heappop(heap)
+            mb = self.mailboxes.get(mail_id)
+            if mb is not None and mb.meta.expires_at == at:
+                self._drop_mailbox(mb)
+                n += 1
+        if n:
+            self._count("expire", "ok", n)
+        return n
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _reply(self, gw: bytes, item) -> None:
+        lst = self.out.get(gw)
+        if lst is None:
+            lst = self.out[gw] = []
+        lst.append(item)
+
+    def _count(self, op: str, result: str, n: int = 1) -> None:
+        k = (op, result)
+        self.ops[k] = self.ops.get(k, 0) + n
+
+    def _live(self, mail_id: str) -> Mailbox | None:
+        mb = self.mailboxes.get(mail_id)
+        if mb is not None and mb.meta.expires_at and mb.meta.expires_at <= self.now:
+            self._drop_mailbox(mb)
+            self._count("expire", "ok")
+            return None
+        return mb
+
+    def _drop_mailbox(self, mb: Mailbox) -> None:
+        self.store.delete_mailbox(mb.mail_id)
+        del self.mailboxes[mb.mail_id]
+        self.total_msgs -= len(mb.msgs)
+        self.total_bytes -= mb.nbytes
+        for mid, subs in mb.inflight.items():
+            for s in subs:
+                s.inflight.discard(mid)
+        mb.inflight.clear()
+        self.dirty.discard(mb)
+        if self.fresh:
+            for k in [k for k in self.fresh if k[0] == mb.mail_id]:
+                del self.fresh[k]
+
+    def _check_token(self, mb: Mailbox, token_hash: bytes) -> bool:
+        return bool(token_hash) and hmac.compare_digest(mb.meta.token_hash, token_hash)
+
+    # ---- operations ------------------------------------------------------------------------
+
+    def _create(self, gw: bytes, op: wire.Create) -> None:
+        if not subjects.valid_mail_id(op.mail_id):
+            self._count("create", "bad_request")
+            return self._reply(gw, _err(op.rid, "bad_request", "invalid mail_id"))
+        if op.type not in MAILBOX_TYPES:
+            self._count("create", "bad_request")
+            return self._reply(gw, _err(op.rid, "bad_request", "'type' must be \"standard\" or \"latest\""))
+        if op.ttl < 0:
+            self._count("create", "bad_request")
+            return self._reply(gw, _err(op.rid, "bad_request", "'ttl' must be >= 0"))
+        if self._live(op.mail_id) is not None:
+            self._count("create", "exists")
+            return self._reply(gw, _err(op.rid, "exists", f"mailbox '{op.mail_id}' already exists"))
+        now = self.now
+        expires_at = now + op.ttl if op.ttl else 0.0
+        meta = Meta(op.type, op.ttl, now, expires_at, op.token_hash)
+        self.store.put_meta(op.mail_id, meta)
+        mb = Mailbox(op.mail_id, meta, op.type == "latest", self.store.prefixes(op.mail_id))
+        self._add_mailbox(mb)
+        self._count("create", "ok")
+        self._reply(gw, wire.Result(rid=op.rid, data={
+            "mail_id": op.mail_id, "type": op.type, "ttl": op.ttl,
+            "expires_at": -int(-expires_at // 1)}))  # ceil: never claim an earlier expiry
+
+    def _send(self, gw: bytes, op: wire.Send) -> None:
+        mail_id = op.mail_id
+        mb = self.mailboxes.get(mail_id)
+        if mb is not None and mb.meta.expires_at and mb.meta.expires_at <= self.now:
+            mb = self._live(mail_id)
+        if mb is None:
+            self._count("send", "not_found")
+            return self._reply(gw, _err(op.rid, "not_found", f"no mailbox '{mail_id}'"))
+        prio = PRIO_INDEX.get(op.priority)
+        if prio is None:
+            self._count("send", "bad_request")
+            return self._reply(gw, _err(op.rid, "bad_request",
+                                        f"unknown priority '{op.priority}': use urgent, normal or notify"))
+        store = self.store
+        msgs = mb.msgs
+        if mb.latest:
+            for old in list(msgs):
+                self._remove_message(mb, old)
+            for dq in mb.pending:
+                dq.clear()  # only stale ids are left in them
+        elif len(msgs) >= self.max_msgs:
+            over = len(msgs) - self.max_msgs + 1
+            if len(mb.delivered) < over:
+                self._count("send", "full")
+                return self._reply(gw, _err(op.rid, "full",
+                                            f"mailbox '{mail_id}' is full ({self.max_msgs} undelivered messages)"))
+            for _ in range(over):
+                old = heapq.heappop(mb.delivered)
+                v = msgs.pop(old)
+                mb.nbytes -= v >> 4
+                self.total_bytes -= v >> 4
+                self.total_msgs -= 1
+                store.delete_message(mail_id, old, None)
+        msg_id = mb.next_id
+        mb.next_id = msg_id + 1
+        ts = self.now_ms
+        payload = op.payload
+        headers = op.headers
+        size = len(payload)
+        store.put_message_at(mb.keys, msg_id, prio, encode_record(prio, ts, op.subject, headers, payload))
+        self.fresh[(mail_id, msg_id)] = (prio, ts, op.subject, headers, payload)
+        msgs[msg_id] = size << 4 | prio  # state PENDING
+        mb.pending[prio].append(msg_id)
+        mb.undelivered += 1
+        mb.nbytes += size
+        self.total_msgs += 1
+        self.total_bytes += size
+        g = self.groups.get(mail_id)
+        if g is not None and g.mask & PRIO_BITS[prio]:
+            self.dirty.add(mb)
+        self.sends_ok += 1
+        out = self.out.get(gw)
+        if out is None:
+            out = self.out[gw] = []
+        out.append(wire.Result(op.rid, None, None, {"mail_id": mail_id, "msg_id": msg_id, "priority": op.priority}))
+
+    def _remove_message(self, mb: Mailbox, mid: int) -> None:
+        v = mb.msgs.pop(mid)
+        state = (v >> 2) & 3
+        if state == DELIVERED:
+            mb.delivered.remove(mid)
+            heapq.heapify(mb.delivered)
+            self.store.delete_message(mb.mail_id, mid, None)
+        else:
+            mb.undelivered -= 1
+            if state == INFLIGHT:
+                for s in mb.inflight.pop(mid):
+                    s.inflight.discard(mid)
+            self.store.delete_message(mb.mail_id, mid, v & 3)
+        mb.nbytes -= v >> 4
+        self.total_bytes -= v >> 4
+        self.total_msgs -= 1
+        self.fresh.pop((mb.mail_id, mid), None)
+
+    def _query(self, gw: bytes, op: wire.Query) -> None:
+        mb = self._live(op.mail_id)
+        if mb is None:
+            self._count("query", "not_found")
+            return self._reply(gw, _err(op.rid, "not_found", f"no mailbox '{op.mail_id}'"))
+        if not self._check_token(mb, op.token_hash):
+            self._count("query", "auth")
+            return self._reply(gw, _err(op.rid, "auth", "wrong or missing token"))
+        if not 1 <= op.limit <= QUERY_MAX:
+            self._count("query", "bad_request")
+            return self._reply(gw, _err(op.rid, "bad_request", f"'limit' must be between 1 and {QUERY_MAX}"))
+        ids = mb.undelivered_in_order(op.limit)
+        messages = []
+        budget = QUERY_BYTES
+        for i, mid in enumerate(ids):
+            prio, ts, subject, _headers, payload = self._record(mb.mail_id, mid)
+            budget -= len(payload)
+            if budget < 0 and messages:
+                del ids[i:]  # fewer than asked; "unread" tells the client there is more
+                break
+            m = {"msg_id": mid, "priority": PRIORITIES[prio], "subject": subject, "ts": ts}
+            m.update(_payload_json(payload))
+            messages.append(m)
+        if op.mark_read and ids:
+            self._mark_delivered(mb, ids)
+        self._count("query", "ok")
+        self._reply(gw, wire.Result(rid=op.rid, data={
+            "mail_id": mb.mail_id, "unread": mb.undelivered, "messages": messages}))
+
+    def _delete(self, gw: bytes, op: wire.Delete) -> None:
+        mb = self._live(op.mail_id)
+        if mb is None:
+            self._count("delete", "not_found")
+            return self._reply(gw, _err(op.rid, "not_found", f"no mailbox '{op.mail_id}'"))
+        if not self._check_token(mb, op.token_hash):
+            self._count("delete", "auth")
+            return self._reply(gw, _err(op.rid, "auth", "wrong or missing token"))
+        self._drop_mailbox(mb)
+        self._count("delete", "ok")
+        self._reply(gw, wire.Result(rid=op.rid, data={"mail_id": op.mail_id, "deleted": True}))
+
+    def _subscribe(self, gw: bytes, op: wire.Subscribe) -> None:
+        mask = op.priorities & subjects.ALL_PRIORITIES
+        by_key = self.subs.get(gw)
+        if by_key is None:
+            by_key = self.subs[gw] = {}
+        old = by_key.get(op.key)
+        if old is not None:
+            self._drop_sub(old)
+        if not mask or not subjects.valid_mail_id(op.mail_id):
+            return
+        sub = by_key[op.key] = Sub(gw, op.key, op.mail_id, mask, op.queue)
+        g = self.groups.get(op.mail_id)
+        if g is None:
+            g = self.groups[op.mail_id] = Subscribers()
+        g.add(sub)
+        mb = self._live(op.mail_id)
+        if mb is not None:
+            self.dirty.add(mb)
+
+    def _unsubscribe(self, gw: bytes, op: wire.Unsubscribe) -> None:
+        sub = self.subs.get(gw, {}).get(op.key)
+        if sub is not None:
+            self._drop_sub(sub)
+
+    def _hello(self, gw: bytes, op: wire.Hello) -> None:
+        for sub in list(self.subs.get(gw, {}).values()):
+            self._drop_sub(sub)
+        self.subs.pop(gw, None)
+
+    def drop_gateway(self, gw: bytes) -> None:
+        """The gateway is unreachable: its subscriptions are gone, like after a Hello."""
+        self._hello(gw, wire.Hello())
+
+    def _drop_sub(self, sub: Sub) -> None:
+        by_key = self.subs.get(sub.gw)
+        if by_key is not None and by_key.get(sub.key) is sub:
+            del by_key[sub.key]
+        g = self.groups.get(sub.mail_id)
+        if g is not None:
+            g.remove(sub)
+            if not g.subs:
+                del self.groups[sub.mail_id]
+        mb = self.mailboxes.get(sub.mail_id)
+        if mb is None or not sub.inflight:
+            sub.inflight.clear()
+            return
+        back = []
+        for mid in sub.inflight:
+            holders = mb.inflight.get(mid)
+            if holders is None:
+                continue
+            holders.discard(sub)
+            if not holders:
+                del mb.inflight[mid]
+                back.append(mid)
+        sub.inflight.clear()
+        if back:
+            mb.requeue(back)
+            self.dirty.add(mb)
+
+    def _delivered(self, gw: bytes, op: wire.Delivered) -> None:
+        mb = self.mailboxes.get(op.mail_id)
+        if mb is not None:
+            self._mark_delivered(mb, op.msg_ids)
+
+    def _mark_delivered(self, mb: Mailbox, ids) -> None:
+        msgs = mb.msgs
+        store = self.store
+        n = stale = 0
+        for mid in ids:
+            v = msgs.get(mid)
+            if v is None:
+                continue
+            state = (v >> 2) & 3
+            if state == DELIVERED:
+                continue
+            if state == INFLIGHT:
+                for s in mb.inflight.pop(mid):
+                    s.inflight.discard(mid)
+            else:
+                stale += 1  # stays in its deque as a stale entry (see Mailbox)
+            msgs[mid] = (v & ~0b1100) | DELIVERED << 2
+            store.mark_delivered(mb.mail_id, v & 3, mid)
+            heapq.heappush(mb.delivered, mid)
+            n += 1
+        if n:
+            mb.undelivered -= n
+            if stale:
+                mb.compact_pending()
+            if mb.mail_id in self.groups:
+                self.dirty.add(mb)
+
+    def _undelivered(self, gw: bytes, op: wire.Undelivered) -> None:
+        sub = self.subs.get(gw, {}).get(op.key)
+        mb = self.mailboxes.get(op.mail_id)
+        if sub is None or mb is None or sub.mail_id != op.mail_id:
+            return
+        back = []
+        for mid in op.msg_ids:
+            if mid not in sub.inflight:
+                continue
+            sub.inflight.discard(mid)
+            holders = mb.inflight.get(mid)
+            if holders is None:
+                continue
+            holders.discard(sub)
+            if not holders:
+                del mb.inflight[mid]
+                back.append(mid)
+        if back:
+            mb.requeue(back)
+            self.dirty.add(mb)
+
+    _handlers = {
+        wire.Create: _create,
+        wire.Send: _send,
+        wire.Query: _query,
+        wire.Delete: _delete,
+        wire.Subscribe: _subscribe,
+        wire.Unsubscribe: _unsubscribe,
+        wire.Delivered: _delivered,
+        wire.Undelivered: _undelivered,
+        wire.Hello: _hello,
+    }
+
+    # ---- delivery --------------------------------------------------------------------------
+
+    def _record(self, mail_id: str, mid: int) -> tuple:
+        rec = self.fresh.get((mail_id, mid))
+        if rec is not None:
+            return rec
+        raw = self.store.get_record(mail_id, mid)
+        if raw is None:
+            raise KeyError(f"message {mail_id}/{mid} missing from store")
+        return decode_record(raw)
+
+    def _pump(self, mb: Mailbox) -> None:
+        g = self.groups.get(mb.mail_id)
+        if g is None or not g.mask:
+            return
+        room = self.window - len(mb.inflight)
+        if room <= 0:
+            return
+        msgs = mb.msgs
+        inflight = mb.inflight
+        mail_id = mb.mail_id
+        out = self.out
+        Deliver = wire.Deliver
+        budget = PUMP_BYTES
+        for p in range(3):
+            if not g.mask & PRIO_BITS[p]:
+                continue
+            dq = mb.pending[p]
+            if not dq:
+                continue
+            plain = g.plain_by_prio[p]
+            queues = g.queues_by_prio[p]
+            pname = PRIORITIES[p]
+            while dq and room:
+                if budget <= 0:
+                    # Enough bytes for one frame; carry on next batch, after other work.
+                    self.dirty.add(mb)
+                    return
+                mid = dq.popleft()
+                v = msgs.get(mid)
+                if v is None or v & 0b1100:  # stale: not PENDING any more
+                    continue
+                try:
+                    _, _, subject, headers, payload = self._record(mail_id, mid)
+                except Exception:
+                    # A record that cannot be read (corruption) would block the queue
+                    # forever; drop it and keep delivering the rest.
+                    self._remove_message(mb, mid)
+                    self.corrupt += 1
+                    continue
+                targets = plain + [q.pick() for q in queues] if queues else plain
+                holders = set(targets)
+                inflight[mid] = holders
+                msgs[mid] = v | INFLIGHT << 2
+                room -= 1
+                budget -= len(payload) * len(targets)
+                for s in targets:
+                    s.inflight.add(mid)
+                    item = Deliver(s.key, mail_id, mid, pname, subject, payload, headers)
+                    lst = out.get(s.gw)
+                    if lst is None:
+                        lst = out[s.gw] = []
+                    lst.append(item)
+            if not room:
+                return

@@ -1,0 +1,183 @@
+"""The shard process: a ROUTER socket in front of one ``Shard`` (mailbox.py).
+
+Each loop iteration is one batch: wait for input (or the next expiry tick), drain what is
+queued without blocking, apply every operation, write one RocksDB WriteBatch, then send one
+frame per gateway. Replies and pushes therefore never precede the write that makes them
+true, and a burst of sends costs one WAL append.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import zmq
+
+from mq9 import endpoints, log, metrics, wire
+from mq9.config import Config
+from mq9.shard.mailbox import Shard
+from mq9.shard.store import Store
+
+TICK = 0.25  # expiry checks at least this often (seconds)
+MAX_FRAMES = 512  # frames drained into one batch; each frame already holds many ops
+
+
+def data_path(cfg: Config, index: int) -> str:
+    return os.path.join(cfg.data_dir, f"shard-{index}")
+
+
+def _remove_stale_socket(cfg: Config, index: int) -> None:
+    """Called once the RocksDB lock is ours, which proves the file's owner is dead. Done
+    before the (possibly long) load: the socket file's existence is the readiness signal."""
+    path = endpoints.shard_endpoint(cfg, index)[len("ipc://"):]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _bind(cfg: Config, index: int, ctx: zmq.Context) -> zmq.Socket:
+    sock = ctx.socket(zmq.ROUTER)
+    # Unknown identity -> EHOSTUNREACH instead of a silent drop, so a vanished gateway's
+    # in-flight messages go back to pending at once.
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    # A restarted gateway reconnects under its old name before the dead pipe is reaped.
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    # Never drop a reply or push for a slow gateway: the per-mailbox window bounds pushes.
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.bind(endpoints.shard_endpoint(cfg, index))
+    return sock
+
+
+class _Metrics:
+    """Metric updates once per batch, with label children looked up once."""
+
+    def __init__(self) -> None:
+        self.ops: dict[tuple[str, str], object] = {}
+        self.bad_frame = metrics.DROPS.labels("bad_frame")
+        self.unreachable = metrics.DROPS.labels("gateway_unreachable")
+        self.corrupt = metrics.DROPS.labels("corrupt_record")
+        self._corrupt_seen = 0
+
+    def batch(self, shard: Shard, seconds: float, nops: int) -> None:
+        for key, n in shard.take_op_counts().items():
+            c = self.ops.get(key)
+            if c is None:
+                c = self.ops[key] = metrics.MAILBOX_OPS.labels(*key)
+            c.inc(n)
+        metrics.MAILBOXES.set(len(shard.mailboxes))
+        metrics.STORED_MESSAGES.set(shard.total_msgs)
+        metrics.STORED_BYTES.set(shard.total_bytes)
+        if shard.corrupt != self._corrupt_seen:
+            self.corrupt.inc(shard.corrupt - self._corrupt_seen)
+            self._corrupt_seen = shard.corrupt
+        if nops:
+            metrics.SHARD_BATCH_SECONDS.observe(seconds)
+            metrics.SHARD_BATCH_SIZE.observe(nops)
+
+
+def run(cfg: Config, index: int) -> None:
+    """Serve shard ``index`` until SIGTERM/SIGINT; then finish the batch, flush, close."""
+    stopping = False
+
+    def _stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    # Under the supervisor SIGINT is ignored on purpose (Ctrl-C becomes an ordered stop by
+    # SIGTERM, gateways before shards); only a shard run on its own stops on Ctrl-C.
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _stop)
+
+    t0 = time.monotonic()
+    store = Store(data_path(cfg, index), fsync=cfg.fsync == "batch")
+    _remove_stale_socket(cfg, index)
+    shard = Shard(store, max_msgs=cfg.max_msgs)
+    shard.load()
+    log.info("shard_loaded", shard=index, mailboxes=len(shard.mailboxes),
+             messages=shard.total_msgs, seconds=round(time.monotonic() - t0, 3))
+
+    ctx = zmq.Context(1)
+    sock = _bind(cfg, index, ctx)
+    m = _Metrics()
+    m.batch(shard, 0.0, 0)
+    recv = sock.recv_multipart
+    send = sock.send_multipart
+    decode = wire.decode_to_shard
+    encode = wire.encode
+    apply = shard.apply
+    NOBLOCK = zmq.NOBLOCK
+    next_tick = 0.0
+    try:
+        while not stopping:
+            now = time.time()
+            if shard.dirty:
+                timeout = 0
+            else:
+                timeout = max(0, int((next_tick - now) * 1000) + 1)
+            frames = []
+            if sock.poll(timeout, zmq.POLLIN):
+                while len(frames) < MAX_FRAMES:
+                    try:
+                        frames.append(recv(NOBLOCK))
+                    except zmq.Again:
+                        break
+            now = time.time()
+            tick = now >= next_tick
+            if not frames and not tick and not shard.dirty:
+                continue
+            started = time.perf_counter()
+            shard.begin(now)
+            nops = 0
+            for parts in frames:
+                if len(parts) != 2:
+                    m.bad_frame.inc()
+                    continue
+                try:
+                    ops = decode(parts[1])
+                except Exception:  # noqa: BLE001 - msgspec raises several kinds
+                    m.bad_frame.inc()
+                    continue
+                gw = parts[0]
+                for op in ops:
+                    apply(gw, op)
+                nops += len(ops)
+            if tick:
+                shard.expire()
+                nxt = shard.next_expiry()
+                next_tick = now + TICK if nxt is None else min(now + TICK, max(nxt, now + 0.01))
+            try:
+                out = shard.finish()
+            except Exception:
+                # In-memory state is now ahead of the disk: answer errors for this batch and
+                # die, so the supervisor restarts us from what RocksDB really holds.
+                log.exception("shard_write_failed", shard=index)
+                for gw, items in shard.failed_outputs().items():
+                    try:
+                        send([gw, encode(items)], NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+                raise
+            for gw, items in out.items():
+                try:
+                    send([gw, encode(items)], NOBLOCK)
+                except zmq.ZMQError as e:
+                    # Gone (EHOSTUNREACH) or, without a HWM, not expected at all: either way
+                    # that gateway's subscriptions are dead and their messages go back.
+                    if e.errno != zmq.EHOSTUNREACH:
+                        log.warning("shard_send_failed", shard=index, gateway=gw, error=str(e))
+                    m.unreachable.inc(sum(1 for i in items if type(i) is wire.Deliver))
+                    shard.drop_gateway(gw)
+            m.batch(shard, time.perf_counter() - started, nops)
+    finally:
+        try:
+            store.close()
+        finally:
+            sock.close()
+            ctx.term()
+        log.info("shard_stopped", shard=index)

@@ -1,0 +1,249 @@
+"""A shard's RocksDB: key layout, record encoding, group-committed writes, startup scan.
+
+Key layout (raw bytes; a mail_id never contains NUL, so ``{mail_id}\\0`` ends it exactly and
+one mailbox's keys are a contiguous range):
+
+    M\\0{mail_id}                                   -> Meta (msgpack array)
+    m\\0{mail_id}\\0{msg_id: 8 bytes big-endian}       -> message record (see below)
+    u\\0{mail_id}\\0{prio index: 1 byte}\\0{msg_id}     -> b"" : the message is undelivered
+
+Big-endian ids make RocksDB's byte order the msg_id order, and the priority byte in ``u``
+keys makes a scan of a mailbox's ``u`` range come out in delivery order (urgent, normal,
+notify; oldest first).
+
+Message record: 4-byte big-endian length N, then a msgpack array
+``[prio index, ts_ms, subject, headers]`` of N bytes, then the raw payload. The payload stays
+outside msgpack so the loader learns a message's payload size from the header length alone.
+
+msg_ids are never reused within a mailbox without persisting a counter: every operation
+that deletes a message (eviction, ``latest`` replacement) writes a message with a higher id
+in the same WriteBatch, so the highest stored id is always the last one assigned. Only the
+deletion of the whole mailbox forgets it, and then the mailbox is gone too.
+
+Everything a loop iteration changes goes into one WriteBatch, written once by ``commit``
+(``fsync=batch`` syncs the WAL there: group commit).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import msgspec
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+
+from mq9 import log
+
+_BE8 = struct.Struct(">Q")
+_BE4 = struct.Struct(">I")
+
+_PRIO_BYTES = (b"\0\0", b"\1\0", b"\2\0")  # prio index byte + the NUL after it
+
+META = b"M\0"
+MSG = b"m\0"
+UNDELIVERED = b"u\0"
+
+
+class Meta(msgspec.Struct, array_like=True):
+    type: str  # "standard" | "latest"
+    ttl: int  # seconds, 0 = never
+    created: float  # unix seconds
+    expires_at: float  # unix seconds, 0 = never
+    token_hash: bytes
+
+
+_meta_enc = msgspec.msgpack.Encoder()
+_meta_dec = msgspec.msgpack.Decoder(Meta)
+_hdr_enc = msgspec.msgpack.Encoder()
+_hdr_dec = msgspec.msgpack.Decoder(tuple[int, int, str, bytes | None])
+
+
+def meta_key(mail_id: str) -> bytes:
+    return META + mail_id.encode()
+
+
+def msg_prefix(mail_id: str) -> bytes:
+    return MSG + mail_id.encode() + b"\0"
+
+
+def msg_key(mail_id: str, msg_id: int) -> bytes:
+    return MSG + mail_id.encode() + b"\0" + _BE8.pack(msg_id)
+
+
+def undelivered_prefix(mail_id: str) -> bytes:
+    return UNDELIVERED + mail_id.encode() + b"\0"
+
+
+def undelivered_key(mail_id: str, prio: int, msg_id: int) -> bytes:
+    return UNDELIVERED + mail_id.encode() + b"\0" + bytes((prio,)) + b"\0" + _BE8.pack(msg_id)
+
+
+def _end_of(prefix: bytes) -> bytes:
+    # Every prefix here ends in NUL, so bumping that byte to 1 bounds the range.
+    return prefix[:-1] + b"\1"
+
+
+def encode_record(prio: int, ts_ms: int, subject: str, headers: bytes | None,
+                  payload: bytes) -> bytes:
+    hdr = _hdr_enc.encode((prio, ts_ms, subject, headers))
+    return b"".join((_BE4.pack(len(hdr)), hdr, payload))
+
+
+def decode_record(value: bytes) -> tuple[int, int, str, bytes | None, bytes]:
+    """-> (prio index, ts_ms, subject, headers, payload)"""
+    n = _BE4.unpack_from(value)[0]
+    prio, ts, subject, headers = _hdr_dec.decode(memoryview(value)[4:4 + n])
+    return prio, ts, subject, headers, value[4 + n:]
+
+
+def record_payload_size(value: bytes) -> int:
+    return len(value) - 4 - _BE4.unpack_from(value)[0]
+
+
+class LoadedMailbox(msgspec.Struct):
+    mail_id: str
+    meta: Meta
+    sizes: dict[int, int]  # msg_id -> payload bytes, every stored message, ascending ids
+    undelivered: list[list[int]]  # per priority index, ascending msg_ids
+
+
+class Store:
+    def __init__(self, path: str, fsync: bool = False):
+        os.makedirs(path, exist_ok=True)
+        opts = Options(raw_mode=True)
+        opts.create_if_missing(True)
+        opts.set_max_background_jobs(2)
+        # Undelivered marks are written and deleted constantly; compact ranges full of
+        # tombstones early so the startup scan does not wade through them.
+        opts.add_compact_on_deletion_collector_factory(4096, 2048, 0.5)
+        self.path = path
+        self.db = Rdict(path, opts)
+        self._wopts = WriteOptions()
+        self._wopts.sync = fsync
+        self.batch = WriteBatch(raw_mode=True)
+        self._dirty = False
+
+    # ---- writes (buffered in the current batch) ----------------------------------------
+
+    def put_meta(self, mail_id: str, meta: Meta) -> None:
+        self.batch.put(meta_key(mail_id), _meta_enc.encode(meta))
+        self._dirty = True
+
+    @staticmethod
+    def prefixes(mail_id: str) -> tuple[bytes, bytes]:
+        """(message key prefix, undelivered key prefix) of a mailbox, for ``put_message_at``."""
+        return msg_prefix(mail_id), undelivered_prefix(mail_id)
+
+    def put_message_at(self, prefixes: tuple[bytes, bytes], msg_id: int, prio: int,
+                       record: bytes) -> None:
+        idb = _BE8.pack(msg_id)
+        put = self.batch.put
+        put(prefixes[0] + idb, record)
+        put(prefixes[1] + _PRIO_BYTES[prio] + idb, b"")
+        self._dirty = True
+
+    def mark_delivered(self, mail_id: str, prio: int, msg_id: int) -> None:
+        self.batch.delete(undelivered_key(mail_id, prio, msg_id))
+        self._dirty = True
+
+    def delete_message(self, mail_id: str, msg_id: int, prio: int | None) -> None:
+        """``prio`` is the priority of an undelivered message (its mark goes too), else None."""
+        self.batch.delete(msg_key(mail_id, msg_id))
+        if prio is not None:
+            self.batch.delete(undelivered_key(mail_id, prio, msg_id))
+        self._dirty = True
+
+    def delete_mailbox(self, mail_id: str) -> None:
+        self._delete_mailbox(self.batch, mail_id)
+        self._dirty = True
+
+    @staticmethod
+    def _delete_mailbox(batch: WriteBatch, mail_id: str) -> None:
+        batch.delete(meta_key(mail_id))
+        p = msg_prefix(mail_id)
+        batch.delete_range(p, _end_of(p))
+        p = undelivered_prefix(mail_id)
+        batch.delete_range(p, _end_of(p))
+
+    def commit(self) -> bool:
+        """Write the batch (one WAL append, synced if fsync=batch). True if anything was written."""
+        if not self._dirty:
+            return False
+        batch = self.batch
+        self.batch = WriteBatch(raw_mode=True)
+        self._dirty = False
+        self.db.write(batch, self._wopts)
+        return True
+
+    def discard(self) -> None:
+        self.batch = WriteBatch(raw_mode=True)
+        self._dirty = False
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    def get_record(self, mail_id: str, msg_id: int) -> bytes | None:
+        return self.db.get(msg_key(mail_id, msg_id))
+
+    def _range(self, lo: bytes, hi: bytes):
+        # Bounded by hand: rocksdict 0.3.29's iterate_upper_bound cut scans short in testing.
+        for k, v in self.db.items(from_key=lo):
+            if k >= hi:
+                return
+            yield k, v
+
+    def load(self, now: float) -> list[LoadedMailbox]:
+        """Scan everything into LoadedMailbox records, in one pass per key family.
+
+        Mailboxes whose TTL passed while the shard was down are deleted here (committed before
+        this returns), as are messages and marks left without a mailbox.
+        """
+        boxes: dict[str, LoadedMailbox] = {}
+        dead: set[str] = set()
+        unreadable: set[str] = set()  # left alone on disk: never destroy what we cannot parse
+        for k, v in self._range(META, _end_of(META)):
+            mail_id = k[2:].decode(errors="replace")
+            try:
+                meta = _meta_dec.decode(v)
+            except msgspec.DecodeError:
+                log.error("shard_meta_unreadable", mail_id=mail_id, path=self.path)
+                unreadable.add(mail_id)
+                continue
+            if meta.expires_at and meta.expires_at <= now:
+                dead.add(mail_id)
+                continue
+            boxes[mail_id] = LoadedMailbox(mail_id, meta, {}, [[], [], []])
+
+        orphans: set[str] = set()
+        for k, v in self._range(MSG, _end_of(MSG)):
+            mail_id = k[2:-9].decode(errors="replace")
+            box = boxes.get(mail_id)
+            if box is None:
+                orphans.add(mail_id)
+                continue
+            box.sizes[_BE8.unpack_from(k, len(k) - 8)[0]] = record_payload_size(v)
+
+        for k, _ in self._range(UNDELIVERED, _end_of(UNDELIVERED)):
+            mail_id = k[2:-11].decode(errors="replace")
+            box = boxes.get(mail_id)
+            if box is None:
+                orphans.add(mail_id)
+                continue
+            msg_id = _BE8.unpack_from(k, len(k) - 8)[0]
+            prio = k[-10]
+            if msg_id in box.sizes and prio < 3:
+                box.undelivered[prio].append(msg_id)
+
+        orphans -= unreadable
+        if dead or orphans:
+            batch = WriteBatch(raw_mode=True)
+            for mail_id in dead | orphans:
+                self._delete_mailbox(batch, mail_id)
+            self.db.write(batch, self._wopts)
+        return list(boxes.values())
+
+    def close(self) -> None:
+        self.commit()
+        try:
+            self.db.flush_wal(True)
+        finally:
+            self.db.close()

@@ -1,0 +1,551 @@
+"""The supervisor of one node (``mq9 node``): spawns shards, then gateways, keeps them
+running, stops them in order, and serves the node's /metrics, /healthz and /readyz.
+
+Start-up
+    1. lock ``data_dir/supervisor.lock`` (two nodes on one data dir would wipe each other's
+       sockets and fight over RocksDB), recreate ``run_dir``, its metrics dir and the ipc
+       socket dir, so no stale socket or metric file of a previous run survives;
+    2. point ``PROMETHEUS_MULTIPROC_DIR`` there before anything imports
+       ``prometheus_client`` here, and before any child is spawned (children inherit it);
+    3. check the NATS port is free, bind the metrics port;
+    4. spawn the shards and wait until each one's ipc socket file exists (ZeroMQ creates it
+       when the shard binds its ROUTER, i.e. when it can take requests); a shard that dies
+       or stays silent for ``SHARD_READY_TIMEOUT`` fails the start (exit 1);
+    5. spawn the gateways. The node is *ready* (``node_ready`` log line, /readyz 200) once
+       every gateway holds a listening socket on the NATS port, seen through /proc.
+
+Children are spawned (not forked: no inherited event loops, sockets or locks) from the main
+thread, which matters for ``PR_SET_PDEATHSIG``: the kernel sends it when the thread that
+created the child exits. A child that dies is restarted after a backoff that grows while it
+keeps dying young. SIGTERM/SIGINT stop the gateways first (they stop accepting and flush),
+then the shards (they finish their batch and close RocksDB), each group within a bounded
+time, then SIGKILL; a second signal skips the waiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing.connection import wait as wait_any
+
+from mq9 import __version__, endpoints, log, process
+from mq9.config import Config
+
+SHARD_READY_TIMEOUT = 60.0  # opening a big RocksDB replays its WAL
+# 10 + 10 s stays inside Kubernetes' default 30 s termination grace period.
+GATEWAY_STOP_TIMEOUT = 10.0
+SHARD_STOP_TIMEOUT = 10.0
+RESTART_DELAY_FIRST = 0.2
+RESTART_DELAY_MAX = 10.0
+STABLE_AFTER = 30.0  # a child that ran this long restarts with the first delay again
+
+
+def _resolve(target: str):
+    import importlib
+
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _child_main(kind: str, cfg: Config, index: int, target: str | None = None) -> None:
+    """Entry point of every spawned child. ``target`` ("module:function") replaces the real
+    run function in the supervisor's own tests only."""
+    process.die_with_parent()
+    process.set_name(f"mq9-{kind}-{index}")
+    process.ignore_terminal_interrupt()
+    log.setup(cfg.log_level, f"{kind}-{index}")
+    try:
+        if target is not None:
+            run = _resolve(target)
+        elif kind == "gateway":
+            from mq9.gateway.server import run
+        elif kind == "shard":
+            from mq9.shard.server import run
+        else:
+            raise ValueError(f"unknown child kind {kind!r}")
+        run(cfg, index)
+    except Exception:
+        # one logfmt line instead of multiprocessing's multi-line traceback on stderr
+        log.exception("child_crashed")
+        sys.exit(1)
+
+
+def _exit_fields(code: int | None) -> dict:
+    if code is None:
+        return {}
+    if code < 0:
+        try:
+            return {"signal": signal.Signals(-code).name}
+        except ValueError:
+            return {"signal": -code}
+    return {"exit_code": code}
+
+
+class _Child:
+    __slots__ = ("kind", "index", "name", "proc", "pid", "started", "failures", "restart_at")
+
+    def __init__(self, kind: str, index: int):
+        self.kind = kind
+        self.index = index
+        self.name = f"{kind}-{index}"
+        self.proc = None  # multiprocessing Process, main thread only
+        self.pid: int | None = None  # what other threads may look at
+        self.started = 0.0
+        self.failures = 0  # deaths in a row without a stable run, sets the backoff
+        self.restart_at: float | None = None
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    # local_address is HEXIP:HEXPORT, state 0A is LISTEN, field 9 the inode
+                    if parts[3] == "0A" and int(parts[1].rpartition(":")[2], 16) == port:
+                        inodes.add(parts[9])
+        except OSError:
+            continue
+    return inodes
+
+
+def _holds_socket(pid: int, inodes: set[str]) -> bool:
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            link = os.readlink(f"{fd_dir}/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            return True
+    return False
+
+
+def _ipc_path(endpoint: str) -> str:
+    return endpoint[len("ipc://"):]
+
+
+class _Supervisor:
+    def __init__(self, cfg: Config, targets: dict[str, str] | None):
+        self.cfg = cfg
+        self.targets = targets or {}
+        self.ctx = multiprocessing.get_context("spawn")
+        self.shards = [_Child("shard", i) for i in range(cfg.shards)]
+        self.gateways = [_Child("gateway", i) for i in range(cfg.gateway_count)]
+        self.children = self.shards + self.gateways
+        self.phase = "starting"  # starting | running | stopping
+        self.signals: list[int] = []
+        self.stop_signal: str | None = None
+        self.hurry = False
+        self.ready = False
+        self.started_at = time.monotonic()
+        self.listening: set[int] = set()  # gateway pids seen listening on the NATS port
+        self.metrics = None
+        self.lock_fd: int | None = None
+        self.http: ThreadingHTTPServer | None = None
+        self.wake_r: socket.socket | None = None
+        self.wake_w: socket.socket | None = None
+        self.old_handlers: dict = {}
+        self.old_wakeup_fd = -1
+
+    # ---- start-up ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        cfg = self.cfg
+        try:
+            if not self._prepare_dirs():
+                log.error("data_dir_in_use", data_dir=cfg.data_dir,
+                          hint="another mq9 node runs on this data dir")
+                return 1
+        except OSError as e:
+            log.error("data_dir_unusable", data_dir=cfg.data_dir, error=str(e))
+            return 1
+        self._init_metrics()
+        problem = self._port_problem()
+        if problem:
+            log.error("port_unavailable", host=cfg.host, port=cfg.port, error=problem)
+            return 1
+        if cfg.metrics_port:
+            try:
+                self._start_http()
+            except OSError as e:
+                log.error("metrics_port_unavailable", host=cfg.host, port=cfg.metrics_port,
+                          error=str(e))
+                return 1
+        self._install_signals()
+        log.info("node_starting", version=__version__, pid=os.getpid(), host=cfg.host,
+                 port=cfg.port, metrics_port=cfg.metrics_port, gateways=len(self.gateways),
+                 shards=len(self.shards), data_dir=cfg.data_dir)
+
+        for c in self.shards:
+            self._spawn(c)
+        outcome = self._wait_shards_ready()
+        if outcome == "ready":
+            for c in self.gateways:
+                self._spawn(c)
+            self.phase = "running"
+            self._loop()
+        self._shutdown()
+        return 1 if outcome == "failed" else 0
+
+    def _prepare_dirs(self) -> bool:
+        cfg = self.cfg
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        fd = os.open(os.path.join(cfg.data_dir, "supervisor.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.lock_fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        for d in dict.fromkeys((cfg.run_dir, endpoints.socket_dir(cfg))):
+            try:
+                shutil.rmtree(d)
+            except FileNotFoundError:
+                pass
+        os.makedirs(endpoints.metrics_dir(cfg))
+        os.makedirs(endpoints.socket_dir(cfg), mode=0o700, exist_ok=True)
+        return True
+
+    def _init_metrics(self) -> None:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = endpoints.metrics_dir(self.cfg)
+        early = "prometheus_client" in sys.modules
+        from mq9 import metrics  # noqa: E402 - must follow the environment variable
+
+        self.metrics = metrics
+        if early:
+            # prometheus_client picks single- or multi-process values when first imported
+            log.warning("metrics_imported_early",
+                        hint="the supervisor's own counters (restarts) are missing from /metrics")
+
+    def _port_problem(self) -> str | None:
+        """Gateways bind with SO_REUSEPORT, so a port held by another SO_REUSEPORT
+        listener (say, a second node) would be silently shared. Binding without it fails
+        whenever anyone listens there."""
+        try:
+            family, type_, proto, _, addr = socket.getaddrinfo(
+                self.cfg.host, self.cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            with socket.socket(family, type_, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(addr)
+        except OSError as e:
+            return str(e)
+        return None
+
+    def _start_http(self) -> None:
+        from prometheus_client import CollectorRegistry, multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        family = socket.getaddrinfo(self.cfg.host, self.cfg.metrics_port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        server_cls = type("_HttpServer", (ThreadingHTTPServer,),
+                          {"address_family": family, "daemon_threads": True})
+        self.http = server_cls((self.cfg.host, self.cfg.metrics_port), _make_handler(self, registry))
+        threading.Thread(target=self.http.serve_forever, name="metrics-http", daemon=True).start()
+
+    def _install_signals(self) -> None:
+        # The wakeup fd lets the main loop's wait() return at once on a signal; the Python
+        # handler only records it, the loop acts on it.
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.old_wakeup_fd = signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signals.append(signum)
+
+    def _take_signals(self) -> None:
+        if self.wake_r is not None:
+            try:
+                while self.wake_r.recv(512):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
+        while self.signals:
+            name = signal.Signals(self.signals.pop(0)).name
+            if self.stop_signal is None:
+                self.stop_signal = name
+                log.info("node_stopping", signal=name)
+            elif not self.hurry:
+                self.hurry = True
+                log.warning("node_stop_hurried", signal=name, hint="children are killed now")
+
+    def _wait(self, timeout: float, children: list[_Child] | None = None) -> None:
+        """Until a signal, the death of one of ``children`` (default all), or the timeout."""
+        waitables = [c.proc.sentinel for c in (children or self.children) if c.proc is not None]
+        waitables.append(self.wake_r)
+        wait_any(waitables, max(0.0, timeout))
+        self._take_signals()
+
+    def _shard_socket(self, index: int) -> str:
+        return _ipc_path(endpoints.shard_endpoint(self.cfg, index))
+
+    def _wait_shards_ready(self) -> str:
+        deadline = time.monotonic() + SHARD_READY_TIMEOUT
+        pending = list(self.shards)
+        while pending:
+            if self.stop_signal is not None:
+                return "stop"
+            for c in list(pending):
+                if c.proc is None or c.proc.exitcode is not None:
+                    code = c.proc.exitcode if c.proc is not None else None
+                    log.error("shard_failed_to_start", child=c.name, **_exit_fields(code))
+                    return "failed"
+                if os.path.exists(self._shard_socket(c.index)):
+                    log.info("shard_ready", child=c.name, pid=c.pid,
+                             seconds=round(time.monotonic() - c.started, 3))
+                    pending.remove(c)
+            if not pending:
+                break
+            if time.monotonic() >= deadline:
+                log.error("shard_start_timeout", children=",".join(c.name for c in pending),
+                          timeout=SHARD_READY_TIMEOUT, socket=self._shard_socket(pending[0].index))
+                return "failed"
+            self._wait(0.02)
+        return "ready"
+
+    # ---- running ----------------------------------------------------------------------
+
+    def _spawn(self, c: _Child) -> None:
+        p = self.ctx.Process(target=_child_main, name=f"mq9-{c.name}",
+                             args=(c.kind, self.cfg, c.index, self.targets.get(c.kind)))
+        try:
+            p.start()
+        except OSError as e:
+            log.error("child_spawn_failed", child=c.name, error=str(e))
+            self._schedule_restart(c, 0.0)
+            return
+        c.proc = p
+        c.pid = p.pid
+        c.started = time.monotonic()
+        log.info("child_started", child=c.name, pid=p.pid)
+
+    def _schedule_restart(self, c: _Child, uptime: float) -> float:
+        if uptime >= STABLE_AFTER:
+            c.failures = 0
+        delay = min(RESTART_DELAY_FIRST * 2 ** c.failures, RESTART_DELAY_MAX)
+        c.failures += 1
+        c.restart_at = time.monotonic() + delay
+        return delay
+
+    def _reap(self) -> None:
+        for c in self.children:
+            p = c.proc
+            if p is None or p.exitcode is None:
+                continue
+            pid, code = p.pid, p.exitcode
+            uptime = time.monotonic() - c.started
+            p.close()
+            c.proc = None
+            c.pid = None
+            self.listening.discard(pid)
+            self._forget_metrics(pid)
+            delay = self._schedule_restart(c, uptime)
+            log.error("child_died", child=c.name, pid=pid, **_exit_fields(code),
+                      uptime=round(uptime, 3), restart_in=round(delay, 3))
+
+    def _forget_metrics(self, pid: int) -> None:
+        from prometheus_client import multiprocess
+
+        try:
+            multiprocess.mark_process_dead(pid)
+        except OSError as e:
+            log.warning("metrics_cleanup_failed", pid=pid, error=str(e))
+
+    def _restart_due(self) -> float | None:
+        """Restarts children whose delay has passed; returns the next restart time."""
+        now = time.monotonic()
+        nxt = None
+        for c in self.children:
+            if c.restart_at is None:
+                continue
+            if c.restart_at <= now:
+                c.restart_at = None
+                if c.kind == "shard":
+                    # the dead shard's socket file would make it look ready at once
+                    try:
+                        os.unlink(self._shard_socket(c.index))
+                    except FileNotFoundError:
+                        pass
+                self.metrics.PROCESS_RESTARTS.labels(c.kind).inc()
+                log.info("child_restarting", child=c.name, attempt=c.failures)
+                self._spawn(c)
+            if c.restart_at is not None:
+                nxt = c.restart_at if nxt is None else min(nxt, c.restart_at)
+        return nxt
+
+    def _loop(self) -> None:
+        while self.stop_signal is None:
+            nxt = self._restart_due()
+            timeout = 1.0 if self.ready else 0.05
+            if nxt is not None:
+                timeout = min(timeout, nxt - time.monotonic())
+            self._wait(timeout)
+            if self.stop_signal is not None:
+                break  # children dying now are stopping (Ctrl-C reaches them too), not crashing
+            self._reap()
+            if not self.ready and not self.not_ready():
+                self.ready = True
+                log.info("node_ready", port=self.cfg.port,
+                         seconds=round(time.monotonic() - self.started_at, 3))
+
+    # ---- state for /healthz and /readyz (called from the HTTP thread too) -------------
+
+    def down(self) -> list[str]:
+        return [c.name for c in self.children if c.pid is None]
+
+    def not_ready(self) -> list[str]:
+        if self.phase != "running":
+            return [self.phase]
+        missing = [c.name for c in self.shards
+                   if c.pid is None or not os.path.exists(self._shard_socket(c.index))]
+        unconfirmed = [c for c in self.gateways if c.pid is None or c.pid not in self.listening]
+        if unconfirmed:
+            inodes = _listening_inodes(self.cfg.port)
+            for c in unconfirmed:
+                pid = c.pid
+                if pid is not None and inodes and _holds_socket(pid, inodes):
+                    self.listening.add(pid)
+                else:
+                    missing.append(c.name)
+        return missing
+
+    # ---- stopping ---------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        self.phase = "stopping"
+        for c in self.children:
+            c.restart_at = None
+        self._stop_group(self.gateways, GATEWAY_STOP_TIMEOUT)
+        self._stop_group(self.shards, SHARD_STOP_TIMEOUT)
+        log.info("node_stopped", signal=self.stop_signal)
+
+    def _stop_group(self, group: list[_Child], timeout: float) -> None:
+        running = [c for c in group if c.proc is not None]
+        if not running:
+            return
+        for c in running:
+            if c.proc.exitcode is None:
+                c.proc.terminate()
+        deadline = time.monotonic() + timeout
+        while True:
+            for c in running:
+                if c.proc is not None and c.proc.exitcode is not None:
+                    log.info("child_stopped", child=c.name, pid=c.pid, **_exit_fields(c.proc.exitcode))
+                    self._release(c)
+            left = [c for c in running if c.proc is not None]
+            if not left:
+                return
+            if self.hurry or time.monotonic() >= deadline:
+                for c in left:
+                    log.warning("child_killed", child=c.name, pid=c.pid,
+                                reason="second signal" if self.hurry else "stop timeout")
+                    c.proc.kill()
+                    c.proc.join(5)
+                    self._release(c)
+                return
+            self._wait(min(0.5, deadline - time.monotonic()), left)
+
+    def _release(self, c: _Child) -> None:
+        try:
+            c.proc.close()
+        except ValueError:  # still running after SIGKILL + 5 s: leave it to the kernel
+            pass
+        c.proc = None
+        c.pid = None
+
+    def close(self) -> None:
+        """Last resort on any exit path: no child outlives the supervisor."""
+        for c in self.children:
+            if c.proc is not None:
+                if c.proc.exitcode is None:
+                    c.proc.kill()
+                    c.proc.join(5)
+                self._release(c)
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+        if self.wake_w is not None:
+            signal.set_wakeup_fd(self.old_wakeup_fd)
+            for sig, handler in self.old_handlers.items():
+                signal.signal(sig, handler)
+            self.wake_r.close()
+            self.wake_w.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+
+
+def _make_handler(sup: _Supervisor, registry):
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            path = self.path.split("?", 1)[0]
+            ctype = "text/plain; charset=utf-8"
+            if path == "/metrics":
+                try:
+                    body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
+                except Exception:
+                    log.exception("metrics_collect_failed")
+                    body, code = b"metrics collection failed\n", 500
+            elif path in ("/healthz", "/readyz"):
+                bad = sup.down() if path == "/healthz" else sup.not_ready()
+                if path == "/readyz" and not bad and not sup.ready:
+                    bad = ["starting"]  # ready once the main loop has said so in the log
+                if sup.phase == "stopping":
+                    bad = ["stopping"]
+                code = 503 if bad else 200
+                body = f"not ok: {', '.join(bad)}".encode() if bad else b"ok"
+            else:
+                body, code = b"not found\n", 404
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format, *args):
+            log.debug("http_request", client=self.client_address[0], line=format % args)
+
+    return Handler
+
+
+def run_node(cfg: Config, targets: dict[str, str] | None = None) -> int:
+    """Run a node until SIGTERM/SIGINT; returns the process exit code.
+
+    Must be called from the main thread (signals, and the death signal of the children).
+    ``targets`` maps "gateway"/"shard" to "module:function" stand-ins, for tests only.
+    """
+    log.setup(cfg.log_level, "supervisor")
+    # Children all see the same numbers even if they computed them on their own: an absolute
+    # data dir (independent of cwd) and a fixed gateway count (independent of CPU affinity).
+    cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir),
+                              gateways=cfg.gateway_count)
+    sup = _Supervisor(cfg, targets)
+    try:
+        return sup.run()
+    except Exception:
+        log.exception("supervisor_failed")
+        return 1
+    finally:
+        sup.close()

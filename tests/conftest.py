@@ -1,0 +1,93 @@
+"""Fixtures that run real mq9 nodes (see nodeproc.py).
+
+- ``node``: a fresh node per test (2 gateways, 2 shards, its own data dir and ports);
+- ``shared_node``: one node for a whole test module, for tests that don't disturb it;
+- ``node_factory``: ``node_factory(**flags)`` for nodes with other settings or several nodes.
+
+A failing test that used any of them gets the end of each node's log in its report. They
+skip while the real gateway/shard modules are missing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# importable as plain `nodeproc` from any test, whatever pytest's rootdir and import mode
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from nodeproc import Node, real_node_missing  # noqa: E402
+
+
+def _require_real_node() -> None:
+    reason = real_node_missing()
+    if reason:
+        pytest.skip(reason)
+
+
+class NodeFactory:
+    def __init__(self, base: Path):
+        self.base = base
+        self.nodes: list[Node] = []
+
+    def __call__(self, start: bool = True, **kw) -> Node:
+        node = Node(self.base / f"node{len(self.nodes)}", **kw)
+        self.nodes.append(node)
+        return node.start() if start else node
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+@pytest.fixture
+def node(tmp_path) -> Node:
+    _require_real_node()
+    n = Node(tmp_path / "node")
+    try:
+        n.start()
+        yield n
+    finally:
+        n.close()
+
+
+@pytest.fixture(scope="module")
+def shared_node(tmp_path_factory) -> Node:
+    _require_real_node()
+    n = Node(tmp_path_factory.mktemp("shared-node"))
+    try:
+        n.start()
+        yield n
+    finally:
+        n.close()
+
+
+@pytest.fixture
+def node_factory(tmp_path) -> NodeFactory:
+    _require_real_node()
+    f = NodeFactory(tmp_path)
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def _nodes_used(item) -> list:
+    found = []
+    for value in getattr(item, "funcargs", {}).values():
+        if isinstance(value, NodeFactory):
+            found.extend(value.nodes)
+        elif hasattr(value, "log_tail") and hasattr(value, "log_path"):
+            found.append(value)
+    return found
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        for n in _nodes_used(item):
+            report.sections.append((f"mq9 node log {n.log_path}", n.log_tail(200)))
+    return report
