@@ -10,7 +10,7 @@ Shard -> gateway:
     Result (answers Create/Send/Query/Delete by ``rid``), Deliver (a message for an owner
     subscription)
 Gateway <-> gateway (PUSH -> PULL, one pipe per ordered pair, so order is kept):
-    PeerHello, Interest, InterestAck, Routed
+    PeerHello, Interest, Routed, Mark, Ack
 """
 
 from __future__ import annotations
@@ -128,13 +128,20 @@ class Interest(_Msg):
     """Subscription interest changed on gateway ``gw``: +1 / -1 for (subject, queue)."""
 
     gw: int
-    seq: int
     subject: str
     queue: str | None
     delta: int
 
 
-class InterestAck(_Msg):
+class Mark(_Msg):
+    """Ends every peer frame that carries more than acks: frame ``seq`` from gateway
+    ``gw``. The receiver answers ``Ack`` once everything before it has been handled."""
+
+    gw: int
+    seq: int
+
+
+class Ack(_Msg):
     gw: int
     seq: int
 
@@ -156,7 +163,7 @@ class Routed(_Msg):
 
 ToShard = Union[Hello, Create, Send, Query, Delete, Subscribe, Unsubscribe, Delivered, Undelivered]
 FromShard = Union[Result, Deliver]
-PeerMsg = Union[PeerHello, Interest, InterestAck, Routed]
+PeerMsg = Union[PeerHello, Interest, Routed, Mark, Ack]
 
 _to_shard_dec = msgspec.msgpack.Decoder(list[ToShard])
 _from_shard_dec = msgspec.msgpack.Decoder(list[FromShard])

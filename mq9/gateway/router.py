@@ -6,15 +6,12 @@ is delivered to matching local subscriptions and forwarded once to each gateway 
 interest; for a queue group, one member is chosen among all gateways, and the gateway that
 holds it is told by name in ``Routed.queues`` so it delivers to exactly one of its members.
 
-Interest changes are sent only on a 0 <-> 1 transition of a (subject, queue) pair, numbered,
-and acknowledged by each peer; ``barrier`` lets a PING wait until peers know this gateway's
-interest, so "subscribe, flush, publish elsewhere" never loses the message.
+Interest changes are sent only on a 0 <-> 1 transition of a (subject, queue) pair.
 """
 
 from __future__ import annotations
 
 import random
-import time
 from collections import defaultdict
 
 from mq9 import wire
@@ -39,10 +36,6 @@ class Router:
         self.sublist = Sublist()
         self.local_counts: dict[tuple[str, str | None], int] = defaultdict(int)
         self.remote: dict[tuple[int, str, str | None], RemoteInterest] = {}
-        self.seq = 0
-        self.sent: dict[int, int] = {g: 0 for g in peers.others}  # last interest seq sent to g
-        self.acked: dict[int, int] = {g: 0 for g in peers.others}  # last seq g acknowledged
-        self._barrier_waiters: list[tuple[dict, float, object]] = []
 
     # ---- local subscriptions ---------------------------------------------------------
 
@@ -50,7 +43,9 @@ class Router:
         self.sublist.insert(sub.subject, sub, sub.queue)
         key = (sub.subject, sub.queue)
         self.local_counts[key] += 1
-        if self.local_counts[key] == 1:
+        # Plain interest is all-or-nothing; queue interest is a weight (members), so that
+        # the sender picks a gateway in proportion to its members.
+        if self.local_counts[key] == 1 or sub.queue is not None:
             self._announce(sub.subject, sub.queue, 1)
 
     def remove_local(self, sub: Subscription) -> None:
@@ -61,14 +56,12 @@ class Router:
         if self.local_counts[key] <= 0:
             del self.local_counts[key]
             self._announce(sub.subject, sub.queue, -1)
+        elif sub.queue is not None:
+            self._announce(sub.subject, sub.queue, -1)
 
     def _announce(self, subject: str, queue: str | None, delta: int) -> None:
-        if not self.peers.others:
-            return
-        self.seq += 1
-        msg = wire.Interest(gw=self.gw, seq=self.seq, subject=subject, queue=queue, delta=delta)
+        msg = wire.Interest(gw=self.gw, subject=subject, queue=queue, delta=delta)
         for g in self.peers.others:
-            self.sent[g] = self.seq
             self.peers.send(g, msg)
 
     # ---- interest from peers ---------------------------------------------------------
@@ -80,12 +73,9 @@ class Router:
             self.sublist.remove(ri.subject, ri, ri.queue)
         if hello.want:
             self.peers.send(g, wire.PeerHello(gw=self.gw, want=False))
-            if self.local_counts:
-                self.seq += 1
-                self.sent[g] = self.seq
-            for (subject, queue) in self.local_counts:
-                self.peers.send(g, wire.Interest(gw=self.gw, seq=self.seq, subject=subject,
-                                                 queue=queue, delta=1))
+            for (subject, queue), n in self.local_counts.items():
+                self.peers.send(g, wire.Interest(gw=self.gw, subject=subject, queue=queue,
+                                                 delta=n if queue is not None else 1))
 
     def on_interest(self, msg: wire.Interest) -> None:
         if msg.delta:
@@ -100,41 +90,6 @@ class Router:
             if ri.count <= 0:
                 del self.remote[key]
                 self.sublist.remove(ri.subject, ri, ri.queue)
-        self.peers.send(msg.gw, wire.InterestAck(gw=self.gw, seq=msg.seq))
-
-    def on_interest_ack(self, msg: wire.InterestAck) -> None:
-        if msg.gw in self.acked and msg.seq > self.acked[msg.gw]:
-            self.acked[msg.gw] = msg.seq
-        self.release_barriers()
-
-    # ---- PING barrier ----------------------------------------------------------------
-
-    def barrier(self, callback, timeout: float = 0.25) -> None:
-        """Call ``callback`` once every peer has acknowledged the interest sent so far
-        (or after ``timeout``, so a dead peer cannot stall a client's PING)."""
-        if self._peers_caught_up(self.sent):
-            callback()
-            return
-        self._barrier_waiters.append((dict(self.sent), time.monotonic() + timeout, callback))
-
-    def _peers_caught_up(self, sent: dict[int, int]) -> bool:
-        acked = self.acked
-        for g, seq in sent.items():
-            if acked[g] < seq:
-                return False
-        return True
-
-    def release_barriers(self) -> None:
-        if not self._barrier_waiters:
-            return
-        now = time.monotonic()
-        keep = []
-        for seq, deadline, cb in self._barrier_waiters:
-            if now >= deadline or self._peers_caught_up(seq):
-                cb()
-            else:
-                keep.append((seq, deadline, cb))
-        self._barrier_waiters = keep
 
     # ---- publishing ------------------------------------------------------------------
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import os
 import signal
 import socket
-import time
 import uuid
 
 import zmq
@@ -170,9 +168,7 @@ class Gateway:
                 client.info_after_pong = False
                 client.send(self.info_line(client, connect_info=True))
 
-        self.router.barrier(pong)
-        if self.router._barrier_waiters:
-            self.loop.call_later(0.26, self.router.release_barriers)
+        self.peers.barrier(pong)
 
     def publish(self, subject: str, reply: str | None, headers: bytes | None, payload: bytes,
                 client: Client) -> None:
@@ -254,8 +250,9 @@ async def _main(cfg: Config, index: int) -> None:
     loop = asyncio.get_running_loop()
     gw = Gateway(cfg, index, loop)
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    # SIGTERM only: the supervisor ignores SIGINT in children so that Ctrl-C stops the
+    # gateways before the shards, in order.
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     await gw.start()
     await stop.wait()
     gw.log.info("gateway_draining", clients=len(gw.clients))

@@ -146,6 +146,15 @@ def test_invalid_full_wildcard_position():
     assert not sl.remove("a.>.b", 1)
 
 
+def test_deep_wildcard_chains():
+    sl = Sublist()
+    deep = ".".join(["*"] * 3000)
+    sl.insert(deep, "stars")
+    sl.insert(".".join(["a"] * 2999) + ".>", "fwc")
+    assert sorted(sl.match(".".join(["a"] * 3000))[0]) == ["fwc", "stars"]
+    assert sl.remove(deep, "stars")
+
+
 def test_has_interest():
     sl = Sublist()
     assert not sl.has_interest("a")

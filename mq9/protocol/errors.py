@@ -22,14 +22,23 @@ then act on the "closes" column.
 | MAX_SUBSCRIPTIONS_EXCEEDED | -ERR, stays open (SUB ignored) |
 | INVALID_CLIENT_PROTOCOL    | -ERR, closes (CONNECT with ``protocol`` > 1) |
 | NO_RESPONDERS_REQUIRES_HEADERS | -ERR, closes (``no_responders`` without ``headers``) |
-| permissions_violation_*    | -ERR, stays open |
-| PARSE_ERROR, INVALID_CONNECT, HEADERS_NOT_SUPPORTED, SLOW_CONSUMER, CLIENT_SENT_ERR | nothing sent, closes |
+| permissions_violation_*    | -ERR, stays open (message dropped / SUB ignored) |
+| PARSE_ERROR                | nothing sent, closes |
+| INVALID_CONNECT            | nothing sent, closes |
+| HEADERS_NOT_SUPPORTED      | nothing sent, closes |
+| SLOW_CONSUMER              | nothing sent, closes |
+| CLIENT_SENT_ERR            | nothing sent, closes |
+
+Timing details measured with the same server: an op other than CONNECT before CONNECT on a
+server with auth gets AUTHORIZATION_VIOLATION at once; STALE_CONNECTION comes one
+ping_interval after the ping_max-th unanswered PING; MAX_SUBSCRIPTIONS_EXCEEDED and the
+permission errors leave the connection open.
 """
 
 from __future__ import annotations
 
 UNKNOWN_PROTOCOL_OP = "Unknown Protocol Operation"
-# Lower case since nats-server 2.10-ish; older servers said "Maximum Control Line Exceeded".
+# Lower case in v2.15.1, although it is often quoted as "Maximum Control Line Exceeded".
 MAX_CONTROL_LINE_EXCEEDED = "maximum control line exceeded"
 MAX_PAYLOAD_VIOLATION = "Maximum Payload Violation"
 AUTHORIZATION_VIOLATION = "Authorization Violation"

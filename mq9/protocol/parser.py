@@ -2,9 +2,10 @@
 
 ``Parser.feed`` takes the byte stream in whatever pieces the socket delivers and calls the
 handler's ``op_*`` methods synchronously, in stream order. It is the hot path of the broker:
-a PUB written the way client libraries write it (upper case, single spaces) is taken apart
-by one precompiled regular expression match and two slices, without leaving the inner loop;
-everything else goes line by line with ``find``.
+a PUB or HPUB written the way client libraries write it (upper case, single spaces) is
+taken apart by one precompiled regular expression match and slices, without leaving the
+inner loop; everything else goes line by line with ``find``. The result never depends on
+how the stream was split into chunks.
 
 What the parser does on malformed input copies nats-server v2.15.1, measured with raw
 sockets (the texts live in ``errors``; ``""`` means "closes without sending -ERR"):
@@ -27,7 +28,13 @@ sockets (the texts live in ``errors``; ``""`` means "closes without sending -ERR
 - UNSUB max that is not a positive number (``0``, ``-1``, ``x``) unsubscribes at once,
   so it is reported as ``None``.
 - separators: PUB/HPUB split on space and tab only (a CR inside stays in the subject);
-  SUB/UNSUB split on space, tab and CR. Repeated separators are fine.
+  SUB/UNSUB split on space, tab, CR and LF. Repeated separators are fine.
+- the first byte after the op's blanks starts the arguments unexamined, even an LF
+  (``SUB \ns.> 1\r\n`` subscribes); and once a CR has been seen in the arguments, the
+  byte before the LF is dropped whatever it is (``SUB a 1\rX\n`` is ``SUB a 1``).
+  nats-server differs from this only when such a line (CR inside the arguments) is split
+  across two socket reads: it then omits the CRs after the split and drops nothing, so its
+  outcome depends on the kernel's segmentation and cannot be matched.
 - control line: arguments longer than max_control_line give ``maximum control line
   exceeded`` (lower case in 2.15) and close. nats-server only checks a line that is still
   incomplete at the end of a socket read, but since it starts with 512-byte reads, any
@@ -229,8 +236,8 @@ class Parser:
                         hsize = int(hsize)
                         size = int(size)
                         if hsize > size:
-                            self._fail(errors.PARSE_ERROR,
-                                       f"processHeaderPub Header Size larger then TotalSize: {m[0]!r}")
+                            self._fail(errors.PARSE_ERROR, "processHeaderPub Header Size "
+                                       f"larger then TotalSize: {m[0]!r}")
                             return
                         if size > max_payload:
                             self._fail(errors.MAX_PAYLOAD_VIOLATION,
