@@ -27,7 +27,7 @@ class Subscription:
     def __init__(self, client: "Client", sid: str, subject: str, queue: str | None, key: int):
         self.client = client
         self.sid = sid
-        self.sid_b = sid.encode()
+        self.sid_b = sid.encode("utf-8", "surrogateescape")
         self.subject = subject
         self.queue = queue
         self.max_msgs = 0  # 0 = unlimited; set by UNSUB <sid> <max>
@@ -138,15 +138,15 @@ class Client(asyncio.Protocol):
             hl = len(headers)
             if reply:
                 line = b"HMSG %s %s %s %d %d\r\n" % (
-                    subject.encode(), sub.sid_b, reply.encode(), hl, hl + len(payload))
+                    subject.encode("utf-8", "surrogateescape"), sub.sid_b, reply.encode("utf-8", "surrogateescape"), hl, hl + len(payload))
             else:
-                line = b"HMSG %s %s %d %d\r\n" % (subject.encode(), sub.sid_b, hl, hl + len(payload))
+                line = b"HMSG %s %s %d %d\r\n" % (subject.encode("utf-8", "surrogateescape"), sub.sid_b, hl, hl + len(payload))
             self.send(line + headers + payload + b"\r\n")
         else:
             if reply:
-                line = b"MSG %s %s %s %d\r\n" % (subject.encode(), sub.sid_b, reply.encode(), len(payload))
+                line = b"MSG %s %s %s %d\r\n" % (subject.encode("utf-8", "surrogateescape"), sub.sid_b, reply.encode("utf-8", "surrogateescape"), len(payload))
             else:
-                line = b"MSG %s %s %d\r\n" % (subject.encode(), sub.sid_b, len(payload))
+                line = b"MSG %s %s %d\r\n" % (subject.encode("utf-8", "surrogateescape"), sub.sid_b, len(payload))
             self.send(line + payload + b"\r\n")
         self.msgs_out += 1
         self.bytes_out += len(payload)
@@ -208,11 +208,12 @@ class Client(asyncio.Protocol):
         except ValueError:
             self.close_with_error(errors.INVALID_CONNECT)
             return
-        self.verbose = bool(opts.get("verbose", False))
-        self.pedantic = bool(opts.get("pedantic", False))
-        self.echo = bool(opts.get("echo", True))
-        self.headers = bool(opts.get("headers", False))
-        self.no_responders = bool(opts.get("no_responders", False))
+        # Like nats-server, a CONNECT changes only the options it names.
+        self.verbose = bool(opts.get("verbose", self.verbose))
+        self.pedantic = bool(opts.get("pedantic", self.pedantic))
+        self.echo = bool(opts.get("echo", self.echo))
+        self.headers = bool(opts.get("headers", self.headers))
+        self.no_responders = bool(opts.get("no_responders", self.no_responders))
         proto = opts.get("protocol", 0)
         if isinstance(proto, int) and proto > 1:
             self.close_with_error(errors.INVALID_CLIENT_PROTOCOL)
@@ -269,13 +270,13 @@ class Client(asyncio.Protocol):
     def op_sub(self, subject: str, queue: str | None, sid: str) -> None:
         if not self.connected and not self._require_connect():
             return
-        if not valid_subject(subject):
-            self.send(errors.err_line(errors.INVALID_SUBJECT))
-            return
         if sid in self.subs:
-            # nats-server keeps the first subscription for a reused sid.
+            # nats-server keeps the first subscription for a reused sid, before any check.
             if self.verbose:
                 self.send(OK)
+            return
+        if not valid_subject(subject):
+            self.send(errors.err_line(errors.INVALID_SUBJECT))
             return
         sub = Subscription(self, sid, subject, queue, self.broker.next_key())
         self.subs[sid] = sub

@@ -15,14 +15,14 @@ then act on the "closes" column.
 | MAX_PAYLOAD_VIOLATION      | -ERR, closes (checked on the PUB/HPUB line, before the payload) |
 | AUTHORIZATION_VIOLATION    | -ERR, closes |
 | AUTHENTICATION_TIMEOUT     | -ERR, closes |
-| INVALID_SUBJECT            | -ERR, stays open (SUB ignored) |
-| INVALID_PUBLISH_SUBJECT    | -ERR, stays open (pedantic only; message dropped) |
+| INVALID_SUBJECT            | -ERR, stays open (SUB ignored; a reused sid is ignored first) |
+| INVALID_PUBLISH_SUBJECT    | -ERR, stays open (pedantic only; still delivered!) |
 | STALE_CONNECTION           | -ERR, closes |
 | MAX_CONNECTIONS_EXCEEDED   | -ERR right after INFO (before CONNECT), closes |
 | MAX_SUBSCRIPTIONS_EXCEEDED | -ERR, stays open (SUB ignored) |
 | INVALID_CLIENT_PROTOCOL    | -ERR, closes (CONNECT with ``protocol`` > 1) |
 | NO_RESPONDERS_REQUIRES_HEADERS | -ERR, closes (``no_responders`` without ``headers``) |
-| permissions_violation_*    | -ERR, stays open (message dropped / SUB ignored) |
+| permissions_violation_*    | -ERR, stays open |
 | PARSE_ERROR                | nothing sent, closes |
 | INVALID_CONNECT            | nothing sent, closes |
 | HEADERS_NOT_SUPPORTED      | nothing sent, closes |
