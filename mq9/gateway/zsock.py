@@ -36,7 +36,19 @@ class Outbox:
             return
         items = self.items
         self.items = []
-        frame = wire.encode(items)
+        try:
+            frame = wire.encode(items)
+        except UnicodeEncodeError:
+            # A subject that is not UTF-8 (nats-server accepts raw bytes) cannot cross to
+            # another process; drop just those, not the whole frame.
+            good = []
+            for m in items:
+                try:
+                    wire.encode([m])
+                    good.append(m)
+                except UnicodeEncodeError:
+                    metrics.DROPS.labels("unencodable").inc()
+            frame = wire.encode(good)
         try:
             if self.prefix:
                 self.sock.send_multipart([*self.prefix, frame], zmq.NOBLOCK)
