@@ -1,0 +1,74 @@
+"""Client side of the metadata group's control channel.
+
+There is no separate admin port: pysyncobj's Raft port already answers "utility"
+messages (a connection whose first message is a list, the way its ``syncobj_admin`` tool
+sends ``['status']`` or ``['add', 'host:port']``). ``MetadataGroup`` registers one more
+utility command, ``'mq9'``, and requests travel as ``['mq9', op, args]``; the reply is a
+dict with ``ok`` and, on failure, ``code`` and ``error``. Messages are pickled by
+pysyncobj, and encrypted and authenticated with the cluster secret when one is set.
+
+So every member's ``--cluster-port`` serves Raft, ``syncobj_admin -status``, ``mq9 node
+--join`` and ``mq9 cluster status/remove``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pysyncobj.utility import TcpUtility, UtilityException
+
+
+class ControlError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def check_address(address: str) -> str:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return address
+
+
+def call(address: str, op: str, args: dict | None = None, *, password: str | None = None,
+         timeout: float = 5.0) -> dict:
+    """One request to one member. Raises ControlError; ``code`` "unreachable" means the
+    request may not have arrived, anything else is the member's answer."""
+    check_address(address)
+    try:
+        util = TcpUtility(password=password, timeout=timeout)
+    except ImportError as e:  # a password needs the cryptography package
+        raise ControlError("unavailable", str(e)) from None
+    try:
+        res = util.executeCommand(address, ["mq9", op, args or {}])
+    except UtilityException as e:
+        hint = " (wrong cluster secret?)" if str(e) == "connection lost" else ""
+        raise ControlError("unreachable", f"{address}: {e}{hint}") from None
+    if res is None:  # TcpUtility returns None when the connect itself fails at once
+        raise ControlError("unreachable", f"{address}: cannot connect")
+    if isinstance(res, str):  # an exception text, or an unknown command on an old member
+        raise ControlError("failed", f"{address}: {res}")
+    if not isinstance(res, dict):
+        raise ControlError("failed", f"{address}: unexpected reply {res!r}")
+    if not res.get("ok", False):
+        raise ControlError(res.get("code") or "failed", res.get("error") or "failed")
+    return res
+
+
+def call_retry(address: str, op: str, args: dict | None = None, *, password=None,
+               timeout: float = 30.0, per_try: float = 5.0,
+               retry_codes=("unreachable", "no_leader", "retry", "denied", "busy")) -> dict:
+    """``call`` again until it succeeds, fails for a reason retrying cannot fix, or
+    ``timeout`` passes. Only for requests that are safe to repeat."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        try:
+            return call(address, op, args, password=password,
+                        timeout=max(0.5, min(per_try, deadline - time.monotonic())))
+        except ControlError as e:
+            if e.code not in retry_codes or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)

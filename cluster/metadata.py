@@ -1,0 +1,863 @@
+"""The metadata group: ``ClusterState`` replicated by Raft (pysyncobj).
+
+Each node runs one ``MetadataGroup``. Reads (``snapshot``, ``status``) come from the local
+replica and never block; writes go through the Raft leader and block until this replica
+has applied them. A group of N members keeps working while a majority is up.
+
+Ports: one, the node's ``--cluster-port``. It carries Raft traffic and, as pysyncobj
+"utility" messages, the control channel (``cluster.control``): ``status``, ``snapshot``,
+``write``, ``add_node``, ``remove_node``, ``transfer``, ``bench``.
+
+Files, in ``<data_dir>/cluster/``:
+  raft.journal(.meta)  pysyncobj's log, current term and vote
+  raft.dump            pysyncobj's snapshot after log compaction (our state as a dict)
+  node.json            who this node is and its Raft peers: a restart without ``--join``
+                       needs the peer list before it can hear from anyone
+  state.json           the latest ClusterState as JSON, for gateways (``state.read_snapshot``)
+
+How a node joins (``join(seed)``), on the wire:
+  1. ``status`` to the seed (any member): cluster id, Raft members, state members.
+  2. ``add_node {address}`` to the seed until the seed's Raft configuration lists this
+     node. pysyncobj forwards the membership change to the leader, which applies it on
+     append. Only then does this node start its own Raft instance, with every member as
+     a partner: a node that runs before it is a member keeps timing out, raises its term
+     and, once added, forces a needless election.
+  3. wait until this replica has caught up, then the replicated ``add_member`` write
+     records node id, ports and shard count in the state; the leader's ``Rebalancer``
+     then moves slots to it.
+
+Thread rules: pysyncobj applies entries, runs ``on_change`` callbacks and answers control
+requests on its own tick thread. Never block that thread: the blocking write helpers refuse
+to run on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj.encryptor import HAS_CRYPTO
+from pysyncobj.node import TCPNode
+from pysyncobj.transport import TCPTransport
+
+from cluster import state as st
+from cluster.control import ControlError, call, call_retry, check_address
+from cluster.state import ClusterState, StateError
+from mq9 import log
+
+DEFAULT_CLUSTER_PORT = 6222
+# A log entry this large would be split by pysyncobj, whose reassembly of split entries
+# is unreliable; nothing the state needs comes close.
+MAX_ENTRY_BYTES = 60_000
+
+
+class ClusterError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class WriteTimeout(ClusterError):
+    """No answer in time. The write may still be applied later (it is idempotent, so
+    retrying is safe)."""
+
+    def __init__(self, message: str):
+        super().__init__("timeout", message)
+
+
+_FAIL_CODES = {
+    FAIL_REASON.QUEUE_FULL: "busy",
+    FAIL_REASON.MISSING_LEADER: "no_leader",
+    FAIL_REASON.DISCARDED: "retry",
+    FAIL_REASON.NOT_LEADER: "retry",
+    FAIL_REASON.LEADER_CHANGED: "retry",
+    FAIL_REASON.REQUEST_DENIED: "denied",
+    FAIL_REASON.UNKNOWN_OUTCOME: "retry",
+}
+_RETRYABLE = {"busy", "no_leader", "retry"}
+
+
+@dataclass(frozen=True)
+class RaftTiming:
+    """pysyncobj timeouts, in seconds. pysyncobj's own defaults wait 5 s before
+    reconnecting to a restarted peer, 30 s before a leader cut off from the majority
+    steps down, and cache DNS for 10 minutes (a restarted pod's new IP stays unknown);
+    these are tuned down for a LAN."""
+
+    append_entries_period: float = 0.1   # leader heartbeat
+    raft_min_timeout: float = 1.0        # election timeout range
+    raft_max_timeout: float = 2.0
+    connection_timeout: float = 3.5      # silence before a peer connection counts as dead
+    connection_retry_time: float = 0.5
+    leader_fallback_timeout: float = 5.0
+    dns_cache_time: float = 10.0
+    auto_tick_period: float = 0.05
+
+    @classmethod
+    def fast(cls) -> "RaftTiming":
+        """For tests on one machine: elections in well under a second."""
+        return cls(append_entries_period=0.05, raft_min_timeout=0.3, raft_max_timeout=0.6,
+                   connection_timeout=2.0, connection_retry_time=0.1,
+                   leader_fallback_timeout=1.5, dns_cache_time=1.0, auto_tick_period=0.02)
+
+
+def default_node_id(data_dir: str, cluster_port: int = DEFAULT_CLUSTER_PORT) -> str:
+    """The id this data dir already has; else the host name, which is stable for a
+    StatefulSet pod (mq9-0, mq9-1...). Several nodes on one host differ by port."""
+    try:
+        with open(os.path.join(data_dir, "cluster", "node.json")) as f:
+            return json.load(f)["node_id"]
+    except (OSError, ValueError, KeyError):
+        pass
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0]).strip("-.")
+    name = name[:50] or "mq9"
+    return name if cluster_port == DEFAULT_CLUSTER_PORT else f"{name}-{cluster_port}"
+
+
+def default_advertise(bind_host: str) -> str:
+    """Where other members reach this one. A specific bind address is used as is. For a
+    wildcard bind: the FQDN when it resolves to a non-loopback address (stable across pod
+    restarts, unlike the IP), else this host's address, else loopback. Pass --advertise
+    where neither is right (NAT, several interfaces)."""
+    if bind_host not in ("", "0.0.0.0", "::", "[::]"):
+        return bind_host
+    fqdn = socket.getfqdn()
+    try:
+        ip = socket.gethostbyname(fqdn)
+    except OSError:
+        return "127.0.0.1"
+    if ip.startswith("127."):
+        return "127.0.0.1"
+    return fqdn if "." in fqdn else ip
+
+
+class _StateMachine(SyncObjConsumer):
+    """The replicated object. One replicated method, ``apply(op, args)``, dispatching by
+    name: pysyncobj numbers replicated methods by their sorted names and writes the
+    number into the log, so adding a method would renumber the others and make an old
+    journal replay the wrong ones."""
+
+    def __init__(self, on_applied):
+        # set before SyncObjConsumer.__init__, which marks existing attributes as
+        # not-replicated (excluded from snapshots)
+        self._on_applied = on_applied
+        super().__init__()
+        self.state = ClusterState()
+
+    @replicated
+    def apply(self, op, args):
+        # An exception here would stop pysyncobj applying the log for good (it retries
+        # the same entry forever), so every failure becomes a result.
+        try:
+            new, result = st.apply(self.state, op, args)
+        except StateError as e:
+            return {"ok": False, "code": e.code, "error": str(e)}
+        except Exception as e:  # a bug in a transition: refuse it, same on every replica
+            log.exception("metadata_apply_failed", op=op)
+            return {"ok": False, "code": "internal", "error": f"{type(e).__name__}: {e}"}
+        if new is not self.state:
+            self.state = new
+            self._on_applied(op, new)
+        return {"ok": True, "version": new.version, **result}
+
+    def _serialize(self):
+        return {"state": self.state.to_dict()}
+
+    def _deserialize(self, data):
+        self.state = ClusterState.from_dict(data["state"])
+        self._on_applied("restore", self.state)
+
+
+class _Transport(TCPTransport):
+    """pysyncobj's TCP transport plus the ``mq9`` control command on the same port."""
+
+    handler = None  # set per class instance by MetadataGroup before SyncObj is built
+
+    def __init__(self, syncObj, selfNode, otherNodes):
+        super().__init__(syncObj, selfNode, otherNodes)
+        self.setOnUtilityMessageCallback("mq9", self.handler)
+
+
+class MetadataGroup:
+    def __init__(self, node_id: str | None = None, bind: str = f"0.0.0.0:{DEFAULT_CLUSTER_PORT}",
+                 advertise: str | None = None, data_dir: str = "./mq9-data",
+                 partners=(), password: str | None = None, *, nats_port: int = 4222,
+                 shards: int = 2, gateways: int = 0, timing: RaftTiming | None = None,
+                 snapshot_file: str | bool = True):
+        """``bind`` is host:cluster_port to listen on; ``advertise`` the host others use
+        (port = cluster_port). ``partners``: Raft addresses of existing members, normally
+        left empty (``join`` finds them, a restart reads them from node.json)."""
+        check_address(bind)
+        self.bind = bind
+        bind_host, port = bind.rsplit(":", 1)
+        self.cluster_port = int(port)
+        self.data_dir = os.path.abspath(data_dir)
+        self.dir = os.path.join(self.data_dir, "cluster")
+        self.node_id = node_id or default_node_id(self.data_dir, self.cluster_port)
+        st._check_node_id(self.node_id)
+        self.advertise = advertise or default_advertise(bind_host)
+        self.address = f"{self.advertise}:{self.cluster_port}"
+        self.password = password or None
+        if self.password and not HAS_CRYPTO:
+            raise ClusterError("unavailable", "a cluster secret needs the 'cryptography' package")
+        self.member_info = {"advertise": self.advertise, "cluster_port": self.cluster_port,
+                            "nats_port": nats_port, "shards": shards, "gateways": gateways}
+        self.timing = timing or RaftTiming()
+        self._partners = [p for p in partners if p != self.address]
+        for p in self._partners:
+            check_address(p)
+        if snapshot_file is True:
+            snapshot_file = os.path.join(self.dir, "state.json")
+        self.snapshot_file = snapshot_file or None
+
+        self._obj: SyncObj | None = None
+        self._sm = _StateMachine(self._applied)
+        self._callbacks: list = []
+        self._removed_callbacks: list = []
+        self._cond = threading.Condition()
+        self._tick_ident: int | None = None
+        self._peers_saved: frozenset | None = None
+        self._last_leader = None
+        self._was_member = False
+        self.removed = False
+        self._node_file: dict = {}
+        self._file_lock = threading.Lock()  # node.json is written from two threads
+        self._tick_calls: list = []  # work that must run on pysyncobj's thread
+        self._membership_results: dict[str, dict] = {}
+        self._closed = threading.Event()
+        self._snap_thread: threading.Thread | None = None
+        self._snap_version = -1
+        self.log = log.bind(node=self.node_id)
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def open(self, join: str | None = None, timeout: float = 60.0) -> "MetadataGroup":
+        """Starts the right way for this data dir: a restart from disk (``join`` is
+        ignored: the data dir knows the cluster), a join through ``join``, or a new
+        single-member cluster."""
+        local = self._read_node_file()
+        if local and local.get("removed"):
+            if not join:
+                raise ClusterError("removed", f"{self.node_id} was removed from its cluster; "
+                                   f"start it with --join to rejoin (its old metadata in "
+                                   f"{self.dir} is then discarded)")
+            self._wipe()
+            local = {}
+        if local and not local.get("joining"):
+            if join:
+                self.log.info("cluster_join_ignored", reason="data dir already holds a member",
+                              seed=join)
+            self.start()
+            if not self._partners and not local.get("peers"):
+                self.bootstrap(timeout=timeout)  # a lone node that crashed before bootstrap
+            return self
+        if local.get("joining") and not join:
+            peers = [p for p in local.get("peers", []) if p != self.address]
+            if not peers:
+                raise ClusterError("bad_request", "an interrupted join needs --join")
+            join = peers[0]
+        if join:
+            return self.join(join, timeout=timeout)
+        self.start()
+        self.bootstrap(timeout=timeout)
+        return self
+
+    def start(self) -> "MetadataGroup":
+        """Starts the Raft member with the partners given or saved in node.json."""
+        if self._obj is not None:
+            return self
+        os.makedirs(self.dir, exist_ok=True)
+        local = self._read_node_file()
+        if local:
+            if local.get("node_id") not in (None, self.node_id):
+                raise ClusterError("bad_request", f"{self.dir} belongs to node "
+                                   f"{local['node_id']}, not {self.node_id}")
+            if local.get("address") not in (None, self.address):
+                raise ClusterError("bad_request", (
+                    f"this node was {local['address']} and is now {self.address}; members "
+                    f"know each other by address, so keep --advertise stable (a DNS name)"))
+        partners = sorted(set(self._partners) | set(local.get("peers", ())) - {self.address})
+        self._node_file = {"node_id": self.node_id, "address": self.address,
+                           "cluster_id": local.get("cluster_id", ""), "peers": partners,
+                           "joining": bool(local.get("joining")), "removed": False}
+        self._write_node_file()
+        t = self.timing
+        conf = SyncObjConf(
+            dynamicMembershipChange=True,
+            journalFile=os.path.join(self.dir, "raft.journal"),
+            fullDumpFile=os.path.join(self.dir, "raft.dump"),
+            password=self.password,
+            bindAddress=self.bind,
+            appendEntriesPeriod=t.append_entries_period,
+            raftMinTimeout=t.raft_min_timeout,
+            raftMaxTimeout=t.raft_max_timeout,
+            connectionTimeout=t.connection_timeout,
+            connectionRetryTime=t.connection_retry_time,
+            leaderFallbackTimeout=t.leader_fallback_timeout,
+            dnsCacheTime=t.dns_cache_time,
+            dnsFailCacheTime=min(2.0, t.dns_cache_time),
+            autoTickPeriod=t.auto_tick_period,
+            # Metadata writes are rare and small; without batching the leader sends each
+            # entry at once instead of on the next heartbeat (2 ms instead of ~100 ms).
+            appendEntriesUseBatch=False,
+            # fork() in a process with other threads can deadlock the child on a lock
+            # some thread held; the state pickles in milliseconds, so dump inline.
+            useFork=False,
+            maxBindRetries=0,
+        )
+        transport = type("_BoundTransport", (_Transport,), {"handler": self._on_control})
+        self.log.info("metadata_starting", address=self.address, bind=self.bind,
+                      partners=",".join(partners) or "-", data_dir=self.dir)
+        self._obj = SyncObj(self.address, partners, conf, consumers=[self._sm],
+                            transportClass=transport)
+        # pysyncobj stops its tick thread once the thread that built it ends; a group
+        # started from a short-lived thread would silently stop.
+        self._obj._SyncObj__mainThread = threading.main_thread()
+        self._obj.addOnTickCallback(self._on_tick)
+        if self.snapshot_file:
+            self._snap_thread = threading.Thread(target=self._snapshot_writer,
+                                                 name="mq9-metadata-snapshot", daemon=True)
+            self._snap_thread.start()
+        return self
+
+    def bootstrap(self, timeout: float = 30.0) -> None:
+        """Makes this lone member the whole cluster: it owns every slot. Does nothing if
+        the state is already bootstrapped."""
+        self._require_started()
+        deadline = time.monotonic() + timeout
+        if not self.wait_for(lambda s: s.bootstrapped or self.is_leader(), timeout):
+            raise ClusterError("timeout", "no leader to bootstrap the cluster with")
+        if not self._sm.state.bootstrapped:
+            self.write("bootstrap", {"cluster_id": uuid.uuid4().hex, "node_id": self.node_id,
+                                     "info": {**self.member_info, "joined_at": time.time()}},
+                       timeout=max(1.0, deadline - time.monotonic()))
+        self._save_cluster_id()
+
+    def join(self, seed: str, timeout: float = 60.0) -> "MetadataGroup":
+        """Joins the cluster that ``seed`` (any member's host:cluster_port) belongs to."""
+        check_address(seed)
+        deadline = time.monotonic() + timeout
+        left = lambda: max(0.5, deadline - time.monotonic())  # noqa: E731
+        local = self._read_node_file()
+        if local and local.get("removed"):
+            self._wipe()
+            local = {}
+        if local and not local.get("joining"):
+            return self.start()  # already a member: a restart
+        while True:
+            info = call_retry(seed, "status", password=self.password, timeout=left())
+            if info.get("cluster_id"):
+                break
+            if time.monotonic() > deadline:  # the seed itself is still starting up
+                raise ClusterError("timeout", f"{seed} has no bootstrapped cluster")
+            time.sleep(0.2)
+        cid = info["cluster_id"]
+        if local.get("cluster_id") and local["cluster_id"] != cid:
+            raise ClusterError("bad_request", f"{self.dir} belongs to cluster "
+                               f"{local['cluster_id']}, {seed} to {cid}")
+        known = info["members"].get(self.node_id)
+        if known and known["address"] != self.address:
+            raise ClusterError("exists", f"node id {self.node_id} is already used by "
+                               f"{known['address']}; pick another --node-id")
+        for nid, m in info["members"].items():
+            if m["address"] == self.address and nid != self.node_id:
+                raise ClusterError("exists", f"{self.address} is already member {nid}")
+        os.makedirs(self.dir, exist_ok=True)
+        self._node_file = {"node_id": self.node_id, "address": self.address, "cluster_id": cid,
+                           "peers": sorted(set(info["raft_members"]) - {self.address}),
+                           "joining": True, "removed": False}
+        self._write_node_file()
+        self.log.info("cluster_joining", seed=seed, cluster_id=cid)
+        asked = 0.0
+        while self.address not in info["raft_members"]:
+            if time.monotonic() > deadline:
+                raise ClusterError("timeout", f"{seed} did not add {self.address}: "
+                                   f"{info.get('membership_results', {}).get(self.address)}")
+            if time.monotonic() - asked > 2.0:  # a lost or refused request is asked again
+                try:
+                    call(seed, "add_node", {"address": self.address}, password=self.password,
+                         timeout=min(2.0, left()))
+                except ControlError as e:
+                    if e.code not in ("unreachable", "denied", "no_leader", "retry"):
+                        raise ClusterError(e.code, str(e)) from None
+                asked = time.monotonic()
+            time.sleep(0.05)
+            info = call_retry(seed, "status", password=self.password, timeout=left())
+        self._partners = sorted(set(info["raft_members"]) - {self.address})
+        self._write_node_file(peers=self._partners)
+        self.start()
+        if not self.wait_ready(left()):
+            raise ClusterError("timeout", "joined the Raft group but did not catch up")
+        self.write("add_member", {"node_id": self.node_id,
+                                  "info": {**self.member_info, "joined_at": time.time()}},
+                   timeout=left())
+        self._save_cluster_id()
+        self.log.info("cluster_joined", cluster_id=cid, members=len(self._sm.state.members))
+        return self
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._obj is not None:
+            obj, self._obj = self._obj, None
+            obj.destroy()
+            if threading.get_ident() != self._tick_ident:
+                obj._SyncObj__thread.join(5.0)
+        if self._snap_thread is not None:
+            self._snap_thread.join(2.0)
+            self._write_snapshot_file()
+
+    # ---- reads (local replica) -------------------------------------------------------
+
+    def snapshot(self) -> ClusterState:
+        return self._sm.state
+
+    def is_ready(self) -> bool:
+        """True once this replica has caught up with the leader's log (stays true)."""
+        return self._obj is not None and self._obj.isReady()
+
+    def wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.is_ready() and self.leader_address() is not None:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def is_leader(self) -> bool:
+        return self._obj is not None and self._obj._isLeader()
+
+    def leader_address(self) -> str | None:
+        leader = self._obj._getLeader() if self._obj is not None else None
+        return leader.address if leader is not None else None
+
+    def leader(self) -> str | None:
+        """The leader's node id (its address while it is not in the state yet)."""
+        addr = self.leader_address()
+        if addr is None:
+            return None
+        return self._sm.state.node_at(addr) or addr
+
+    def term(self) -> int:
+        return self._obj.raftCurrentTerm if self._obj is not None else 0
+
+    def raft_members(self) -> list[str]:
+        if self._obj is None:
+            return []
+        return sorted({n.address for n in self._obj.otherNodes} | {self.address})
+
+    def connected_peers(self) -> list[str]:
+        if self._obj is None:
+            return []
+        return sorted(n.address for n in self._obj.otherNodes if self._obj.isNodeConnected(n))
+
+    def status(self) -> dict:
+        for _ in range(5):
+            try:
+                return self._status()
+            except RuntimeError:  # a set changed size under us on the tick thread
+                time.sleep(0.001)
+        return self._status()
+
+    def _status(self) -> dict:
+        obj = self._obj
+        s = self._sm.state
+        if obj is None:
+            raise ClusterError("unavailable", "metadata group not started")
+        others = {n.address: obj.isNodeConnected(n) for n in obj.otherNodes}
+        raft = set(others) | {self.address}
+        per_node = st.slots_per_node(s)
+        per_shard = st.slots_per_shard(s)
+        members = {}
+        for nid, info in sorted(s.members.items()):
+            addr = st.raft_address(info)
+            members[nid] = {**info, "address": addr, "slots": per_node.get(nid, 0),
+                            "slots_per_shard": per_shard.get(nid, []),
+                            "raft": ("self" if addr == self.address
+                                     else "connected" if others.get(addr)
+                                     else "disconnected" if addr in others else "absent")}
+        state_addrs = {m["address"] for m in members.values()}
+        moves = [{"slot": slot, **m} for slot, m in sorted(s.moves.items())]
+        leader_addr = self.leader_address()
+        return {
+            "ok": True,
+            "node_id": self.node_id,
+            "address": self.address,
+            "cluster_id": s.cluster_id,
+            "version": s.version,
+            "ready": obj.isReady(),
+            "role": "leader" if obj._isLeader() else ("follower" if leader_addr else "candidate"),
+            "leader": (s.node_at(leader_addr) or leader_addr) if leader_addr else None,
+            "leader_address": leader_addr,
+            "term": obj.raftCurrentTerm,
+            "commit_index": obj.raftCommitIndex,
+            "last_applied": obj.raftLastApplied,
+            "has_quorum": obj.hasQuorum,
+            "raft_members": sorted(raft),
+            "raft_only": sorted(raft - state_addrs),
+            "members": members,
+            "slots_per_node": per_node,
+            "unassigned_slots": sum(1 for n, _ in s.slots if n not in s.members),
+            "moves": moves[:100],
+            "moves_total": len(moves),
+            "moves_by_state": {k: sum(1 for m in moves if m["state"] == k) for k in st.MOVE_STATES},
+            "queue_groups": sum(len(g) for g in s.queue_groups.values()),
+            "membership_results": dict(self._membership_results),
+        }
+
+    # ---- change notification ---------------------------------------------------------
+
+    def on_change(self, callback) -> None:
+        """``callback(state, op)`` after each change this replica applies (op "restore"
+        after loading a Raft snapshot). Runs on pysyncobj's thread: keep it short and
+        never write to the group from it."""
+        self._callbacks.append(callback)
+
+    def on_removed(self, callback) -> None:
+        """``callback()`` once, when the state no longer lists this node."""
+        self._removed_callbacks.append(callback)
+
+    def wait_for(self, predicate, timeout: float) -> bool:
+        """Waits until ``predicate(state)`` holds on the local replica."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if predicate(self._sm.state):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed.is_set():
+                    return False
+                # Woken by changes; the short cap also re-checks predicates that depend
+                # on Raft status (leadership) rather than on the state.
+                self._cond.wait(min(left, 0.05))
+
+    def _applied(self, op: str, state: ClusterState) -> None:
+        for cb in list(self._callbacks):
+            try:
+                cb(state, op)
+            except Exception:
+                self.log.exception("metadata_callback_failed", op=op)
+        if self.node_id in state.members:
+            self._was_member = True
+        elif self._was_member and state.bootstrapped and not self.removed:
+            self.removed = True
+            self._write_node_file(removed=True)
+            self.log.info("metadata_removed_from_cluster")
+            for cb in list(self._removed_callbacks):
+                try:
+                    cb()
+                except Exception:
+                    self.log.exception("metadata_callback_failed", op="removed")
+        with self._cond:
+            self._cond.notify_all()
+
+    def _on_tick(self) -> None:
+        self._tick_ident = threading.get_ident()
+        obj = self._obj
+        if obj is None:
+            return
+        while self._tick_calls:
+            fn = self._tick_calls.pop(0)
+            try:
+                fn()
+            except Exception:
+                self.log.exception("metadata_tick_call_failed")
+        peers = frozenset(n.address for n in obj.otherNodes)
+        if peers != self._peers_saved:
+            # Raft's configuration changes take effect when appended, so the list saved
+            # for the next start follows pysyncobj's view, not the committed state.
+            self._peers_saved = peers
+            self._write_node_file(peers=sorted(peers))
+        leader = obj._getLeader()
+        if leader != self._last_leader:
+            self._last_leader = leader
+            self.log.info("metadata_leader", leader=leader.address if leader else None,
+                          term=obj.raftCurrentTerm, self_leader=obj._isLeader())
+            with self._cond:
+                self._cond.notify_all()
+
+    # ---- writes (through the leader) -------------------------------------------------
+
+    def write(self, op: str, args: dict | None = None, timeout: float = 10.0) -> dict:
+        """Applies one state operation through the leader and returns its result once
+        this replica has applied it. Retries while there is no leader or the leader
+        changes. Raises StateError (refused), WriteTimeout, ClusterError."""
+        self._require_started()
+        if threading.get_ident() == self._tick_ident:
+            raise RuntimeError("metadata writes block; never issue them on pysyncobj's thread")
+        args = args or {}
+        if len(pickle.dumps((op, args), protocol=2)) > MAX_ENTRY_BYTES:
+            raise ValueError(f"{op}: arguments too large for one log entry")
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            done = threading.Event()
+            box = {}
+
+            def cb(res, err, box=box, done=done):
+                box["res"], box["err"] = res, err
+                done.set()
+
+            self._sm.apply(op, args, callback=cb)
+            if not done.wait(max(0.0, deadline - time.monotonic())):
+                raise WriteTimeout(f"{op}: no answer in {timeout:.1f}s "
+                                   f"(leader {self.leader_address()})")
+            err = box["err"]
+            if err == FAIL_REASON.SUCCESS:
+                res = box["res"]
+                if not res["ok"]:
+                    raise StateError(res["code"], res["error"])
+                return res
+            code = _FAIL_CODES.get(err, "failed")
+            if code not in _RETRYABLE or time.monotonic() + delay > deadline:
+                raise ClusterError(code, f"{op}: {code}")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    def add_member(self, node_id: str, info: dict, timeout: float = 10.0) -> dict:
+        return self.write("add_member", {"node_id": node_id, "info": info}, timeout)
+
+    def remove_member(self, node_id: str, force: bool = False, timeout: float = 10.0) -> dict:
+        return self.write("remove_member", {"node_id": node_id, "force": force}, timeout)
+
+    def set_leaving(self, node_id: str, leaving: bool = True, timeout: float = 10.0) -> dict:
+        return self.write("set_leaving", {"node_id": node_id, "leaving": leaving}, timeout)
+
+    def start_moves(self, moves: list[dict], timeout: float = 10.0) -> list[list[int]]:
+        """Returns [slot, move_id] references for the other move operations."""
+        moves = [{"slot": m["slot"], "from": list(m["from"]), "to": list(m["to"])} for m in moves]
+        return self.write("start_moves", {"moves": moves}, timeout)["started"]
+
+    def start_move(self, slot: int, src, dst, timeout: float = 10.0) -> list[int]:
+        return self.start_moves([{"slot": slot, "from": src, "to": dst}], timeout)[0]
+
+    def set_moves_state(self, refs, move_state: str, timeout: float = 10.0) -> dict:
+        return self.write("set_moves_state", {"moves": [list(r) for r in refs],
+                                              "move_state": move_state}, timeout)
+
+    def finish_moves(self, refs, timeout: float = 10.0) -> dict:
+        return self.write("finish_moves", {"moves": [list(r) for r in refs]}, timeout)
+
+    def finish_move(self, ref, timeout: float = 10.0) -> dict:
+        return self.finish_moves([ref], timeout)
+
+    def abort_moves(self, refs, timeout: float = 10.0) -> dict:
+        return self.write("abort_moves", {"moves": [list(r) for r in refs]}, timeout)
+
+    def abort_move(self, ref, timeout: float = 10.0) -> dict:
+        return self.abort_moves([ref], timeout)
+
+    def set_queue_groups(self, groups, node_id: str | None = None, timeout: float = 10.0):
+        return self.write("set_queue_groups", {"node_id": node_id or self.node_id,
+                                               "groups": [list(g) for g in groups]}, timeout)
+
+    def queue_group_add(self, subject: str, queue: str, node_id: str | None = None,
+                        timeout: float = 10.0):
+        return self.write("queue_group_add", {"node_id": node_id or self.node_id,
+                                              "subject": subject, "queue": queue}, timeout)
+
+    def queue_group_remove(self, subject: str, queue: str, node_id: str | None = None,
+                           timeout: float = 10.0):
+        return self.write("queue_group_remove", {"node_id": node_id or self.node_id,
+                                                 "subject": subject, "queue": queue}, timeout)
+
+    def noop(self, timeout: float = 10.0) -> dict:
+        return self.write("noop", {}, timeout)
+
+    # ---- Raft membership -------------------------------------------------------------
+
+    def _raft_call(self, fn, *args, timeout: float, on_tick: bool = False) -> None:
+        if threading.get_ident() == self._tick_ident:
+            raise RuntimeError("never block pysyncobj's thread")
+        done, box = threading.Event(), {}
+
+        def cb(res, err):
+            box["err"] = err
+            done.set()
+
+        if on_tick:  # reads and sends Raft state directly: not safe from other threads
+            self._tick_calls.append(lambda: fn(*args, callback=cb))
+        else:
+            fn(*args, callback=cb)
+        if not done.wait(timeout):
+            raise WriteTimeout(f"{getattr(fn, '__name__', 'raft')}: no answer in {timeout:.1f}s")
+        if box["err"] not in (None, FAIL_REASON.SUCCESS):
+            code = _FAIL_CODES.get(box["err"], "failed")
+            raise ClusterError(code, f"{getattr(fn, '__name__', 'raft')}: {code}")
+
+    def add_raft_node(self, address: str, timeout: float = 10.0) -> None:
+        """The Raft half of adding a member (``join`` asks a seed to do this)."""
+        self._require_started()
+        if address not in self.raft_members():
+            self._raft_call(self._obj.addNodeToCluster, address, timeout=timeout)
+
+    def remove_raft_node(self, address: str, timeout: float = 10.0) -> None:
+        """The Raft half of removing a member. The leader cannot remove itself:
+        ``transfer_leadership`` first."""
+        self._require_started()
+        if address in self.raft_members():
+            self._raft_call(self._obj.removeNodeFromCluster, address, timeout=timeout)
+
+    def transfer_leadership(self, to: str | None = None, timeout: float = 10.0) -> None:
+        """Asks this node, the leader, to hand over (to a caught-up follower, or ``to``)
+        and waits until someone else leads."""
+        self._require_started()
+        if not hasattr(self._obj, "transferLeadership"):
+            raise ClusterError("unavailable", "this pysyncobj has no leadership transfer")
+        self._raft_call(self._obj.transferLeadership, to, timeout=timeout, on_tick=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.leader_address() not in (None, self.address):
+                return
+            time.sleep(0.02)
+        raise WriteTimeout("leadership did not move")
+
+    # ---- control channel (runs on pysyncobj's thread) --------------------------------
+
+    def _on_control(self, message: list, reply) -> None:
+        def ok(**fields):
+            reply({"ok": True, **fields}, None)
+
+        def fail(code, error):
+            reply({"ok": False, "code": code, "error": error}, None)
+
+        try:
+            op, args = message[0], (message[1] if len(message) > 1 else {}) or {}
+            if not isinstance(args, dict):
+                return fail("bad_request", "arguments must be an object")
+            obj = self._obj
+            if op == "status":
+                return reply(self.status(), None)
+            if op == "snapshot":
+                return ok(state=self._sm.state.to_dict())
+            if op == "write":
+                def done(res, err):
+                    if err != FAIL_REASON.SUCCESS:
+                        return fail(_FAIL_CODES.get(err, "failed"), f"write: {err}")
+                    reply(res, None)
+                wop, wargs = args.get("op"), args.get("args") or {}
+                if len(pickle.dumps((wop, wargs), protocol=2)) > MAX_ENTRY_BYTES:
+                    return fail("too_large", "arguments too large for one log entry")
+                self._sm.apply(wop, wargs, callback=done)
+                return None
+            if op == "add_node" or op == "remove_node":
+                address = check_address(str(args.get("address")))
+                adding = op == "add_node"
+                if (address in self.raft_members()) == adding:
+                    return ok(changed=False)
+
+                def changed(res, err, address=address, op=op):
+                    self._membership_results[address] = {
+                        "op": op, "result": "ok" if err == FAIL_REASON.SUCCESS
+                        else _FAIL_CODES.get(err, "failed")}
+                    self.log.info("metadata_membership", op=op, address=address,
+                                  result=self._membership_results[address]["result"])
+                (obj.addNodeToCluster if adding else obj.removeNodeFromCluster)(
+                    address, callback=changed)
+                # The change commits only once the new member runs and catches up (for a
+                # one-member cluster), so the caller polls ``status`` instead of waiting.
+                return ok(changed=True)
+            if op == "transfer":
+                if not obj._isLeader():
+                    return fail("not_leader", f"leader is {self.leader_address()}")
+
+                def moved(res, err):
+                    if err == FAIL_REASON.SUCCESS:
+                        return ok()
+                    fail(_FAIL_CODES.get(err, "failed"), "transfer refused (no caught-up follower?)")
+                obj.transferLeadership(args.get("to") or None, callback=moved)
+                return None
+            if op == "bench":
+                return self._bench(int(args.get("n", 100)), reply)
+            return fail("bad_request", f"unknown control operation {op!r}")
+        except (ValueError, TypeError) as e:
+            return fail("bad_request", str(e))
+
+    def _bench(self, n: int, reply) -> None:
+        """n sequential no-op writes from this member, chained through callbacks so the
+        tick thread never blocks; answers with each one's latency in ms."""
+        n = max(1, min(n, 2000))
+        lat: list[float] = []
+
+        def one(res=None, err=None):
+            now = time.perf_counter()
+            if err is not None:
+                if err != FAIL_REASON.SUCCESS:
+                    return reply({"ok": False, "code": _FAIL_CODES.get(err, "failed"),
+                                  "error": "bench write failed"}, None)
+                lat.append((now - one.t0) * 1000)
+            if len(lat) == n:
+                return reply({"ok": True, "latencies_ms": lat}, None)
+            one.t0 = time.perf_counter()
+            self._sm.apply("noop", {}, callback=one)
+
+        one()
+
+    # ---- files -----------------------------------------------------------------------
+
+    def _require_started(self) -> None:
+        if self._obj is None:
+            raise ClusterError("unavailable", "metadata group not started")
+
+    def _read_node_file(self) -> dict:
+        try:
+            with open(os.path.join(self.dir, "node.json")) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise ClusterError("bad_request", f"{self.dir}/node.json: {e}") from None
+
+    def _write_node_file(self, **changes) -> None:
+        with self._file_lock:
+            self._node_file.update(changes)
+            os.makedirs(self.dir, exist_ok=True)
+            path = os.path.join(self.dir, "node.json")
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self._node_file, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+
+    def _save_cluster_id(self) -> None:
+        self._write_node_file(cluster_id=self._sm.state.cluster_id
+                              or self._node_file.get("cluster_id", ""), joining=False)
+
+    def _wipe(self) -> None:
+        """Forgets the metadata of a removed member before it joins again."""
+        self.log.info("metadata_wiped", dir=self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.makedirs(self.dir, exist_ok=True)
+
+    def _snapshot_writer(self) -> None:
+        # Off the tick thread, and at most every 50 ms: a rebalance applies many changes
+        # per second and readers only need the latest.
+        while not self._closed.is_set():
+            with self._cond:
+                s = self._sm.state
+                if s.version == self._snap_version or not s.bootstrapped:
+                    self._cond.wait(1.0)
+                    continue
+            self._write_snapshot_file()
+            self._closed.wait(0.05)
+
+    def _write_snapshot_file(self) -> None:
+        s = self._sm.state
+        if not self.snapshot_file or s.version == self._snap_version or not s.bootstrapped:
+            return
+        try:
+            st.write_snapshot(self.snapshot_file, s)
+            self._snap_version = s.version
+        except OSError:
+            self.log.exception("metadata_snapshot_write_failed", path=self.snapshot_file)
