@@ -28,7 +28,12 @@ class Config:
     data_dir: str = _opt("./mq9-data", "where shards keep their RocksDB databases")
     gateways: int = _opt(0, "gateway processes (0 = one per CPU)")
     shards: int = _opt(2, "storage shard processes, one RocksDB each")
-    cluster_port: int = _opt(6222, "metadata-group port (used by cluster mode)")
+    cluster_port: int = _opt(6222, "metadata-group (Raft) port; data ports for other nodes follow it "
+                                   "(shard i: +1+i, gateway j: +1+shards+j); 0 = single node, no cluster")
+    node_id: str | None = _opt(None, "this node's name in the cluster (default: kept in the data dir)")
+    advertise: str | None = _opt(None, "host other nodes use to reach this one (default: --host, or "
+                                       "this machine's address when --host is 0.0.0.0)")
+    join: str | None = _opt(None, "HOST:PORT of any cluster member's --cluster-port, to join its cluster")
     max_payload: int = _opt(MIB, "largest message body accepted, bytes")
     max_connections: int = _opt(65536, "client connections per node")
     max_control_line: int = _opt(4096, "longest protocol line, bytes")

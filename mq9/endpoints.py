@@ -33,3 +33,24 @@ def gateway_endpoint(cfg: Config, index: int) -> str:
 
 def metrics_dir(cfg: Config) -> str:
     return os.path.join(cfg.run_dir, "metrics")
+
+
+# ---- TCP endpoints between nodes -------------------------------------------------------
+# A node's data ports sit right above its --cluster-port (the metadata group's Raft port):
+# shard i at cluster_port + 1 + i, gateway j after the shards. Peers derive them from the
+# member record (advertise, cluster_port, shards) without another lookup.
+
+def shard_tcp_port(cluster_port: int, index: int) -> int:
+    return cluster_port + 1 + index
+
+
+def gateway_tcp_port(cluster_port: int, shards: int, index: int) -> int:
+    return cluster_port + 1 + shards + index
+
+
+def shard_tcp(host: str, cluster_port: int, index: int) -> str:
+    return f"tcp://{host}:{shard_tcp_port(cluster_port, index)}"
+
+
+def gateway_tcp(host: str, cluster_port: int, shards: int, index: int) -> str:
+    return f"tcp://{host}:{gateway_tcp_port(cluster_port, shards, index)}"

@@ -120,14 +120,14 @@ class PeerHello(_Msg):
     its complete interest. ``want``: also send me yours (a gateway says so when it starts;
     the answer does not, so hellos never ping-pong)."""
 
-    gw: int
+    gw: str
     want: bool = True
 
 
 class Interest(_Msg):
     """Subscription interest changed on gateway ``gw``: +1 / -1 for (subject, queue)."""
 
-    gw: int
+    gw: str
     subject: str
     queue: str | None
     delta: int
@@ -137,12 +137,12 @@ class Mark(_Msg):
     """Ends every peer frame that carries more than acks: frame ``seq`` from gateway
     ``gw``. The receiver answers ``Ack`` once everything before it has been handled."""
 
-    gw: int
+    gw: str
     seq: int
 
 
 class Ack(_Msg):
-    gw: int
+    gw: str
     seq: int
 
 

@@ -109,7 +109,10 @@ class Node:
             chosen["port"], chosen["metrics_port"] = free_ports(2)
         self.flags = {"host": "127.0.0.1", "port": chosen.get("port"),
                       "metrics_port": chosen.get("metrics_port"),
-                      "data_dir": str(self.dir / "data"), "gateways": 2, "shards": 2}
+                      "data_dir": str(self.dir / "data"), "gateways": 2, "shards": 2,
+                      # Single node unless a test asks for a cluster: no Raft or data
+                      # ports that parallel test nodes could collide on.
+                      "cluster_port": 0}
         self.flags.update(flags)
         self.host = self._setting("host", "0.0.0.0")
         self.port = int(self._setting("port", 4222))

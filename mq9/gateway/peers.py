@@ -1,4 +1,5 @@
-"""The mesh between the gateways of one node: a PULL socket each, a PUSH to every other.
+"""The mesh between gateways: a PULL socket each, a PUSH to every other gateway of the
+cluster (this node's over ipc, other nodes' over TCP).
 
 One PUSH socket per ordered pair keeps messages between two gateways in order, which the
 interest protocol relies on (a ``PeerHello`` reset is followed by the full interest).
@@ -19,7 +20,7 @@ import time
 
 import zmq
 
-from mq9 import endpoints, metrics, wire
+from mq9 import endpoints, log, metrics, wire
 from mq9.config import Config
 from mq9.gateway.zsock import Outbox, watch
 
@@ -32,22 +33,24 @@ class _PeerOutbox(Outbox):
         if items and not all(m.__class__ is wire.Ack for m in items):
             p = self.peers
             p.sent[self.g] += 1
-            items.append(wire.Mark(gw=p.index, seq=p.sent[self.g]))
+            items.append(wire.Mark(gw=p.me, seq=p.sent[self.g]))
         super().flush()
 
 
 class Peers:
-    def __init__(self, cfg: Config, index: int, ctx: zmq.Context, loop: asyncio.AbstractEventLoop,
-                 barrier_timeout: float = 0.25):
-        self.index = index
-        self.others = [g for g in range(cfg.gateway_count) if g != index]
+    def __init__(self, cfg: Config, me: str, index: int, ctx: zmq.Context,
+                 loop: asyncio.AbstractEventLoop, barrier_timeout: float = 0.25):
+        self.me = me  # this gateway's cluster-wide id, "node/index"
+        self.ctx = ctx
         self.loop = loop
         self.barrier_timeout = barrier_timeout
-        self.handler = None  # the router: on_peer_hello / on_interest / on_routed
-        self.sent = {g: 0 for g in self.others}  # last Mark seq sent to g
-        self.acked = {g: 0 for g in self.others}  # last Mark seq g acknowledged
-        self._acks_due: dict[int, int] = {}
-        self._waiters: list[tuple[dict[int, int], float, object]] = []
+        self.handler = None  # the router: on_peer_hello / on_interest / on_routed / on_peer_gone
+        self.out: dict[str, _PeerOutbox] = {}
+        self.endpoints: dict[str, str] = {}
+        self.sent: dict[str, int] = {}  # last Mark seq sent to g
+        self.acked: dict[str, int] = {}  # last Mark seq g acknowledged
+        self._acks_due: dict[str, int] = {}
+        self._waiters: list[tuple[dict[str, int], float, object]] = []
         self.pull = ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, 100_000)
         addr = endpoints.gateway_endpoint(cfg, index)
@@ -56,23 +59,51 @@ class Peers:
         if os.path.exists(path):
             os.unlink(path)  # a previous incarnation of this gateway
         self.pull.bind(addr)
-        self.out: dict[int, _PeerOutbox] = {}
-        for g in self.others:
-            push = ctx.socket(zmq.PUSH)
-            push.setsockopt(zmq.SNDHWM, 100_000)
-            push.setsockopt(zmq.LINGER, 0)
-            push.connect(endpoints.gateway_endpoint(cfg, g))
-            box = _PeerOutbox(push, loop)
-            box.peers, box.g = self, g
-            self.out[g] = box
+        if cfg.cluster_port:
+            port = endpoints.gateway_tcp_port(cfg.cluster_port, cfg.shards, index)
+            try:
+                self.pull.bind(f"tcp://{cfg.host}:{port}")
+            except zmq.ZMQError as e:
+                # This node stays usable alone; other nodes cannot reach this gateway.
+                log.error("gateway_mesh_bind_failed", port=port, error=str(e))
 
-    def start(self, handler) -> None:
+    @property
+    def others(self) -> list[str]:
+        return list(self.out)
+
+    def start(self, handler, peers: dict[str, str]) -> None:
         self.handler = handler
         watch(self.loop, self.pull, self._on_frame)
-        for g in self.others:
-            self.send(g, wire.PeerHello(gw=self.index, want=True))
+        self.update(peers)
 
-    def send(self, g: int, msg) -> None:
+    def update(self, peers: dict[str, str]) -> None:
+        """Connect to gateways that appeared, drop those that left (``peers``: id -> endpoint,
+        this gateway included or not)."""
+        for g in [g for g in self.out if g not in peers or peers[g] != self.endpoints[g]]:
+            box = self.out.pop(g)
+            box.sock.close(linger=0)
+            self.sent.pop(g, None)
+            self.acked.pop(g, None)
+            self.endpoints.pop(g, None)
+            self.handler.on_peer_gone(g)
+        for g, ep in peers.items():
+            if g == self.me or g in self.out:
+                continue
+            push = self.ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.SNDHWM, 100_000)
+            push.setsockopt(zmq.LINGER, 0)
+            push.connect(ep)
+            box = _PeerOutbox(push, self.loop)
+            box.peers, box.g = self, g
+            self.out[g] = box
+            self.endpoints[g] = ep
+            self.sent[g] = 0
+            self.acked[g] = 0
+            self.send(g, wire.PeerHello(gw=self.me, want=True))
+        if self._waiters:
+            self._release()
+
+    def send(self, g: str, msg) -> None:
         box = self.out.get(g)
         if box is not None:
             box.put(msg)
@@ -90,10 +121,10 @@ class Peers:
         self._waiters.append((dict(self.sent), time.monotonic() + self.barrier_timeout, callback))
         self.loop.call_later(self.barrier_timeout + 0.01, self._release)
 
-    def _caught_up(self, sent: dict[int, int]) -> bool:
+    def _caught_up(self, sent: dict[str, int]) -> bool:
         acked = self.acked
         for g, seq in sent.items():
-            if acked[g] < seq:
+            if g in acked and acked[g] < seq:
                 return False
         return True
 
@@ -113,7 +144,7 @@ class Peers:
         due = self._acks_due
         self._acks_due = {}
         for g, seq in due.items():
-            self.send(g, wire.Ack(gw=self.index, seq=seq))
+            self.send(g, wire.Ack(gw=self.me, seq=seq))
 
     # ---- receiving ---------------------------------------------------------------------
 
@@ -129,7 +160,8 @@ class Peers:
             if cls is wire.Routed:
                 h.on_routed(m)
             elif cls is wire.Interest:
-                h.on_interest(m)
+                if m.gw in self.out:
+                    h.on_interest(m)
             elif cls is wire.Mark:
                 if not self._acks_due:
                     # After the client flushes queued by the deliveries above.
@@ -141,7 +173,8 @@ class Peers:
                     if self._waiters:
                         self._release()
             elif cls is wire.PeerHello:
-                h.on_peer_hello(m)
+                if m.gw in self.out:
+                    h.on_peer_hello(m)
 
     def close(self) -> None:
         for box in self.out.values():

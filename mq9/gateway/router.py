@@ -22,7 +22,7 @@ from mq9.gateway.sublist import Sublist
 class RemoteInterest:
     __slots__ = ("gw", "subject", "queue", "count")
 
-    def __init__(self, gw: int, subject: str, queue: str | None):
+    def __init__(self, gw: str, subject: str, queue: str | None):
         self.gw = gw
         self.subject = subject
         self.queue = queue
@@ -30,12 +30,12 @@ class RemoteInterest:
 
 
 class Router:
-    def __init__(self, gw_index: int, peers):
-        self.gw = gw_index
+    def __init__(self, gw_id: str, peers):
+        self.gw = gw_id
         self.peers = peers  # has .send(gw, msg), .others
         self.sublist = Sublist()
         self.local_counts: dict[tuple[str, str | None], int] = defaultdict(int)
-        self.remote: dict[tuple[int, str, str | None], RemoteInterest] = {}
+        self.remote: dict[tuple[str, str, str | None], RemoteInterest] = {}
 
     # ---- local subscriptions ---------------------------------------------------------
 
@@ -66,11 +66,14 @@ class Router:
 
     # ---- interest from peers ---------------------------------------------------------
 
-    def on_peer_hello(self, hello: wire.PeerHello) -> None:
-        g = hello.gw
+    def on_peer_gone(self, g: str) -> None:
         for key in [k for k in self.remote if k[0] == g]:
             ri = self.remote.pop(key)
             self.sublist.remove(ri.subject, ri, ri.queue)
+
+    def on_peer_hello(self, hello: wire.PeerHello) -> None:
+        g = hello.gw
+        self.on_peer_gone(g)
         if hello.want:
             self.peers.send(g, wire.PeerHello(gw=self.gw, want=False))
             for (subject, queue), n in self.local_counts.items():
@@ -101,7 +104,7 @@ class Router:
         if not plain and not queues:
             return False
         delivered = False
-        forward: dict[int, list] = {}
+        forward: dict[str, list] = {}
         for item in plain:
             if item.__class__ is Subscription:
                 client = item.client

@@ -25,6 +25,7 @@ from mq9.gateway.mailboxes import Mailboxes
 from mq9.gateway.peers import Peers
 from mq9.gateway.router import Router
 from mq9.gateway.shardlink import ShardLink
+from mq9.gateway.topology import Topology, gateway_id
 from mq9.protocol import errors
 
 
@@ -36,9 +37,13 @@ class Gateway:
         self.loop = loop
         self.log = log.bind()
         self.ctx = zmq.Context()
-        self.peers = Peers(cfg, index, self.ctx, loop)
-        self.router = Router(index, self.peers)
-        self.link = ShardLink(cfg, index, self.ctx, loop)
+        self.node = cfg.node_id or "local"
+        self.gw_id = gateway_id(self.node, index)
+        self.topology = Topology(cfg, self.node)
+        self.topology.refresh()
+        self.peers = Peers(cfg, self.gw_id, index, self.ctx, loop)
+        self.router = Router(self.gw_id, self.peers)
+        self.link = ShardLink(self.topology, self.gw_id.encode(), self.ctx, loop)
         self.mailboxes = Mailboxes(cfg, self.link, self.router, self._publish_reply)
         self.conns = ConnCounter(cfg, index)
         self.clients: dict[int, Client] = {}
@@ -64,6 +69,7 @@ class Gateway:
             self._info_base["auth_required"] = True
         self.server: asyncio.AbstractServer | None = None
         self._pinger: asyncio.TimerHandle | None = None
+        self._topology_timer: asyncio.TimerHandle | None = None
         self._stats_timer: asyncio.TimerHandle | None = None
         self._closed_totals = [0, 0, 0, 0]  # msgs in/out, bytes in/out of clients that left
         self._reported = [0, 0, 0, 0]
@@ -71,8 +77,9 @@ class Gateway:
     # ---- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.peers.start(self.router)
+        self.peers.start(self.router, self.topology.gateways())
         self.link.start(self)
+        self._topology_timer = self.loop.call_later(0.2, self._watch_topology)
         sock = socket.socket(socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -90,8 +97,9 @@ class Gateway:
         for c in list(self.clients.values()):
             c.close()
         self.mailboxes.flush_acks()
-        if self._stats_timer is not None:
-            self._stats_timer.cancel()
+        for timer in (self._stats_timer, self._topology_timer, self._pinger):
+            if timer is not None:
+                timer.cancel()
         await asyncio.sleep(0.05)
         self.link.close()
         self.peers.close()
@@ -210,6 +218,18 @@ class Gateway:
         self.mailboxes.on_shard_connected(shard)
 
     # ---- timers ----------------------------------------------------------------------
+
+    def _watch_topology(self) -> None:
+        """The metadata group rewrites its snapshot file on every change; a stat every
+        200 ms is cheaper than a notification channel and needs no extra socket."""
+        try:
+            if self.topology.refresh():
+                self.log.info("topology_changed", version=self.topology.version,
+                              members=len(self.topology.members))
+                self.peers.update(self.topology.gateways())
+        except Exception:
+            self.log.exception("topology_refresh_failed")
+        self._topology_timer = self.loop.call_later(0.2, self._watch_topology)
 
     def _ping_clients(self) -> None:
         for c in list(self.clients.values()):

@@ -1,9 +1,11 @@
-"""The gateway's side of the gateway <-> shard link: one DEALER per shard.
+"""The gateway's side of the gateway <-> shard link: one DEALER per shard it talks to.
 
-Requests carry a gateway-unique ``rid``; the answer (``Result``) finds its callback here. A
-request unanswered within ``timeout`` is answered locally with ``unavailable`` so a client
-never waits forever on a dead or stopped shard. When a shard (re)connects, ZeroMQ's monitor
-tells us and the gateway re-registers its owner subscriptions there.
+Shards are named by ``Target`` (node_id, shard index): this node's over ipc, other nodes'
+over TCP, sockets opened on first use. Requests carry a gateway-unique ``rid``; the answer
+(``Result``) finds its callback here. A request unanswered within ``timeout`` is answered
+locally with ``unavailable``, so a client never waits forever on a dead or stopped shard.
+When a shard (re)connects, ZeroMQ's monitor tells us and the gateway re-registers its owner
+subscriptions there.
 """
 
 from __future__ import annotations
@@ -14,62 +16,82 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from cluster.slots import SlotMap
-from mq9 import endpoints, metrics, wire
-from mq9.config import Config
+from mq9 import metrics, wire
+from mq9.gateway.topology import Target, Topology
 from mq9.gateway.zsock import Outbox, watch
 
 
+class _Shard:
+    __slots__ = ("sock", "monitor", "out", "endpoint")
+
+
 class ShardLink:
-    def __init__(self, cfg: Config, gw_index: int, ctx: zmq.Context, loop: asyncio.AbstractEventLoop,
-                 timeout: float = 5.0):
+    def __init__(self, topology: Topology, identity: bytes, ctx: zmq.Context,
+                 loop: asyncio.AbstractEventLoop, timeout: float = 5.0):
+        self.topology = topology
+        self.identity = identity
+        self.ctx = ctx
         self.loop = loop
         self.timeout = timeout
-        self.slots = SlotMap(cfg.shards)
-        self.identity = f"gw-{gw_index}".encode()
-        self.handler = None  # on_deliver(Deliver), on_shard_connected(index)
+        self.handler = None  # on_deliver(Deliver), on_shard_connected(target)
         self.pending: dict[int, tuple[float, object]] = {}
         self._rid = 0
-        self.socks: list[zmq.Socket] = []
-        self.out: list[Outbox] = []
-        self._monitors: list[zmq.Socket] = []
-        for i in range(cfg.shards):
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.IDENTITY, self.identity)
-            s.setsockopt(zmq.SNDHWM, 100_000)
-            s.setsockopt(zmq.RCVHWM, 100_000)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.RECONNECT_IVL, 50)
-            s.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-            self._monitors.append(s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED))
-            s.connect(endpoints.shard_endpoint(cfg, i))
-            self.socks.append(s)
-            self.out.append(None)  # filled in start(): the drain function must exist first
+        self.shards: dict[Target, _Shard] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     def start(self, handler) -> None:
         self.handler = handler
-        for i, s in enumerate(self.socks):
-            drain = watch(self.loop, s, self._on_frame)
-            self.out[i] = Outbox(s, self.loop, after_send=drain)
-            mon = self._monitors[i]
-            self.loop.add_reader(mon.getsockopt(zmq.FD), self._on_monitor, i)
+        # Connect to this node's shards at once, so subscriptions made before the first
+        # request are registered when each shard comes up.
+        for i in range(self.topology.cfg.shards):
+            self._shard((self.topology.node, i))
         self._sweeper = self.loop.call_later(0.25, self._sweep)
 
-    def shard_of(self, mail_id: str) -> int:
-        return self.slots.shard_for(mail_id)
+    def _shard(self, target: Target) -> _Shard | None:
+        sh = self.shards.get(target)
+        if sh is not None:
+            return sh
+        endpoint = self.topology.shard_endpoint(target)
+        if endpoint is None:
+            return None
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.IDENTITY, self.identity)
+        s.setsockopt(zmq.SNDHWM, 100_000)
+        s.setsockopt(zmq.RCVHWM, 100_000)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RECONNECT_IVL, 50)
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        sh = _Shard()
+        sh.sock, sh.endpoint = s, endpoint
+        sh.monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        s.connect(endpoint)
+        drain = watch(self.loop, s, self._on_frame)
+        sh.out = Outbox(s, self.loop, after_send=drain)
+        self.loop.add_reader(sh.monitor.getsockopt(zmq.FD), self._on_monitor, target)
+        self.shards[target] = sh
+        return sh
 
-    def post(self, shard: int, op) -> None:
-        self.out[shard].put(op)
+    def shard_of(self, mail_id: str) -> Target:
+        return self.topology.owner(mail_id)
+
+    def post(self, target: Target, op) -> None:
+        sh = self._shard(target)
+        if sh is not None:
+            sh.out.put(op)
 
     def next_rid(self) -> int:
         self._rid += 1
         return self._rid
 
-    def request(self, shard: int, op, callback) -> None:
+    def request(self, target: Target, op, callback) -> None:
         """``op.rid`` must come from ``next_rid``; ``callback(Result)`` is called once."""
+        sh = self._shard(target)
+        if sh is None:
+            callback(wire.Result(rid=op.rid, code="unavailable",
+                                 error=f"no route to the shard that owns this mailbox ({target[0]})"))
+            return
         self.pending[op.rid] = (time.monotonic() + self.timeout, callback)
-        self.out[shard].put(op)
+        sh.out.put(op)
 
     def _on_frame(self, frame: bytes) -> None:
         try:
@@ -85,14 +107,17 @@ class ShardLink:
                 if entry is not None:
                     entry[1](m)
 
-    def _on_monitor(self, shard: int) -> None:
-        mon = self._monitors[shard]
+    def _on_monitor(self, target: Target) -> None:
+        sh = self.shards.get(target)
+        if sh is None:
+            return
+        mon = sh.monitor
         while mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
                 recv_monitor_message(mon, zmq.NOBLOCK)
             except zmq.Again:
                 break
-            self.handler.on_shard_connected(shard)
+            self.handler.on_shard_connected(target)
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -105,12 +130,11 @@ class ShardLink:
     def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for box in self.out:
-            if box is not None:
-                box.flush()
-        for s in self.socks + self._monitors:
-            try:
-                self.loop.remove_reader(s.getsockopt(zmq.FD))
-            except Exception:
-                pass
-            s.close(linger=200)
+        for sh in self.shards.values():
+            sh.out.flush()
+            for s in (sh.sock, sh.monitor):
+                try:
+                    self.loop.remove_reader(s.getsockopt(zmq.FD))
+                except Exception:
+                    pass
+                s.close(linger=200)

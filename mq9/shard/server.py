@@ -50,6 +50,13 @@ def _bind(cfg: Config, index: int, ctx: zmq.Context) -> zmq.Socket:
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.LINGER, 2000)
     sock.bind(endpoints.shard_endpoint(cfg, index))
+    if cfg.cluster_port:
+        port = endpoints.shard_tcp_port(cfg.cluster_port, index)
+        try:
+            # Gateways of other nodes reach this shard here.
+            sock.bind(f"tcp://{cfg.host}:{port}")
+        except zmq.ZMQError as e:
+            log.error("shard_tcp_bind_failed", shard=index, port=port, error=str(e))
     return sock
 
 
