@@ -1,1 +1,3 @@
-"""Cluster metadata: the slot map now; the Raft metadata group comes with the cluster issue."""
+"""Cluster metadata: the slot map (``slots``), the replicated state (``state``), the Raft
+metadata group (``metadata``), the rebalancer (``rebalance``) and the admin side
+(``control``, ``admin``)."""

@@ -91,7 +91,7 @@ def remove(server: str, node_id: str, password: str | None = None, timeout: floa
     ``progress(text)`` is told what is happening."""
     say = progress or (lambda text: None)
     deadline = time.monotonic() + timeout
-    left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
+    left = lambda: max(1.0, deadline - time.monotonic())
     s = status(server, password)
     members = s["members"]
     if node_id not in members:

@@ -15,6 +15,7 @@ cluster and its peers have let go of it.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import signal
 import sys
@@ -23,8 +24,8 @@ import time
 
 from cluster.control import ControlError, call
 from cluster.metadata import ClusterError, MetadataGroup, RaftTiming
-from cluster.state import raft_address
 from cluster.rebalance import MetadataOnlyMover, Rebalancer
+from cluster.state import raft_address
 from mq9 import log
 
 
@@ -46,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--die-with-parent", action="store_true",
+                   help="exit when the parent process does (tests: no strays)")
     a = p.parse_args(argv)
+    if a.die_with_parent:
+        _die_with_parent()
 
     log.setup(a.log_level, proc=f"member-{a.node_id or 'x'}")
     stop = threading.Event()
@@ -82,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         rebalancer.stop()
     group.close()
     return 0
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG, Linux
+    except (OSError, AttributeError):
+        pass
 
 
 def _raft_let_go(group: MetadataGroup, password: str | None) -> bool:

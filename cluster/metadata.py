@@ -46,7 +46,6 @@ from dataclasses import dataclass
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.encryptor import HAS_CRYPTO
-from pysyncobj.node import TCPNode
 from pysyncobj.transport import TCPTransport
 
 from cluster import state as st
@@ -103,7 +102,7 @@ class RaftTiming:
     auto_tick_period: float = 0.05
 
     @classmethod
-    def fast(cls) -> "RaftTiming":
+    def fast(cls) -> RaftTiming:
         """For tests on one machine: elections in well under a second."""
         return cls(append_entries_period=0.05, raft_min_timeout=0.3, raft_max_timeout=0.6,
                    connection_timeout=2.0, connection_retry_time=0.1,
@@ -140,6 +139,21 @@ def default_advertise(bind_host: str) -> str:
     return fqdn if "." in fqdn else ip
 
 
+def from_config(cfg, *, node_id: str | None = None, advertise: str | None = None,
+                secret: str | None = None, timing: RaftTiming | None = None) -> MetadataGroup:
+    """A group for an ``mq9.config.Config``: cluster port on the NATS listen host, data
+    in the node's data dir, this node's NATS port, shard and gateway counts; node id and
+    advertise host from the arguments, else from the config. Open it with
+    ``.open(join=cfg.join)``."""
+    if not cfg.cluster_port:
+        raise ClusterError("bad_request", "cluster_port 0 means no cluster: no metadata group")
+    return MetadataGroup(node_id or getattr(cfg, "node_id", None),
+                         f"{cfg.host}:{cfg.cluster_port}",
+                         advertise or getattr(cfg, "advertise", None), cfg.data_dir,
+                         password=secret, nats_port=cfg.port, shards=cfg.shards,
+                         gateways=cfg.gateway_count, timing=timing)
+
+
 class _StateMachine(SyncObjConsumer):
     """The replicated object. One replicated method, ``apply(op, args)``, dispatching by
     name: pysyncobj numbers replicated methods by their sorted names and writes the
@@ -161,7 +175,7 @@ class _StateMachine(SyncObjConsumer):
             new, result = st.apply(self.state, op, args)
         except StateError as e:
             return {"ok": False, "code": e.code, "error": str(e)}
-        except Exception as e:  # a bug in a transition: refuse it, same on every replica
+        except Exception as e:  # noqa: BLE001 - a transition's bug: refuse it on every replica
             log.exception("metadata_apply_failed", op=op)
             return {"ok": False, "code": "internal", "error": f"{type(e).__name__}: {e}"}
         if new is not self.state:
@@ -240,10 +254,14 @@ class MetadataGroup:
 
     # ---- lifecycle -------------------------------------------------------------------
 
-    def open(self, join: str | None = None, timeout: float = 60.0) -> "MetadataGroup":
+    def open(self, join: str | None = None, timeout: float = 60.0) -> MetadataGroup:
         """Starts the right way for this data dir: a restart from disk (``join`` is
         ignored: the data dir knows the cluster), a join through ``join``, or a new
         single-member cluster."""
+        if join and self._is_self(join):
+            # lets every pod of a StatefulSet get the same --join (pod 0's address):
+            # pod 0 then bootstraps, or restarts from its data dir
+            join = None
         local = self._read_node_file()
         if local and local.get("removed"):
             if not join:
@@ -259,6 +277,12 @@ class MetadataGroup:
             self.start()
             if not self._partners and not local.get("peers"):
                 self.bootstrap(timeout=timeout)  # a lone node that crashed before bootstrap
+            try:
+                self.sync(min(timeout, 10.0))
+            except ClusterError as e:
+                # Without a quorum there is nothing newer to catch up with; serve the
+                # local replica and let Raft catch up when the others are back.
+                self.log.warning("metadata_stale_start", code=e.code, error=str(e))
             return self
         if local.get("joining") and not join:
             peers = [p for p in local.get("peers", []) if p != self.address]
@@ -271,7 +295,7 @@ class MetadataGroup:
         self.bootstrap(timeout=timeout)
         return self
 
-    def start(self) -> "MetadataGroup":
+    def start(self) -> MetadataGroup:
         """Starts the Raft member with the partners given or saved in node.json."""
         if self._obj is not None:
             return self
@@ -342,11 +366,17 @@ class MetadataGroup:
                        timeout=max(1.0, deadline - time.monotonic()))
         self._save_cluster_id()
 
-    def join(self, seed: str, timeout: float = 60.0) -> "MetadataGroup":
+    def join(self, seed: str, timeout: float = 60.0) -> MetadataGroup:
         """Joins the cluster that ``seed`` (any member's host:cluster_port) belongs to."""
+        try:
+            return self._join(seed, timeout)
+        except ControlError as e:
+            raise ClusterError(e.code, f"joining through {seed}: {e}") from None
+
+    def _join(self, seed: str, timeout: float) -> MetadataGroup:
         check_address(seed)
         deadline = time.monotonic() + timeout
-        left = lambda: max(0.5, deadline - time.monotonic())  # noqa: E731
+        left = lambda: max(0.5, deadline - time.monotonic())
         local = self._read_node_file()
         if local and local.get("removed"):
             self._wipe()
@@ -403,6 +433,17 @@ class MetadataGroup:
         self._save_cluster_id()
         self.log.info("cluster_joined", cluster_id=cid, members=len(self._sm.state.members))
         return self
+
+    def _is_self(self, address: str) -> bool:
+        host, port = check_address(address).rsplit(":", 1)
+        if int(port) != self.cluster_port:
+            return False
+        if host == self.advertise:
+            return True
+        try:
+            return socket.gethostbyname(host) == socket.gethostbyname(self.advertise)
+        except OSError:
+            return False
 
     def close(self) -> None:
         self._closed.set()
@@ -674,6 +715,12 @@ class MetadataGroup:
     def noop(self, timeout: float = 10.0) -> dict:
         return self.write("noop", {}, timeout)
 
+    def sync(self, timeout: float = 10.0) -> None:
+        """Read barrier: returns once this replica has applied every write committed
+        before the call. (A restarted replica only knows the commit index it saved, up
+        to a second old, until the leader tells it more.)"""
+        self.noop(timeout)
+
     # ---- Raft membership -------------------------------------------------------------
 
     def _raft_call(self, fn, *args, timeout: float, on_tick: bool = False) -> None:
@@ -778,16 +825,31 @@ class MetadataGroup:
                 obj.transferLeadership(args.get("to") or None, callback=moved)
                 return None
             if op == "bench":
-                return self._bench(int(args.get("n", 100)), reply)
+                return self._bench(int(args.get("n", 100)), reply, bool(args.get("blocking")))
             return fail("bad_request", f"unknown control operation {op!r}")
         except (ValueError, TypeError) as e:
             return fail("bad_request", str(e))
 
-    def _bench(self, n: int, reply) -> None:
-        """n sequential no-op writes from this member, chained through callbacks so the
-        tick thread never blocks; answers with each one's latency in ms."""
+    def _bench(self, n: int, reply, blocking: bool) -> None:
+        """n sequential no-op writes from this member; answers with each one's latency
+        in ms. ``blocking``: through ``write()`` on a separate thread, as an application
+        calls it; otherwise chained through callbacks on the tick thread (the Raft round
+        trip alone). Keep n small enough to finish within the connection timeout."""
         n = max(1, min(n, 2000))
         lat: list[float] = []
+        if blocking:
+            def run():
+                try:
+                    for _ in range(n):
+                        t0 = time.perf_counter()
+                        self.write("noop", {}, timeout=5.0)
+                        lat.append((time.perf_counter() - t0) * 1000)
+                    res = {"ok": True, "latencies_ms": lat}
+                except ClusterError as e:
+                    res = {"ok": False, "code": e.code, "error": str(e)}
+                self._tick_calls.append(lambda: reply(res, None))
+            threading.Thread(target=run, name="mq9-metadata-bench", daemon=True).start()
+            return
 
         def one(res=None, err=None):
             now = time.perf_counter()

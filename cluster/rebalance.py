@@ -62,7 +62,7 @@ class Rebalancer:
         self.log = log.bind(node=group.node_id)
         group.on_change(lambda state, op: self._wake.set())
 
-    def start(self) -> "Rebalancer":
+    def start(self) -> Rebalancer:
         self._thread = threading.Thread(target=self._run, name="mq9-rebalancer", daemon=True)
         self._thread.start()
         return self

@@ -107,7 +107,7 @@ class ClusterState:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ClusterState":
+    def from_dict(cls, d: dict) -> ClusterState:
         return cls(
             cluster_id=d.get("cluster_id", ""),
             version=int(d.get("version", 0)),

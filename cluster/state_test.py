@@ -72,13 +72,13 @@ def test_add_member_validates_and_is_idempotent():
     # a restart with more shards updates the record but keeps joined_at
     s3 = apply(s2, "add_member", node_id="n2", info=info(port=6223, shards=4, joined_at=9.0))
     assert s3.members["n2"]["shards"] == 4 and s3.members["n2"]["joined_at"] == 1.0
-    for bad in (dict(node_id="n3", info=info(port=6223)),        # address of n2
-                dict(node_id="n2", info=info(port=6299)),        # id of n2, other address
-                dict(node_id="bad id", info=info(port=6300)),
-                dict(node_id="n4", info=info(port=0)),
-                dict(node_id="n4", info=info(port=6301, shards=0)),
-                dict(node_id="n4", info={**info(port=6302), "advertise": ""}),
-                dict(node_id="n4", info="nope")):
+    for bad in ({"node_id": "n3", "info": info(port=6223)},        # address of n2
+                {"node_id": "n2", "info": info(port=6299)},        # id of n2, other address
+                {"node_id": "bad id", "info": info(port=6300)},
+                {"node_id": "n4", "info": info(port=0)},
+                {"node_id": "n4", "info": info(port=6301, shards=0)},
+                {"node_id": "n4", "info": {**info(port=6302), "advertise": ""}},
+                {"node_id": "n4", "info": "nope"}):
         with pytest.raises(StateError):
             apply(s3, "add_member", **bad)
 
@@ -182,7 +182,7 @@ def test_plan_is_even_and_minimal_on_random_states(seed):
 def test_slots_in_a_move_are_not_planned_again():
     s = apply(boot(), "add_member", node_id="n2", info=info(port=6223))
     plan = st.plan_rebalance(s)
-    s, res = st.apply(s, "start_moves", {"moves": plan[:100]})
+    s, _ = st.apply(s, "start_moves", {"moves": plan[:100]})
     rest = st.plan_rebalance(s)
     assert len(rest) == len(plan) - 100
     assert not {m["slot"] for m in rest} & {m["slot"] for m in plan[:100]}
@@ -283,7 +283,7 @@ def test_forced_remove_hands_slots_over_at_once():
     assert "n3" not in s.members and not s.moves
     assert res["reassigned"] > 0
     counts = per_shard(s)
-    assert set(n for n, _ in counts) == {"n1", "n2"}
+    assert {n for n, _ in counts} == {"n1", "n2"}
     assert max(counts.values()) - min(counts.values()) <= 1
 
 

@@ -1,0 +1,229 @@
+"""MetadataGroup in one process: lifecycle, writes, callbacks, files, a two-member join.
+The multi-process scenario (kill -9, restarts, removal) is in cluster_test.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from cluster import state as st
+from cluster.control import ControlError, call
+from cluster.metadata import ClusterError, MetadataGroup, RaftTiming, default_node_id
+from cluster.slots import NUM_SLOTS
+from cluster.state import StateError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def groups():
+    made = []
+
+    def make(node_id, data_dir, port=None, **kw):
+        g = MetadataGroup(node_id, f"127.0.0.1:{port or free_port()}", data_dir=str(data_dir),
+                          timing=RaftTiming.fast(), **kw)
+        made.append(g)
+        return g
+
+    yield make
+    for g in made:
+        g.close()
+
+
+def test_single_member_bootstraps_and_writes(groups, tmp_path):
+    g = groups("n1", tmp_path, shards=3).open(timeout=10)
+    s = g.snapshot()
+    assert s.bootstrapped and list(s.members) == ["n1"] and len(s.slots) == NUM_SLOTS
+    assert g.is_leader() and g.leader() == "n1" and g.term() >= 1 and g.is_ready()
+    seen = []
+    g.on_change(lambda state, op: seen.append((op, state.version)))
+    res = g.queue_group_add("jobs.*", "workers")
+    assert res["ok"] and seen == [("queue_group_add", res["version"])]
+    with pytest.raises(StateError) as e:
+        g.add_member("n1", {"advertise": "10.0.0.9", "cluster_port": 1, "nats_port": 1,
+                            "shards": 1, "gateways": 1, "joined_at": 0})
+    assert e.value.code == "exists"
+    assert g.noop()["ok"] and len(seen) == 1  # a no-op changes nothing, calls nobody
+    status = g.status()
+    assert status["members"]["n1"]["slots"] == NUM_SLOTS
+    assert status["members"]["n1"]["slots_per_shard"] == [1366, 1365, 1365]
+    assert status["role"] == "leader" and status["raft_members"] == [g.address]
+
+
+def test_writes_are_refused_on_pysyncobj_thread(groups, tmp_path):
+    g = groups("n1", tmp_path).open(timeout=10)
+    errors = []
+
+    def bad(state, op):
+        try:
+            g.noop(timeout=1)
+        except RuntimeError as e:
+            errors.append(e)
+
+    g.on_change(bad)
+    g.queue_group_add("a", "q")
+    assert errors and "pysyncobj" in str(errors[0])
+
+
+def test_restart_from_data_dir_keeps_state_and_files(groups, tmp_path):
+    port = free_port()
+    g = groups("n1", tmp_path, port=port).open(timeout=10)
+    g.queue_group_add("x", "q")
+    version, cid = g.snapshot().version, g.snapshot().cluster_id
+    g.close()
+    files = sorted(os.listdir(tmp_path / "cluster"))
+    assert {"node.json", "raft.journal", "state.json"} <= set(files)
+    assert st.read_snapshot(str(tmp_path / "cluster" / "state.json")).version == version
+    node = json.loads((tmp_path / "cluster" / "node.json").read_text())
+    assert node["node_id"] == "n1" and node["cluster_id"] == cid and not node["joining"]
+    assert default_node_id(str(tmp_path)) == "n1"
+
+    g2 = groups("n1", tmp_path, port=port).open(timeout=10)
+    assert g2.snapshot().version == version and g2.snapshot().cluster_id == cid
+    assert g2.snapshot().queue_groups == {"n1": (("x", "q"),)}
+    g2.close()
+    # the same data dir under another id or address is refused
+    with pytest.raises(ClusterError):
+        groups("other", tmp_path, port=port).start()
+    with pytest.raises(ClusterError):
+        groups("n1", tmp_path).start()
+
+
+def test_log_compaction_snapshot_restores(groups, tmp_path):
+    """pysyncobj's full dump holds our state as a dict; a restart loads it."""
+    port = free_port()
+    g = groups("n1", tmp_path, port=port).open(timeout=10)
+    for i in range(5):
+        g.queue_group_add(f"s{i}", "q")
+    g._obj.forceLogCompaction()
+    assert _wait(lambda: os.path.exists(tmp_path / "cluster" / "raft.dump"), 5)
+    g.queue_group_add("after", "q")
+    want = g.snapshot()
+    g.close()
+    g2 = groups("n1", tmp_path, port=port).open(timeout=10)
+    assert g2.snapshot() == want
+
+
+def test_join_in_process_and_forwarded_writes(groups, tmp_path):
+    a = groups("a", tmp_path / "a").open(timeout=10)
+    b = groups("b", tmp_path / "b", shards=2)
+    b.join(a.address, timeout=15)
+    assert set(b.snapshot().members) == {"a", "b"}
+    assert b.raft_members() == sorted([a.address, b.address])
+    # b is a follower: its write goes through a
+    assert b.leader() == "a"
+    b.queue_group_add("q.>", "g")
+    assert a.wait_for(lambda s: s.queue_groups.get("b") == (("q.>", "g"),), 5)
+    # no election happened because of the join
+    assert a.term() == 1 and b.term() == 1
+    # the control channel answers on the Raft port
+    s = call(b.address, "status")
+    assert s["leader"] == "a" and set(s["members"]) == {"a", "b"}
+    snap = call(a.address, "snapshot")["state"]
+    assert st.ClusterState.from_dict(snap) == a.snapshot()
+    with pytest.raises(ControlError) as e:
+        call(a.address, "write", {"op": "remove_member", "args": {"node_id": "a"}})
+    assert e.value.code == "busy"
+    with pytest.raises(ControlError) as e:
+        call(a.address, "no_such_thing")
+    assert e.value.code == "bad_request"
+
+
+def test_join_refuses_a_taken_node_id(groups, tmp_path):
+    a = groups("a", tmp_path / "a").open(timeout=10)
+    dup = groups("a", tmp_path / "dup")
+    with pytest.raises(ClusterError) as e:
+        dup.join(a.address, timeout=5)
+    assert e.value.code == "exists"
+
+
+def test_join_an_unreachable_seed_times_out(groups, tmp_path):
+    g = groups("x", tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError) as e:
+        g.join(f"127.0.0.1:{free_port()}", timeout=1.5)
+    assert e.value.code == "unreachable"
+    assert time.monotonic() - t0 < 5
+
+
+def test_moves_through_the_group(groups, tmp_path):
+    a = groups("a", tmp_path / "a").open(timeout=10)
+    b = groups("b", tmp_path / "b")
+    b.join(a.address, timeout=15)
+    plan = st.plan_rebalance(a.snapshot())
+    assert len(plan) == NUM_SLOTS // 2
+    refs = a.start_moves(plan[:10])
+    assert len(a.snapshot().moves) == 10
+    assert b.wait_for(lambda s: len(s.moves) == 10, 5)
+    assert b.status()["moves_total"] == 10
+    a.set_moves_state(refs, "flipping")
+    b.finish_moves(refs[:5])  # from the follower
+    a.abort_moves(refs[5:])
+    s = a.snapshot()
+    assert not s.moves and st.slots_per_node(s)["b"] == 5
+
+
+def _wait(pred, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_started_from_a_short_lived_thread_keeps_running(groups, tmp_path):
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("g", groups("n1", tmp_path).open(timeout=10)))
+    t.start()
+    t.join()
+    time.sleep(0.5)  # pysyncobj would have stopped ticking once that thread ended
+    assert box["g"].noop(timeout=3)["ok"]
+
+
+def test_cluster_secret(groups, tmp_path):
+    """With a secret, Raft and control traffic are encrypted and authenticated (pysyncobj
+    uses Fernet from the 'cryptography' package)."""
+    pytest.importorskip("cryptography")
+    a = groups("a", tmp_path / "a", password="s3cret").open(timeout=10)
+    b = groups("b", tmp_path / "b", password="s3cret")
+    b.join(a.address, timeout=15)
+    assert set(b.snapshot().members) == {"a", "b"}
+    assert call(a.address, "status", password="s3cret")["leader"] == "a"
+    for wrong in (None, "guess"):
+        with pytest.raises(ControlError) as e:
+            call(a.address, "status", password=wrong, timeout=2)
+        assert e.value.code == "unreachable"
+    intruder = groups("c", tmp_path / "c")
+    with pytest.raises(ClusterError):
+        intruder.join(a.address, timeout=2)
+    assert set(a.snapshot().members) == {"a", "b"}
+
+
+def test_join_naming_itself_bootstraps(groups, tmp_path):
+    port = free_port()
+    g = groups("solo", tmp_path, port=port).open(join=f"localhost:{port}", timeout=10)
+    assert g.snapshot().bootstrapped and g.is_leader()
+
+
+def test_from_config(tmp_path):
+    from cluster.metadata import from_config
+    from mq9 import config
+
+    cfg = config.Config(host="127.0.0.1", port=4333, cluster_port=free_port(),
+                        data_dir=str(tmp_path), shards=3, gateways=2)
+    g = from_config(cfg, node_id="x")
+    assert g.address == f"127.0.0.1:{cfg.cluster_port}" and g.dir == str(tmp_path / "cluster")
+    assert g.member_info == {"advertise": "127.0.0.1", "cluster_port": cfg.cluster_port,
+                             "nats_port": 4333, "shards": 3, "gateways": 2}
+    with pytest.raises(ClusterError):
+        from_config(config.Config(cluster_port=0, data_dir=str(tmp_path)))
