@@ -1,4 +1,5 @@
-"""The ``mq9`` command: ``mq9 node [flags]`` runs a node, ``mq9 --version``.
+"""The ``mq9`` command: ``mq9 node [flags]`` runs a node, ``mq9 cluster status|remove``
+talks to a cluster's metadata group, ``mq9 --version``.
 
 Every setting of ``mq9.config`` is a flag of ``mq9 node``; ``--help`` shows each one's
 ``MQ9_*`` variable and default. A bad setting is a one-line error and exit status 2, the
@@ -30,10 +31,17 @@ def _parser() -> argparse.ArgumentParser:
                     "the --config TOML file; a flag wins over the variable, the variable over "
                     "the file.")
     config.add_arguments(node)
+    commands.add_parser("cluster", help="cluster status / remove a node (see mq9 cluster --help)",
+                        add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cluster"]:
+        from cluster import admin
+
+        return admin.main(argv[1:], prog="mq9 cluster")
     parser = _parser()
     ns = parser.parse_args(argv)
     if ns.command != "node":

@@ -149,6 +149,7 @@ class _Supervisor:
         self.gateways = [_Child("gateway", i) for i in range(cfg.gateway_count)]
         self.children = self.shards + self.gateways
         self.phase = "starting"  # starting | running | stopping
+        self.group = None  # cluster.metadata.MetadataGroup when --cluster-port is set
         self.signals: list[int] = []
         self.stop_signal: str | None = None
         self.hurry = False
@@ -188,6 +189,9 @@ class _Supervisor:
                           error=str(e))
                 return 1
         self._install_signals()
+        if cfg.cluster_port and not self._open_cluster():
+            return 1
+        cfg = self.cfg
         log.info("node_starting", version=__version__, pid=os.getpid(), host=cfg.host,
                  port=cfg.port, metrics_port=cfg.metrics_port, gateways=len(self.gateways),
                  shards=len(self.shards), data_dir=cfg.data_dir)
@@ -202,6 +206,22 @@ class _Supervisor:
             self._loop()
         self._shutdown()
         return 1 if outcome == "failed" else 0
+
+    def _open_cluster(self) -> bool:
+        """Join, restart into or bootstrap the metadata group before any child starts:
+        children need this node's id, and gateways the slot map it owns."""
+        from cluster.metadata import from_config
+
+        try:
+            self.group = from_config(self.cfg).open(join=self.cfg.join)
+        except Exception as e:  # noqa: BLE001 - every failure is fatal here, and said once
+            log.error("cluster_open_failed", join=self.cfg.join, error=str(e))
+            return False
+        self.cfg = dataclasses.replace(self.cfg, node_id=self.group.node_id)
+        snap = self.group.snapshot()
+        log.info("cluster_member", node_id=self.group.node_id, leader=self.group.leader(),
+                 members=len(snap.members), version=snap.version)
+        return True
 
     def _prepare_dirs(self) -> bool:
         cfg = self.cfg
@@ -476,6 +496,12 @@ class _Supervisor:
 
     def close(self) -> None:
         """Last resort on any exit path: no child outlives the supervisor."""
+        if self.group is not None:
+            try:
+                self.group.close()
+            except Exception:  # noqa: BLE001 - closing must not mask the real exit
+                log.exception("cluster_close_failed")
+            self.group = None
         for c in self.children:
             if c.proc is not None:
                 if c.proc.exitcode is None:

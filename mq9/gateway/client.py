@@ -60,6 +60,8 @@ class Client(asyncio.Protocol):
         self.name = ""
         self.lang = ""
         self.pings_out = 0
+        self.rechecks = 0  # no-responders answers still pending for this client
+        self.held_pongs: list | None = None  # PONGs that must wait for them
         self.start = time.time()
         self.last_activity = self.start
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
@@ -125,9 +127,9 @@ class Client(asyncio.Protocol):
             self._slow_consumer()
 
     def _slow_consumer(self) -> None:
+        # What is queued is still handed to the transport on close: mailbox messages in it
+        # were already reported delivered, and the kernel may yet get them to the client.
         self.broker.slow_consumer(self)
-        self.out = []
-        self.out_size = 0
         self.close_with_error(errors.SLOW_CONSUMER)
 
     def deliver(self, sub: Subscription, subject: str, reply: str | None,

@@ -17,6 +17,7 @@ from mq9 import metrics, subjects, wire
 from mq9.gateway.client import Subscription
 
 _QUERY_MAX = 1000
+MAX_TTL = 100 * 365 * 86400  # a century: larger values only overflow timestamps
 
 
 class BadRequest(Exception):
@@ -24,7 +25,8 @@ class BadRequest(Exception):
 
 
 def token_hash(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
+    # surrogatepass: JSON may carry a lone surrogate; it is simply a wrong token.
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
 def new_mail_id() -> str:
@@ -45,7 +47,7 @@ def _json_object(payload: bytes) -> dict:
         return {}
     try:
         body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadRequest("body is not valid JSON")
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
@@ -96,6 +98,9 @@ class Mailboxes:
                 self._query(subject[len(subjects.MAILBOX_QUERY):], reply, payload)
             elif subject.startswith(subjects.MAILBOX_DELETE):
                 self._delete(subject[len(subjects.MAILBOX_DELETE):], reply, payload)
+            elif subject.startswith(subjects.MAILBOX):
+                raise BadRequest("unknown mailbox operation: use $mq9.AI.MAILBOX.CREATE, "
+                                 "QUERY.{mail_id} or DELETE.{mail_id}")
             else:
                 return False
         except BadRequest as e:
@@ -126,7 +131,7 @@ class Mailboxes:
             mtype = "standard"
         if mtype not in ("standard", "latest"):
             raise BadRequest("'type' must be \"standard\" or \"latest\"")
-        ttl = _int_field(body, "ttl", self.cfg.default_ttl, 0)
+        ttl = _int_field(body, "ttl", self.cfg.default_ttl, 0, MAX_TTL)
         name = body.get("name")
         auto = name is None
         if auto:

@@ -28,6 +28,8 @@ from mq9.gateway.shardlink import ShardLink
 from mq9.gateway.topology import Topology, gateway_id
 from mq9.protocol import errors
 
+NO_RESPONDERS_GRACE = 0.005  # seconds
+
 
 
 class Gateway:
@@ -176,7 +178,11 @@ class Gateway:
                 client.info_after_pong = False
                 client.send(self.info_line(client, connect_info=True))
 
-        self.peers.barrier(pong)
+        if client.held_pongs is not None:
+            # A no-responders answer is still pending: it must reach the client first.
+            client.held_pongs.append(pong)
+        else:
+            self.peers.barrier(pong)
 
     def publish(self, subject: str, reply: str | None, headers: bytes | None, payload: bytes,
                 client: Client) -> None:
@@ -189,8 +195,33 @@ class Gateway:
             return
         if not self.router.route(subject, reply, headers, payload, client):
             if reply and client.no_responders:
-                status = b"NATS/1.0 503\r\nNats-Subject: %s\r\n\r\n" % subject.encode()
+                # A responder's SUB may still be on its way to this gateway (nats-py even
+                # sends the PING of flush() ahead of a buffered SUB), so look again after
+                # a peer round trip before answering 503.
+                client.rechecks += 1
+                if client.held_pongs is None:
+                    client.held_pongs = []
+                self.loop.call_later(NO_RESPONDERS_GRACE, self._no_responders_recheck,
+                                     subject, reply, headers, payload, client)
+
+    def _no_responders_recheck(self, subject, reply, headers, payload, client: Client) -> None:
+        if client.closed:
+            return
+
+        def again() -> None:
+            if client.closed:
+                return
+            if not self.router.route(subject, reply, headers, payload, client):
+                status = b"NATS/1.0 503\r\nNats-Subject: %s\r\n\r\n" % subject.encode(
+                    "utf-8", "surrogateescape")
                 self.router.no_responders(reply, status, client)
+            client.rechecks -= 1
+            if client.rechecks == 0:
+                held, client.held_pongs = client.held_pongs, None
+                for pong in held:
+                    self.peers.barrier(pong)
+
+        self.peers.barrier(again)
 
     def subscribe(self, sub: Subscription) -> None:
         owner = subjects.owner_subscription(sub.subject)

@@ -38,7 +38,7 @@ class Outbox:
         self.items = []
         try:
             frame = wire.encode(items)
-        except UnicodeEncodeError:
+        except (UnicodeEncodeError, OverflowError):
             # A subject that is not UTF-8 (nats-server accepts raw bytes) cannot cross to
             # another process; drop just those, not the whole frame.
             good = []
@@ -46,7 +46,7 @@ class Outbox:
                 try:
                     wire.encode([m])
                     good.append(m)
-                except UnicodeEncodeError:
+                except (UnicodeEncodeError, OverflowError):
                     metrics.DROPS.labels("unencodable").inc()
             frame = wire.encode(good)
         try:

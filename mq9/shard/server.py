@@ -87,6 +87,25 @@ class _Metrics:
             metrics.SHARD_BATCH_SIZE.observe(nops)
 
 
+def _encode(items: list) -> bytes:
+    """One frame for a gateway. An item that cannot be encoded (a value msgpack cannot
+    hold) must not take the others down, nor the shard: it becomes an ``internal`` error
+    for its request, or is dropped if it is a push."""
+    try:
+        return wire.encode(items)
+    except (OverflowError, UnicodeEncodeError, TypeError):
+        good = []
+        for it in items:
+            try:
+                wire.encode([it])
+                good.append(it)
+            except (OverflowError, UnicodeEncodeError, TypeError):
+                log.error("shard_unencodable_reply", kind=type(it).__name__)
+                if type(it) is wire.Result:
+                    good.append(wire.Result(rid=it.rid, code="internal", error="reply could not be encoded"))
+        return wire.encode(good)
+
+
 def run(cfg: Config, index: int) -> None:
     """Serve shard ``index`` until SIGTERM/SIGINT; then finish the batch, flush, close."""
     stopping = False
@@ -172,7 +191,7 @@ def run(cfg: Config, index: int) -> None:
                 raise
             for gw, items in out.items():
                 try:
-                    send([gw, encode(items)], NOBLOCK)
+                    send([gw, _encode(items)], NOBLOCK)
                 except zmq.ZMQError as e:
                     # Gone (EHOSTUNREACH) or, without a HWM, not expected at all: either way
                     # that gateway's subscriptions are dead and their messages go back.
