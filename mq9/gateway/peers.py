@@ -25,6 +25,9 @@ from mq9.config import Config
 from mq9.gateway.zsock import Outbox, watch
 
 
+STALLED_WAIT = 0.02  # seconds a barrier waits for a peer that timed out before
+
+
 class _PeerOutbox(Outbox):
     __slots__ = ("peers", "g")
 
@@ -51,6 +54,9 @@ class Peers:
         self.acked: dict[str, int] = {}  # last Mark seq g acknowledged
         self._acks_due: dict[str, int] = {}
         self._waiters: list[tuple[dict[str, int], float, object]] = []
+        # Peers that let a barrier time out: left out of barriers until they ack again,
+        # so a dead node costs one slow PING, not a slow PING per client per flush.
+        self.stalled: set[str] = set()
         self.pull = ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, 100_000)
         addr = endpoints.gateway_endpoint(cfg, index)
@@ -84,6 +90,7 @@ class Peers:
             box.sock.close(linger=0)
             self.sent.pop(g, None)
             self.acked.pop(g, None)
+            self.stalled.discard(g)
             self.endpoints.pop(g, None)
             self.handler.on_peer_gone(g)
         for g, ep in peers.items():
@@ -111,20 +118,26 @@ class Peers:
     # ---- barrier -----------------------------------------------------------------------
 
     def barrier(self, callback) -> None:
-        """Call ``callback`` once every peer has handled every frame sent to it so far (or
-        after ``barrier_timeout``, so a dead peer cannot stall a client's PING)."""
+        """Call ``callback`` once every peer has handled every frame sent to it so far.
+
+        A peer that let an earlier barrier time out (``stalled``) is waited for only
+        ``STALLED_WAIT``, any other for ``barrier_timeout``: a dead peer then costs one slow
+        PING, not one per flush, while a live peer that was merely late (say, it learnt of
+        this gateway after its first hello) is still waited for.
+        """
         for box in self.out.values():
             box.flush()  # what this loop turn queued counts as sent
-        if self._caught_up(self.sent):
+        if self._caught_up(self.sent, skip_stalled=False):
             callback()
             return
-        self._waiters.append((dict(self.sent), time.monotonic() + self.barrier_timeout, callback))
-        self.loop.call_later(self.barrier_timeout + 0.01, self._release)
+        self._waiters.append((dict(self.sent), time.monotonic(), callback))
+        self.loop.call_later(STALLED_WAIT, self._release)
+        self.loop.call_later(self.barrier_timeout + 0.001, self._release)
 
-    def _caught_up(self, sent: dict[str, int]) -> bool:
+    def _caught_up(self, sent: dict[str, int], skip_stalled: bool) -> bool:
         acked = self.acked
         for g, seq in sent.items():
-            if g in acked and acked[g] < seq:
+            if g in acked and acked[g] < seq and not (skip_stalled and g in self.stalled):
                 return False
         return True
 
@@ -133,11 +146,18 @@ class Peers:
             return
         now = time.monotonic()
         keep = []
-        for sent, deadline, cb in self._waiters:
-            if now >= deadline or self._caught_up(sent):
+        for sent, t0, cb in self._waiters:
+            waited = now - t0
+            if self._caught_up(sent, skip_stalled=waited >= STALLED_WAIT):
+                cb()
+            elif waited >= self.barrier_timeout:
+                behind = {g for g, seq in sent.items() if g in self.acked and self.acked[g] < seq}
+                if behind - self.stalled:
+                    log.warning("gateway_peers_stalled", peers=",".join(sorted(behind - self.stalled)))
+                self.stalled |= behind
                 cb()
             else:
-                keep.append((sent, deadline, cb))
+                keep.append((sent, t0, cb))
         self._waiters = keep
 
     def _send_acks(self) -> None:
@@ -160,8 +180,9 @@ class Peers:
             if cls is wire.Routed:
                 h.on_routed(m)
             elif cls is wire.Interest:
-                if m.gw in self.out:
-                    h.on_interest(m)
+                # Also from a gateway this one has not learnt of yet: its interest counts
+                # now; the hello exchange once we know it resets and resends it whole.
+                h.on_interest(m)
             elif cls is wire.Mark:
                 if not self._acks_due:
                     # After the client flushes queued by the deliveries above.
@@ -170,6 +191,7 @@ class Peers:
             elif cls is wire.Ack:
                 if m.gw in self.acked and m.seq > self.acked[m.gw]:
                     self.acked[m.gw] = m.seq
+                    self.stalled.discard(m.gw)
                     if self._waiters:
                         self._release()
             elif cls is wire.PeerHello:

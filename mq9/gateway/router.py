@@ -132,6 +132,7 @@ class Router:
 
     def on_routed(self, msg: wire.Routed) -> None:
         plain, queues = self.sublist.match(msg.subject)
+
         subject, reply, headers, payload = msg.subject, msg.reply, msg.headers, msg.payload
         if msg.plain:
             for item in plain:

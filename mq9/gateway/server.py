@@ -248,6 +248,14 @@ class Gateway:
         self.log.info("shard_connected", shard=shard)
         self.mailboxes.on_shard_connected(shard)
 
+    def log_state(self) -> None:
+        """SIGUSR1: one line with what this gateway knows of its peers (for operators)."""
+        self.log.info("gateway_state", gw=self.gw_id, topology=self.topology.version,
+                      peers=",".join(sorted(self.peers.out)), stalled=",".join(sorted(self.peers.stalled)),
+                      sent=str(self.peers.sent), acked=str(self.peers.acked),
+                      remote_interest=len(self.router.remote), clients=len(self.clients),
+                      remote_subjects=",".join(sorted({f"{k[0]}:{k[1]}" for k in self.router.remote})[:50]))
+
     # ---- timers ----------------------------------------------------------------------
 
     def _watch_topology(self) -> None:
@@ -304,6 +312,7 @@ async def _main(cfg: Config, index: int) -> None:
     # SIGTERM only: the supervisor ignores SIGINT in children so that Ctrl-C stops the
     # gateways before the shards, in order.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, gw.log_state)
     await gw.start()
     await stop.wait()
     gw.log.info("gateway_draining", clients=len(gw.clients))

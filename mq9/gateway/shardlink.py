@@ -27,7 +27,7 @@ class _Shard:
 
 class ShardLink:
     def __init__(self, topology: Topology, identity: bytes, ctx: zmq.Context,
-                 loop: asyncio.AbstractEventLoop, timeout: float = 5.0):
+                 loop: asyncio.AbstractEventLoop, timeout: float = 3.0):
         self.topology = topology
         self.identity = identity
         self.ctx = ctx
