@@ -30,6 +30,7 @@ import pytest
 from nats.aio.client import Client
 from nats.errors import MaxPayloadError
 from nats.errors import TimeoutError as NatsTimeout
+from agents import create, query
 
 T = 5.0  # the longest a single wait may take; failures must not hang the suite
 
@@ -60,20 +61,6 @@ async def connect():
                 await asyncio.wait_for(nc.close(), T)
             except Exception:
                 pass
-
-
-async def create(nc, **body) -> dict:
-    """MAILBOX.CREATE as the guide writes it; returns the decoded reply."""
-    resp = await nc.request("$mq9.AI.MAILBOX.CREATE", json.dumps(body).encode(), timeout=T)
-    reply = json.loads(resp.data)
-    assert "error" not in reply, reply
-    return reply
-
-
-async def query(nc, mail_id, token, **extra) -> dict:
-    resp = await nc.request(f"$mq9.AI.MAILBOX.QUERY.{mail_id}",
-                            json.dumps({"token": token, **extra}).encode(), timeout=T)
-    return json.loads(resp.data)
 
 
 async def request_json(nc, subject, body) -> dict:

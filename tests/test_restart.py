@@ -35,6 +35,7 @@ import nats
 import pytest
 from nats.errors import TimeoutError as NatsTimeout
 from nodeproc import REPO
+from agents import create, query
 
 if str(REPO) not in sys.path:  # `cluster` is a top-level package of the work tree
     sys.path.insert(0, str(REPO))
@@ -69,19 +70,6 @@ async def conns():
                 await asyncio.wait_for(nc.close(), T)
             except Exception:  # noqa: BLE001, S110 - teardown of a connection already broken
                 pass
-
-
-async def create(nc, **body) -> dict:
-    resp = await nc.request("$mq9.AI.MAILBOX.CREATE", json.dumps(body).encode(), timeout=T)
-    reply = json.loads(resp.data)
-    assert "error" not in reply, reply
-    return reply
-
-
-async def query(nc, mail_id, token, **extra) -> dict:
-    resp = await nc.request(f"$mq9.AI.MAILBOX.QUERY.{mail_id}",
-                            json.dumps({"token": token, **extra}).encode(), timeout=T)
-    return json.loads(resp.data)
 
 
 async def boxes_on_both_shards(nc, per_shard: int, shards: int = 2, **body) -> list[dict]:
