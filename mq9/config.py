@@ -28,11 +28,13 @@ class Config:
     data_dir: str = _opt("./mq9-data", "where shards keep their RocksDB databases")
     gateways: int = _opt(0, "gateway processes (0 = one per CPU)")
     shards: int = _opt(2, "storage shard processes, one RocksDB each")
-    cluster_port: int = _opt(6222, "metadata-group (Raft) port; data ports for other nodes follow it "
-                                   "(shard i: +1+i, gateway j: +1+shards+j); 0 = single node, no cluster")
+    cluster_port: int = _opt(6222, "metadata-group (Raft) port, used in cluster mode (--join, "
+                                   "--advertise, or a data dir of a member); data ports follow it "
+                                   "(shard i: +1+i, gateway j: +1+shards+j); 0 = never cluster")
     node_id: str | None = _opt(None, "this node's name in the cluster (default: kept in the data dir)")
-    advertise: str | None = _opt(None, "host other nodes use to reach this one (default: --host, or "
-                                       "this machine's address when --host is 0.0.0.0)")
+    advertise: str | None = _opt(None, "host other nodes use to reach this one; giving it starts the "
+                                       "first node of a cluster (joiners default to --host, or this "
+                                       "machine's address when --host is 0.0.0.0)")
     join: str | None = _opt(None, "HOST:PORT of any cluster member's --cluster-port, to join its cluster")
     max_payload: int = _opt(MIB, "largest message body accepted, bytes")
     max_connections: int = _opt(65536, "client connections per node")

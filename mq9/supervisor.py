@@ -189,8 +189,13 @@ class _Supervisor:
                           error=str(e))
                 return 1
         self._install_signals()
-        if cfg.cluster_port and not self._open_cluster():
-            return 1
+        if self._wants_cluster():
+            if not self._open_cluster():
+                return 1
+        else:
+            # No metadata group and no data ports: nothing listens beyond the NATS and
+            # metrics ports (pysyncobj unpickles what reaches its port, so it is opt-in).
+            self.cfg = dataclasses.replace(self.cfg, cluster_port=0)
         cfg = self.cfg
         log.info("node_starting", version=__version__, pid=os.getpid(), host=cfg.host,
                  port=cfg.port, metrics_port=cfg.metrics_port, gateways=len(self.gateways),
@@ -206,6 +211,15 @@ class _Supervisor:
             self._loop()
         self._shutdown()
         return 1 if outcome == "failed" else 0
+
+    def _wants_cluster(self) -> bool:
+        """Cluster mode is asked for with --join (join one), --advertise (be reachable as
+        the first member), or by a data dir that already belongs to a cluster (restart)."""
+        cfg = self.cfg
+        if not cfg.cluster_port:
+            return False
+        member = os.path.exists(os.path.join(cfg.data_dir, "cluster", "node.json"))
+        return bool(cfg.join or cfg.advertise or member)
 
     def _open_cluster(self) -> bool:
         """Join, restart into or bootstrap the metadata group before any child starts:

@@ -43,7 +43,7 @@ def free_port_block(width: int) -> int:
 
 def cluster_node(tmp_path, name: str, join: int | None = None) -> Node:
     flags = dict(cluster_port=free_port_block(1 + SHARDS + GATEWAYS), shards=SHARDS,
-                 gateways=GATEWAYS, node_id=name, ready_timeout=60)
+                 gateways=GATEWAYS, node_id=name, advertise="127.0.0.1", ready_timeout=60)
     if join is not None:
         flags["join"] = f"127.0.0.1:{join}"
     return Node(tmp_path / name, **flags)
