@@ -484,14 +484,24 @@ class Shard:
         self.total_msgs -= 1
         self.fresh.pop((mb.mail_id, mid), None)
 
-    def _query(self, gw: bytes, op: wire.Query) -> None:
+    def _authorized(self, gw: bytes, op, name: str):
+        """The live mailbox ``op`` names if its token matches; else the error is answered
+        and counted, and None returned."""
         mb = self._live(op.mail_id)
         if mb is None:
-            self._count("query", "not_found")
-            return self._reply(gw, _err(op.rid, "not_found", f"no mailbox '{op.mail_id}'"))
+            self._count(name, "not_found")
+            self._reply(gw, _err(op.rid, "not_found", f"no mailbox '{op.mail_id}'"))
+            return None
         if not self._check_token(mb, op.token_hash):
-            self._count("query", "auth")
-            return self._reply(gw, _err(op.rid, "auth", "wrong or missing token"))
+            self._count(name, "auth")
+            self._reply(gw, _err(op.rid, "auth", "wrong or missing token"))
+            return None
+        return mb
+
+    def _query(self, gw: bytes, op: wire.Query) -> None:
+        mb = self._authorized(gw, op, "query")
+        if mb is None:
+            return
         if not 1 <= op.limit <= QUERY_MAX:
             self._count("query", "bad_request")
             return self._reply(gw, _err(op.rid, "bad_request", f"'limit' must be between 1 and {QUERY_MAX}"))
@@ -514,13 +524,9 @@ class Shard:
             "mail_id": mb.mail_id, "unread": mb.undelivered, "messages": messages}))
 
     def _delete(self, gw: bytes, op: wire.Delete) -> None:
-        mb = self._live(op.mail_id)
+        mb = self._authorized(gw, op, "delete")
         if mb is None:
-            self._count("delete", "not_found")
-            return self._reply(gw, _err(op.rid, "not_found", f"no mailbox '{op.mail_id}'"))
-        if not self._check_token(mb, op.token_hash):
-            self._count("delete", "auth")
-            return self._reply(gw, _err(op.rid, "auth", "wrong or missing token"))
+            return
         self._drop_mailbox(mb)
         self._count("delete", "ok")
         self._reply(gw, wire.Result(rid=op.rid, data={"mail_id": op.mail_id, "deleted": True}))
