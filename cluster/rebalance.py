@@ -35,6 +35,8 @@ class Mover(Protocol):
 
     def flip(self, moves: list[dict]) -> None: ...
 
+    # optional: ``finish(moves)`` after ownership flipped (drop the source's copy)
+
 
 class MetadataOnlyMover:
     def __init__(self, delay: float = 0.0):
@@ -123,6 +125,13 @@ class Rebalancer:
             self._stop.wait(self.retry_delay)
             return True
         g.finish_moves(refs)
+        finish = getattr(self.mover, "finish", None)
+        if finish is not None:
+            try:
+                finish(batch)
+            except Exception:
+                # The source keeps a frozen copy it no longer serves: wasted space, no harm.
+                self.log.exception("rebalance_finish_failed", moves=len(refs))
         return True
 
     def _still_leader(self) -> None:

@@ -149,7 +149,9 @@ class _Supervisor:
         self.gateways = [_Child("gateway", i) for i in range(cfg.gateway_count)]
         self.children = self.shards + self.gateways
         self.phase = "starting"  # starting | running | stopping
-        self.group = None  # cluster.metadata.MetadataGroup when --cluster-port is set
+        self.group = None  # cluster.metadata.MetadataGroup in cluster mode
+        self.rebalancer = None  # cluster.rebalance.Rebalancer, driving mq9.mover.ShardMover
+        self.mover = None
         self.signals: list[int] = []
         self.stop_signal: str | None = None
         self.hurry = False
@@ -207,6 +209,8 @@ class _Supervisor:
         if outcome == "ready":
             for c in self.gateways:
                 self._spawn(c)
+            if self.group is not None:
+                self._start_rebalancer()
             self.phase = "running"
             self._loop()
         self._shutdown()
@@ -236,6 +240,14 @@ class _Supervisor:
         log.info("cluster_member", node_id=self.group.node_id, leader=self.group.leader(),
                  members=len(snap.members), version=snap.version)
         return True
+
+    def _start_rebalancer(self) -> None:
+        """Every member runs one; only the Raft leader's acts (cluster/rebalance.py)."""
+        from cluster.rebalance import Rebalancer
+        from mq9.mover import ShardMover
+
+        self.mover = ShardMover(self.cfg, self.group)
+        self.rebalancer = Rebalancer(self.group, self.mover).start()
 
     def _prepare_dirs(self) -> bool:
         cfg = self.cfg
@@ -510,6 +522,10 @@ class _Supervisor:
 
     def close(self) -> None:
         """Last resort on any exit path: no child outlives the supervisor."""
+        if self.rebalancer is not None:
+            self.rebalancer.stop()
+            self.mover.close()
+            self.rebalancer = None
         if self.group is not None:
             try:
                 self.group.close()

@@ -94,6 +94,48 @@ class Undelivered(_Msg):
     msg_ids: list[int]
 
 
+# ---- mover -> shard (slot moves between shards, possibly on different nodes) -------------
+
+class Export(_Msg):
+    """A page of the raw RocksDB records of every mailbox whose slot is in ``slots``, in key
+    order, starting after ``after`` (None = from the start). Answer: Result data
+    ``{"pairs": [[key, value], ...], "next": key | None}`` (None = no more)."""
+
+    rid: int
+    slots: list[int]
+    after: bytes | None = None
+    max_bytes: int = 4 * 1024 * 1024
+
+
+class Import(_Msg):
+    """Write exported records. ``reset``: first delete everything this shard holds for
+    ``slots`` (a repeated copy overwrites, never merges). ``done``: the last page — rebuild
+    the in-memory state of those mailboxes from disk. Importing a slot also unfreezes it
+    here (it may have moved away and back)."""
+
+    rid: int
+    slots: list[int]
+    pairs: list[tuple[bytes, bytes]]
+    reset: bool = False
+    done: bool = False
+
+
+class Freeze(_Msg):
+    """Stop serving ``slots``: every later op on a mailbox in them is answered with code
+    ``moved`` (the gateway re-reads the slot map and retries at the new owner); messages in
+    flight return to undelivered. Answer after the freeze took effect."""
+
+    rid: int
+    slots: list[int]
+
+
+class Drop(_Msg):
+    """Ownership flipped away: delete the data of ``slots`` (they stay frozen)."""
+
+    rid: int
+    slots: list[int]
+
+
 # ---- shard -> gateway -------------------------------------------------------------------
 
 class Result(_Msg):
@@ -161,7 +203,8 @@ class Routed(_Msg):
     queues: list[str] = []
 
 
-ToShard = Union[Hello, Create, Send, Query, Delete, Subscribe, Unsubscribe, Delivered, Undelivered]
+ToShard = Union[Hello, Create, Send, Query, Delete, Subscribe, Unsubscribe, Delivered, Undelivered,
+                Export, Import, Freeze, Drop]
 FromShard = Union[Result, Deliver]
 PeerMsg = Union[PeerHello, Interest, Routed, Mark, Ack]
 

@@ -57,6 +57,29 @@ def cluster_status(port: int) -> dict:
     return json.loads(out.stdout)
 
 
+def wait_balanced(port: int, nodes: int, timeout: float = 60.0) -> dict:
+    """Until every member owns its share of the slots and no move is in progress."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = cluster_status(port)
+        per = st["slots_per_node"]
+        if (len(per) == nodes and not st["moves_total"]
+                and max(per.values()) - min(per.values()) <= SHARDS):
+            return st
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not balanced after {timeout}s: {per}, moves {st['moves_total']}")
+        time.sleep(0.3)
+
+
+def owner_of(node: Node, mail_id: str) -> str:
+    """Which node owns ``mail_id``'s slot, from that node's copy of the metadata."""
+    from cluster.slots import slot_of
+    from cluster.state import read_snapshot
+
+    snap = read_snapshot(str(node.dir / "data" / "cluster" / "state.json"))
+    return snap.slots[slot_of(mail_id)][0]
+
+
 def wait_members(port: int, n: int, timeout: float = 20.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
@@ -74,6 +97,7 @@ def cluster(tmp_path_factory):
     n3 = cluster_node(tmp, "n3", join=n2.flags["cluster_port"]).start()  # any member is a seed
     st = wait_members(n1.flags["cluster_port"], 3)
     assert len(st["members"]) == 3
+    wait_balanced(n1.flags["cluster_port"], 3)
     time.sleep(0.6)  # gateways re-read the snapshot every 200 ms
     yield [n1, n2, n3]
     for n in (n3, n2, n1):
@@ -96,8 +120,10 @@ def test_join_makes_one_cluster(cluster):
     st = cluster_status(cluster[2].flags["cluster_port"])
     assert set(st["members"]) == {"n1", "n2", "n3"}
     assert st["leader"]
-    # Without slot moves every slot stays on the first node; the others serve clients.
-    assert sum(st["slots_per_node"].values()) == 4096
+    # Slots moved until every node holds its share.
+    per = st["slots_per_node"]
+    assert sum(per.values()) == 4096
+    assert max(per.values()) - min(per.values()) <= SHARDS, per
 
 
 async def test_mailbox_on_any_node(cluster):
@@ -212,9 +238,12 @@ async def test_dead_owner_answers_unavailable_then_recovers(tmp_path):
     n2 = cluster_node(tmp_path, "d2", join=n1.flags["cluster_port"]).start()
     try:
         wait_members(n1.flags["cluster_port"], 2)
+        wait_balanced(n1.flags["cluster_port"], 2)
         time.sleep(0.6)
         nc = await connect(n2)
-        box = json.loads((await nc.request("$mq9.AI.MAILBOX.CREATE", b'{"ttl": 0}', timeout=5)).data)
+        name = next(f"agent-{i}" for i in range(1000) if owner_of(n2, f"agent-{i}") == "d1")
+        box = json.loads((await nc.request("$mq9.AI.MAILBOX.CREATE",
+                                           json.dumps({"ttl": 0, "name": name}).encode(), timeout=5)).data)
         subject = f"$mq9.AI.INBOX.{box['mail_id']}.urgent"
         r = await nc.request(subject, b"before", timeout=5)
         assert json.loads(r.data)["msg_id"] == 1
@@ -241,4 +270,69 @@ async def test_dead_owner_answers_unavailable_then_recovers(tmp_path):
         await nc.close()
     finally:
         n2.close()
+        n1.close()
+
+
+async def test_join_under_load_moves_slots_without_loss(tmp_path):
+    """Mailboxes filled on one node; a second node joins while acked sends go on. Slots
+    move to it; afterwards every acked message is delivered exactly once, through either
+    node."""
+    n1 = cluster_node(tmp_path, "j1").start()
+    n2 = None
+    nc = await connect(n1)
+    try:
+        boxes = [json.loads((await nc.request("$mq9.AI.MAILBOX.CREATE",
+                                              json.dumps({"ttl": 0}).encode(), timeout=5)).data)
+                 for _ in range(40)]
+        acked: dict[str, list[int]] = {b["mail_id"]: [] for b in boxes}
+        stop = asyncio.Event()
+
+        async def sender(box):
+            i = 0
+            while not stop.is_set():
+                try:
+                    r = json.loads((await nc.request(f"$mq9.AI.INBOX.{box['mail_id']}.normal",
+                                                     json.dumps({"n": i}).encode(), timeout=5)).data)
+                except Exception:  # noqa: BLE001 - a timeout is simply "not acked"
+                    r = {}
+                if "msg_id" in r:
+                    acked[box["mail_id"]].append(i)
+                i += 1
+                await asyncio.sleep(0.01)
+
+        tasks = [asyncio.create_task(sender(b)) for b in boxes]
+        await asyncio.sleep(0.5)
+        n2 = cluster_node(tmp_path, "j2", join=n1.flags["cluster_port"])
+        await asyncio.to_thread(n2.start)
+        await asyncio.to_thread(wait_balanced, n1.flags["cluster_port"], 2, 90)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*tasks)
+        moved = [b for b in boxes if owner_of(n1, b["mail_id"]) == "j2"]
+        assert moved, "no mailbox changed owner"
+
+        reader = await connect(n2)
+        for box in boxes:
+            got = []
+            want = len(acked[box["mail_id"]])
+            done = asyncio.Event()
+
+            async def on_msg(msg, got=got, done=done, want=want):
+                got.append(json.loads(msg.data)["n"])
+                if len(got) >= want:
+                    done.set()
+
+            sub = await reader.subscribe(f"$mq9.AI.INBOX.{box['mail_id']}.*", cb=on_msg)
+            if want:
+                await asyncio.wait_for(done.wait(), 10)
+            await asyncio.sleep(0.05)
+            await sub.unsubscribe()
+            missing = set(acked[box["mail_id"]]) - set(got)
+            assert not missing, f"{box['mail_id']}: lost {sorted(missing)[:10]}"
+            assert len(got) == len(set(got)), f"{box['mail_id']}: duplicates"
+        await reader.close()
+    finally:
+        await nc.close()
+        if n2 is not None:
+            n2.close()
         n1.close()

@@ -86,6 +86,7 @@ class Mailboxes:
         self.router = router
         self.reply = publish_reply  # reply(subject, body_bytes)
         self.owner_subs: dict[int, Subscription] = {}
+        self.sub_target: dict[int, tuple] = {}  # key -> the shard its Subscribe went to
         # Delivered reports, batched per (shard, key, mail_id) and flushed with the frame.
         self._acks: dict[tuple[int, int, str], list[int]] = {}
 
@@ -220,24 +221,36 @@ class Mailboxes:
         sub.owner = owner
         self.owner_subs[sub.key] = sub
         mail_id, prios = owner
-        self.link.post(self.link.shard_of(mail_id),
-                       wire.Subscribe(key=sub.key, mail_id=mail_id, priorities=prios, queue=sub.queue))
+        target = self.sub_target[sub.key] = self.link.shard_of(mail_id)
+        self.link.post(target, wire.Subscribe(key=sub.key, mail_id=mail_id, priorities=prios,
+                                              queue=sub.queue))
 
     def unsubscribe(self, sub: Subscription) -> None:
         if self.owner_subs.pop(sub.key, None) is None:
             return
         mail_id = sub.owner[0]
-        shard = self.link.shard_of(mail_id)
+        shard = self.sub_target.pop(sub.key)
         self.flush_acks()  # Delivered before Unsubscribe, so the shard counts them first
         self.link.post(shard, wire.Unsubscribe(key=sub.key, mail_id=mail_id))
 
-    def on_shard_connected(self, shard: int) -> None:
+    def on_shard_connected(self, shard) -> None:
         self.link.post(shard, wire.Hello())
         for sub in self.owner_subs.values():
             mail_id, prios = sub.owner
-            if self.link.shard_of(mail_id) == shard:
+            if self.sub_target[sub.key] == shard:
                 self.link.post(shard, wire.Subscribe(key=sub.key, mail_id=mail_id,
                                                      priorities=prios, queue=sub.queue))
+
+    def on_topology_changed(self) -> None:
+        """Slots moved: owner subscriptions follow their mailbox to its new shard (the old
+        one froze the slot and pushes nothing more)."""
+        for sub in self.owner_subs.values():
+            mail_id, prios = sub.owner
+            target = self.link.shard_of(mail_id)
+            if target != self.sub_target[sub.key]:
+                self.sub_target[sub.key] = target
+                self.link.post(target, wire.Subscribe(key=sub.key, mail_id=mail_id,
+                                                      priorities=prios, queue=sub.queue))
 
     def on_deliver(self, d: wire.Deliver) -> None:
         sub = self.owner_subs.get(d.key)

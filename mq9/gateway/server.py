@@ -266,6 +266,7 @@ class Gateway:
                 self.log.info("topology_changed", version=self.topology.version,
                               members=len(self.topology.members))
                 self.peers.update(self.topology.gateways())
+                self.mailboxes.on_topology_changed()
         except Exception:
             self.log.exception("topology_refresh_failed")
         self._topology_timer = self.loop.call_later(0.2, self._watch_topology)

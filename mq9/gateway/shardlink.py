@@ -20,6 +20,9 @@ from mq9 import metrics, wire
 from mq9.gateway.topology import Target, Topology
 from mq9.gateway.zsock import Outbox, watch
 
+MOVED_RETRY = 0.05  # seconds between asks while a slot moves
+MOVE_PATIENCE = 10.0  # how long a request may chase a moving slot
+
 
 class _Shard:
     __slots__ = ("sock", "monitor", "out", "endpoint")
@@ -34,7 +37,7 @@ class ShardLink:
         self.loop = loop
         self.timeout = timeout
         self.handler = None  # on_deliver(Deliver), on_shard_connected(target)
-        self.pending: dict[int, tuple[float, object]] = {}
+        self.pending: dict[int, list] = {}  # rid -> [deadline, callback, op, give_up_at]
         self._rid = 0
         self.shards: dict[Target, _Shard] = {}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -90,7 +93,8 @@ class ShardLink:
             callback(wire.Result(rid=op.rid, code="unavailable",
                                  error=f"no route to the shard that owns this mailbox ({target[0]})"))
             return
-        self.pending[op.rid] = (time.monotonic() + self.timeout, callback)
+        now = time.monotonic()
+        self.pending[op.rid] = [now + self.timeout, callback, op, now + MOVE_PATIENCE]
         sh.out.put(op)
 
     def _on_frame(self, frame: bytes) -> None:
@@ -102,10 +106,32 @@ class ShardLink:
         for m in msgs:
             if m.__class__ is wire.Deliver:
                 self.handler.on_deliver(m)
+            elif m.code == "moved" and m.rid in self.pending:
+                # The mailbox's slot is moving: ask the new owner once the slot map says who.
+                entry = self.pending[m.rid]
+                if time.monotonic() < entry[3]:
+                    entry[0] = time.monotonic() + self.timeout
+                    self.loop.call_later(MOVED_RETRY, self._resend, m.rid)
+                else:
+                    self.pending.pop(m.rid)
+                    entry[1](wire.Result(rid=m.rid, code="unavailable",
+                                         error="mailbox is moving between nodes; retry"))
             else:
                 entry = self.pending.pop(m.rid, None)
                 if entry is not None:
                     entry[1](m)
+
+    def _resend(self, rid: int) -> None:
+        entry = self.pending.get(rid)
+        if entry is None:
+            return
+        op = entry[2]  # the gateway's topology watcher brings the new slot map
+        sh = self._shard(self.topology.owner(op.mail_id))
+        if sh is None:
+            self.pending.pop(rid)
+            entry[1](wire.Result(rid=rid, code="unavailable", error="no route to the new owner"))
+            return
+        sh.out.put(op)
 
     def _on_monitor(self, target: Target) -> None:
         sh = self.shards.get(target)
@@ -121,9 +147,9 @@ class ShardLink:
 
     def _sweep(self) -> None:
         now = time.monotonic()
-        expired = [rid for rid, (deadline, _) in self.pending.items() if deadline <= now]
+        expired = [rid for rid, entry in self.pending.items() if entry[0] <= now]
         for rid in expired:
-            _, cb = self.pending.pop(rid)
+            cb = self.pending.pop(rid)[1]
             cb(wire.Result(rid=rid, code="unavailable", error="mailbox shard did not answer in time"))
         self._sweeper = self.loop.call_later(0.25, self._sweep)
 

@@ -32,8 +32,21 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import msgspec
+
+from cluster.slots import NUM_SLOTS, slot_of
 from mq9 import log, subjects, wire
-from mq9.shard.store import Meta, Store, decode_record, encode_record
+from mq9.shard.store import (
+    META,
+    MSG,
+    LoadedMailbox,
+    Meta,
+    Store,
+    decode_record,
+    encode_record,
+    mail_id_of,
+    record_payload_size,
+)
 
 PRIORITIES = subjects.PRIORITIES  # index = delivery order
 PRIO_INDEX = {p: i for i, p in enumerate(PRIORITIES)}
@@ -147,6 +160,7 @@ class Mailbox:
     delivered: list[int] = field(default_factory=list)  # min-heap: eviction order
     undelivered: int = 0  # pending + in flight
     nbytes: int = 0
+    slot: int = 0  # slot_of(mail_id), set by Shard._add_mailbox
 
     # The pending deques are sorted by msg_id and may hold stale ids (messages delivered by
     # a Query or a late Delivered, or replaced in a `latest` mailbox); readers skip any id
@@ -200,6 +214,10 @@ class Mailbox:
         return out
 
 
+_meta_check = msgspec.msgpack.Decoder(Meta)
+MOVED = "mailbox is moving; retry"
+
+
 def _err(rid: int, code: str, text: str) -> wire.Result:
     return wire.Result(rid=rid, code=code, error=text)
 
@@ -227,6 +245,13 @@ class Shard:
         self.total_bytes = 0
         self.corrupt = 0  # unreadable records dropped (for metrics)
         self.pump_errors = 0
+        # Slot moves. A frozen slot is not served (ops answered "moved", nothing pumped): it
+        # was given away, or is being imported. Persisted in the store (F key).
+        self.frozen: set[int] = set()
+        self.by_slot: dict[int, set[str]] = {}  # slot -> mail_ids in memory
+        # Mailboxes written by Import pages but not loaded yet (until the "done" page).
+        self.importing: dict[int, set[str]] = {}
+        self.write_error: Exception | None = None  # a mid-batch commit failed
         # Per batch:
         self.out: dict[bytes, list] = {}
         self.dirty: set[Mailbox] = set()
@@ -239,28 +264,38 @@ class Shard:
 
     def load(self) -> None:
         self.now = self.clock()
+        self.frozen = self.store.get_frozen()
         for box in self.store.load(self.now):
-            mb = Mailbox(box.mail_id, box.meta, box.meta.type == "latest", self.store.prefixes(box.mail_id))
-            prio_of = {}
-            for p, ids in enumerate(box.undelivered):
-                mb.pending[p].extend(ids)
-                for mid in ids:
-                    prio_of[mid] = p
-            msgs = mb.msgs
-            for mid, size in box.sizes.items():
-                p = prio_of.get(mid)
-                if p is None:
-                    msgs[mid] = _pack(size, DELIVERED, 0)
-                    mb.delivered.append(mid)  # ascending ids: already a heap
-                else:
-                    msgs[mid] = _pack(size, PENDING, p)
-                mb.nbytes += size
-            mb.undelivered = len(prio_of)
-            mb.next_id = (max(box.sizes) + 1) if box.sizes else 1
-            self._add_mailbox(mb)
+            self._add_mailbox(self._build(box))
+
+    def _build(self, box: LoadedMailbox) -> Mailbox:
+        """The in-memory state of one mailbox scanned from disk (startup and Import)."""
+        mb = Mailbox(box.mail_id, box.meta, box.meta.type == "latest", self.store.prefixes(box.mail_id))
+        prio_of = {}
+        for p, ids in enumerate(box.undelivered):
+            mb.pending[p].extend(ids)
+            for mid in ids:
+                prio_of[mid] = p
+        msgs = mb.msgs
+        for mid, size in box.sizes.items():
+            p = prio_of.get(mid)
+            if p is None:
+                msgs[mid] = _pack(size, DELIVERED, 0)
+                mb.delivered.append(mid)  # ascending ids: already a heap
+            else:
+                msgs[mid] = _pack(size, PENDING, p)
+            mb.nbytes += size
+        mb.undelivered = len(prio_of)
+        mb.next_id = (max(box.sizes) + 1) if box.sizes else 1
+        return mb
 
     def _add_mailbox(self, mb: Mailbox) -> None:
         self.mailboxes[mb.mail_id] = mb
+        mb.slot = slot = slot_of(mb.mail_id)
+        ids = self.by_slot.get(slot)
+        if ids is None:
+            ids = self.by_slot[slot] = set()
+        ids.add(mb.mail_id)
         self.total_msgs += len(mb.msgs)
         self.total_bytes += mb.nbytes
         if mb.meta.expires_at:
@@ -292,10 +327,16 @@ class Shard:
         If the write fails, the exception propagates and ``failed_outputs`` gives the replies
         to send instead (errors only: nothing of this batch may be acknowledged or pushed).
         """
+        if self.write_error is not None:
+            e, self.write_error = self.write_error, None
+            raise e
         if self.dirty:
             dirty = self.dirty
             self.dirty = set()
+            frozen = self.frozen
             for mb in dirty:
+                if frozen and mb.slot in frozen:
+                    continue
                 if self.mailboxes.get(mb.mail_id) is mb:
                     try:
                         self._pump(mb)
@@ -369,7 +410,16 @@ class Shard:
 
     def _drop_mailbox(self, mb: Mailbox) -> None:
         self.store.delete_mailbox(mb.mail_id)
+        self._forget(mb)
+
+    def _forget(self, mb: Mailbox) -> None:
+        """Remove a mailbox from memory only (its records stay on disk)."""
         del self.mailboxes[mb.mail_id]
+        ids = self.by_slot.get(mb.slot)
+        if ids is not None:
+            ids.discard(mb.mail_id)
+            if not ids:
+                del self.by_slot[mb.slot]
         self.total_msgs -= len(mb.msgs)
         self.total_bytes -= mb.nbytes
         for mid, subs in mb.inflight.items():
@@ -380,6 +430,14 @@ class Shard:
         if self.fresh:
             for k in [k for k in self.fresh if k[0] == mb.mail_id]:
                 del self.fresh[k]
+
+    def _moved(self, gw: bytes, op, name: str) -> bool:
+        """Answer ``moved`` if the op's mailbox is in a frozen slot."""
+        if slot_of(op.mail_id) not in self.frozen:
+            return False
+        self._count(name, "moved")
+        self._reply(gw, _err(op.rid, "moved", MOVED))
+        return True
 
     def _check_token(self, mb: Mailbox, token_hash: bytes) -> bool:
         return bool(token_hash) and hmac.compare_digest(mb.meta.token_hash, token_hash)
@@ -396,6 +454,8 @@ class Shard:
         if op.ttl < 0:
             self._count("create", "bad_request")
             return self._reply(gw, _err(op.rid, "bad_request", "'ttl' must be >= 0"))
+        if self.frozen and self._moved(gw, op, "create"):
+            return
         if self._live(op.mail_id) is not None:
             self._count("create", "exists")
             return self._reply(gw, _err(op.rid, "exists", f"mailbox '{op.mail_id}' already exists"))
@@ -412,6 +472,8 @@ class Shard:
 
     def _send(self, gw: bytes, op: wire.Send) -> None:
         mail_id = op.mail_id
+        if self.frozen and self._moved(gw, op, "send"):
+            return
         mb = self.mailboxes.get(mail_id)
         if mb is not None and mb.meta.expires_at and mb.meta.expires_at <= self.now:
             mb = self._live(mail_id)
@@ -487,6 +549,8 @@ class Shard:
     def _authorized(self, gw: bytes, op, name: str):
         """The live mailbox ``op`` names if its token matches; else the error is answered
         and counted, and None returned."""
+        if self.frozen and self._moved(gw, op, name):
+            return None
         mb = self._live(op.mail_id)
         if mb is None:
             self._count(name, "not_found")
@@ -644,6 +708,159 @@ class Shard:
             mb.requeue(back)
             self.dirty.add(mb)
 
+    # ---- slot moves (from the leader's mover) -----------------------------------------------
+
+    def _slot_set(self, gw: bytes, op, name: str) -> set[int] | None:
+        slots = op.slots
+        if not slots or not all(type(x) is int and 0 <= x < NUM_SLOTS for x in slots):
+            self._count(name, "bad_request")
+            self._reply(gw, _err(op.rid, "bad_request", f"'slots' must be a non-empty list of 0..{NUM_SLOTS - 1}"))
+            return None
+        return set(slots)
+
+    def _in_slots(self, slots: set[int]) -> list[Mailbox]:
+        mbs = self.mailboxes
+        return [mbs[m] for s in slots for m in self.by_slot.get(s, ())]
+
+    def _commit_now(self) -> None:
+        """Write the batch so far, so a read of RocksDB sees every write acknowledged
+        before it. A failure is re-raised by ``finish`` (the earlier ops' replies must turn
+        into errors), not swallowed by ``apply``."""
+        try:
+            self.store.commit()
+        except Exception as e:
+            self.write_error = e
+            raise
+
+    def _freeze_slots(self, slots: set[int]) -> int:
+        """Stop serving ``slots``; returns how many mailboxes that touched."""
+        new = slots - self.frozen
+        if not new:
+            return 0
+        self.frozen |= new
+        self.store.put_frozen(self.frozen)
+        n = 0
+        for mb in self._in_slots(new):
+            n += 1
+            self.dirty.discard(mb)
+            if mb.inflight:
+                # Back to pending, so the export (whose disk marks never left) and this
+                # state agree; a Delivered still arriving for them is applied as usual.
+                back = list(mb.inflight)
+                for mid, holders in mb.inflight.items():
+                    for sub in holders:
+                        sub.inflight.discard(mid)
+                mb.inflight.clear()
+                mb.requeue(back)
+        return n
+
+    def _forget_imports(self, slots: set[int]) -> None:
+        for s in slots:
+            for mail_id in self.importing.pop(s, ()):
+                if mail_id not in self.mailboxes:
+                    self.store.delete_mailbox(mail_id)
+
+    def _freeze(self, gw: bytes, op: wire.Freeze) -> None:
+        slots = self._slot_set(gw, op, "freeze")
+        if slots is None:
+            return
+        n = self._freeze_slots(slots)
+        self._count("freeze", "ok")
+        self._reply(gw, wire.Result(rid=op.rid, data={"frozen": sorted(slots), "mailboxes": n}))
+
+    def _export(self, gw: bytes, op: wire.Export) -> None:
+        slots = self._slot_set(gw, op, "export")
+        if slots is None:
+            return
+        if op.max_bytes < 1:
+            self._count("export", "bad_request")
+            return self._reply(gw, _err(op.rid, "bad_request", "'max_bytes' must be >= 1"))
+        if op.after is not None and (mail_id_of(op.after) is None or slot_of(mail_id_of(op.after)) not in slots):
+            self._count("export", "bad_request")
+            return self._reply(gw, _err(op.rid, "bad_request", "'after' is no record key of these slots"))
+        self._commit_now()
+        ids = [m for s in slots for m in self.by_slot.get(s, ())]
+        pairs, nxt = self.store.export(ids, op.after, op.max_bytes)
+        self._count("export", "ok")
+        self._reply(gw, wire.Result(rid=op.rid, data={"pairs": pairs, "next": nxt}))
+
+    def _import(self, gw: bytes, op: wire.Import) -> None:
+        slots = self._slot_set(gw, op, "import")
+        if slots is None:
+            return
+        # Check the whole page before writing any of it: a bad page writes nothing.
+        ids: dict[str, int] = {}  # mail_id -> slot
+        for k, v in op.pairs:
+            mail_id = mail_id_of(k)
+            if mail_id in ids:
+                bad = False
+            else:
+                bad = (mail_id is None or not subjects.valid_mail_id(mail_id)
+                       or slot_of(mail_id) not in slots)
+                if not bad:
+                    ids[mail_id] = slot_of(mail_id)
+            if not bad:
+                fam = k[:2]
+                if fam == META:
+                    try:
+                        _meta_check.decode(v)
+                    except msgspec.DecodeError:
+                        bad = True
+                elif fam == MSG:
+                    bad = len(v) < 4 or record_payload_size(v) < 0
+            if bad:
+                self._count("import", "bad_request")
+                return self._reply(gw, _err(op.rid, "bad_request", f"record {k[:80]!r} is not of these slots"))
+        # Frozen until "done": a half-copied mailbox is never served or pumped, even after
+        # a restart mid-copy (the startup loader loads whatever pages arrived).
+        self._freeze_slots(slots)
+        if op.reset:
+            for mb in self._in_slots(slots):
+                self._drop_mailbox(mb)
+            self._forget_imports(slots)
+        put = self.store.put_raw
+        for k, v in op.pairs:
+            put(k, v)
+        for mail_id, s in ids.items():
+            got = self.importing.get(s)
+            if got is None:
+                got = self.importing[s] = set()
+            got.add(mail_id)
+        data = {"written": len(op.pairs)}
+        if op.done:
+            self._commit_now()
+            reload = {m for s in slots for m in self.importing.pop(s, ())}
+            for mb in self._in_slots(slots):
+                reload.add(mb.mail_id)
+                self._forget(mb)
+            n = 0
+            for box in self.store.load(self.now, reload):
+                mb = self._build(box)
+                self._add_mailbox(mb)
+                n += 1
+                if mb.mail_id in self.groups:
+                    self.dirty.add(mb)  # subscriptions made before the import get their replay
+            self.frozen -= slots
+            self.store.put_frozen(self.frozen)
+            data["mailboxes"] = n
+        self._count("import", "ok")
+        self._reply(gw, wire.Result(rid=op.rid, data=data))
+
+    def _drop(self, gw: bytes, op: wire.Drop) -> None:
+        slots = self._slot_set(gw, op, "drop")
+        if slots is None:
+            return
+        # Frozen even if the mover skipped Freeze: a slot whose data is gone must answer
+        # "moved", never "not_found".
+        self._freeze_slots(slots)
+        n = 0
+        for mb in self._in_slots(slots):
+            self._drop_mailbox(mb)
+            n += 1
+        self._forget_imports(slots)
+        self._count("drop", "ok")
+        self._reply(gw, wire.Result(rid=op.rid, data={"dropped": n}))
+
     _handlers = {
         wire.Create: _create,
         wire.Send: _send,
@@ -654,6 +871,10 @@ class Shard:
         wire.Delivered: _delivered,
         wire.Undelivered: _undelivered,
         wire.Hello: _hello,
+        wire.Export: _export,
+        wire.Import: _import,
+        wire.Freeze: _freeze,
+        wire.Drop: _drop,
     }
 
     # ---- delivery --------------------------------------------------------------------------

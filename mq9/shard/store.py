@@ -6,6 +6,7 @@ one mailbox's keys are a contiguous range):
     M\\0{mail_id}                                   -> Meta (msgpack array)
     m\\0{mail_id}\\0{msg_id: 8 bytes big-endian}       -> message record (see below)
     u\\0{mail_id}\\0{prio index: 1 byte}\\0{msg_id}     -> b"" : the message is undelivered
+    F\\0                                              -> frozen slots (msgpack list of ints)
 
 Big-endian ids make RocksDB's byte order the msg_id order, and the priority byte in ``u``
 keys makes a scan of a mailbox's ``u`` range come out in delivery order (urgent, normal,
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import os
 import struct
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Iterator
 
 import msgspec
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
@@ -42,6 +45,8 @@ _PRIO_BYTES = (b"\0\0", b"\1\0", b"\2\0")  # prio index byte + the NUL after it
 META = b"M\0"
 MSG = b"m\0"
 UNDELIVERED = b"u\0"
+FROZEN = b"F\0"
+FAMILIES = (META, MSG, UNDELIVERED)  # key order, which is also export order
 
 
 class Meta(msgspec.Struct, array_like=True):
@@ -76,6 +81,28 @@ def undelivered_prefix(mail_id: str) -> bytes:
 
 def undelivered_key(mail_id: str, prio: int, msg_id: int) -> bytes:
     return UNDELIVERED + mail_id.encode() + b"\0" + bytes((prio,)) + b"\0" + _BE8.pack(msg_id)
+
+
+def mail_id_of(key: bytes) -> str | None:
+    """The mail_id a mailbox record's key belongs to, or None if ``key`` is no such key
+    (wrong family, or a message/mark key whose tail is malformed)."""
+    fam = key[:2]
+    if fam == META:
+        raw, ok = key[2:], True
+    elif fam == MSG:
+        raw, tail = key[2:-9], key[-9:]
+        ok = len(key) > 11 and tail[:1] == b"\0"
+    elif fam == UNDELIVERED:
+        raw, tail = key[2:-11], key[-11:]
+        ok = len(key) > 13 and tail[:1] == b"\0" and tail[1] < 3 and tail[2:3] == b"\0"
+    else:
+        return None
+    if not ok or not raw or b"\0" in raw:
+        return None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return None
 
 
 def _end_of(prefix: bytes) -> bytes:
@@ -191,16 +218,32 @@ class Store:
                 return
             yield k, v
 
-    def load(self, now: float) -> list[LoadedMailbox]:
-        """Scan everything into LoadedMailbox records, in one pass per key family.
+    def _family(self, family: bytes, ids: list[bytes] | None) -> Iterator[tuple[bytes, bytes]]:
+        if ids is None:
+            yield from self._range(family, _end_of(family))
+        elif family == META:
+            get = self.db.get
+            for i in ids:
+                v = get(META + i)
+                if v is not None:
+                    yield META + i, v
+        else:
+            for i in ids:
+                lo = family + i + b"\0"
+                yield from self._range(lo, _end_of(lo))
+
+    def load(self, now: float, mail_ids: Iterable[str] | None = None) -> list[LoadedMailbox]:
+        """Scan everything (or only the mailboxes ``mail_ids``: an imported slot) into
+        LoadedMailbox records, in one pass per key family.
 
         Mailboxes whose TTL passed while the shard was down are deleted here (committed before
         this returns), as are messages and marks left without a mailbox.
         """
+        ids = None if mail_ids is None else sorted({m.encode() for m in mail_ids})
         boxes: dict[str, LoadedMailbox] = {}
         dead: set[str] = set()
         unreadable: set[str] = set()  # left alone on disk: never destroy what we cannot parse
-        for k, v in self._range(META, _end_of(META)):
+        for k, v in self._family(META, ids):
             mail_id = k[2:].decode(errors="replace")
             try:
                 meta = _meta_dec.decode(v)
@@ -214,7 +257,7 @@ class Store:
             boxes[mail_id] = LoadedMailbox(mail_id, meta, {}, [[], [], []])
 
         orphans: set[str] = set()
-        for k, v in self._range(MSG, _end_of(MSG)):
+        for k, v in self._family(MSG, ids):
             mail_id = k[2:-9].decode(errors="replace")
             box = boxes.get(mail_id)
             if box is None:
@@ -222,7 +265,7 @@ class Store:
                 continue
             box.sizes[_BE8.unpack_from(k, len(k) - 8)[0]] = record_payload_size(v)
 
-        for k, _ in self._range(UNDELIVERED, _end_of(UNDELIVERED)):
+        for k, _ in self._family(UNDELIVERED, ids):
             mail_id = k[2:-11].decode(errors="replace")
             box = boxes.get(mail_id)
             if box is None:
@@ -240,6 +283,87 @@ class Store:
                 self._delete_mailbox(batch, mail_id)
             self.db.write(batch, self._wopts)
         return list(boxes.values())
+
+    # ---- slot moves ----------------------------------------------------------------------
+
+    def export(self, mail_ids: Iterable[str], after: bytes | None,
+               max_bytes: int) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+        """One page of the raw records of ``mail_ids``, in key order (all metas, then all
+        messages, then all marks), strictly after ``after``. -> (pairs, last key) or
+        (pairs, None) when nothing is left. A page holds at least one pair (a record may be
+        bigger than ``max_bytes``) and otherwise stays within ``max_bytes``.
+
+        Reads what is committed: the caller commits the pending batch first. Raises
+        ValueError for an ``after`` that is no mailbox record key.
+        """
+        ids = sorted({m.encode() for m in mail_ids})
+        fi, start, resume = 0, 0, None
+        if after is not None:
+            mid = mail_id_of(after)
+            if mid is None:
+                raise ValueError("'after' is not a mailbox record key")
+            fi = FAMILIES.index(after[:2])
+            raw = mid.encode()
+            if fi == 0:
+                start = bisect_right(ids, raw)
+            else:
+                start = bisect_left(ids, raw)
+                if start < len(ids) and ids[start] == raw:
+                    resume = after
+        pairs: list[tuple[bytes, bytes]] = []
+        size = 0
+        get = self.db.get
+        # One iterator, re-seeked per mailbox: a fresh iterator per range costs far more.
+        it = self.db.iter()
+        for f in range(fi, 3):
+            family = FAMILIES[f]
+            for j in range(start if f == fi else 0, len(ids)):
+                if family == META:
+                    k = META + ids[j]
+                    v = get(k)
+                    if v is None:
+                        continue
+                    n = len(k) + len(v)
+                    if pairs and size + n > max_bytes:
+                        return pairs, pairs[-1][0]
+                    pairs.append((k, v))
+                    size += n
+                    continue
+                lo = family + ids[j] + b"\0"
+                hi = _end_of(lo)  # by hand: iterate_upper_bound is unreliable (see _range)
+                if resume is not None:
+                    it.seek(resume)
+                    if it.valid() and it.key() == resume:
+                        it.next()
+                    resume = None
+                else:
+                    it.seek(lo)
+                while it.valid():
+                    k = it.key()
+                    if k >= hi:
+                        break
+                    v = it.value()
+                    n = len(k) + len(v)
+                    if pairs and size + n > max_bytes:
+                        return pairs, pairs[-1][0]
+                    pairs.append((k, v))
+                    size += n
+                    it.next()
+        return pairs, None
+
+    def put_raw(self, key: bytes, value: bytes) -> None:
+        self.batch.put(key, value)
+        self._dirty = True
+
+    def get_frozen(self) -> set[int]:
+        raw = self.db.get(FROZEN)
+        if raw is None:
+            return set()
+        return set(msgspec.msgpack.decode(raw, type=list[int]))
+
+    def put_frozen(self, slots: set[int]) -> None:
+        self.batch.put(FROZEN, msgspec.msgpack.encode(sorted(slots)))
+        self._dirty = True
 
     def close(self) -> None:
         self.commit()

@@ -1,0 +1,129 @@
+"""The slot mover: copies the mailboxes of moving slots from one shard to another.
+
+Driven by the Raft leader's ``cluster.rebalance.Rebalancer`` in the supervisor process, on
+its own thread, with blocking ZeroMQ DEALER sockets (one per shard it talks to, ipc on this
+node, TCP to others). For a batch of moves:
+
+    copy:   Export pages from each source, Import into each target (reset on the first
+            page, so a repeated copy overwrites); the source keeps serving meanwhile.
+    flip:   Freeze the slots on the source (its later ops answer ``moved``; gateways retry
+            at the new owner once the slot map flips), export again, import again.
+    finish: after ownership flipped in Raft, Drop the data on the source.
+
+If flip fails, the source is unfrozen (an empty Import with ``done``) and the Rebalancer
+aborts the batch: the source keeps the slots and nothing was lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+
+import zmq
+
+from mq9 import endpoints, log, wire
+from mq9.config import Config
+
+Owner = tuple[str, int]
+
+
+class MoveError(Exception):
+    pass
+
+
+class ShardMover:
+    def __init__(self, cfg: Config, group, timeout: float = 30.0):
+        self.cfg = cfg
+        self.group = group
+        self.timeout_ms = int(timeout * 1000)
+        self.ctx = zmq.Context()
+        self.socks: dict[Owner, zmq.Socket] = {}
+        self.rids = itertools.count(1)
+        self.log = log.bind(node=group.node_id)
+
+    # ---- Rebalancer's mover protocol ---------------------------------------------------
+
+    def copy(self, moves: list[dict]) -> None:
+        for (src, dst), slots in _by_pair(moves).items():
+            n = self._transfer(src, dst, slots)
+            self.log.info("slot_copy", source=_name(src), target=_name(dst), slots=len(slots), records=n)
+
+    def flip(self, moves: list[dict]) -> None:
+        for (src, dst), slots in _by_pair(moves).items():
+            self._call(src, wire.Freeze(rid=next(self.rids), slots=slots))
+            try:
+                n = self._transfer(src, dst, slots)
+            except Exception:
+                # Give the slots back to the source before the batch is aborted.
+                self._call(src, wire.Import(rid=next(self.rids), slots=slots, pairs=[], done=True))
+                raise
+            self.log.info("slot_flip", source=_name(src), target=_name(dst), slots=len(slots), records=n)
+
+    def finish(self, moves: list[dict]) -> None:
+        for (src, _dst), slots in _by_pair(moves).items():
+            self._call(src, wire.Drop(rid=next(self.rids), slots=slots))
+
+    # ---- plumbing ------------------------------------------------------------------------
+
+    def _transfer(self, src: Owner, dst: Owner, slots: list[int]) -> int:
+        after = None
+        first = True
+        count = 0
+        while True:
+            page = self._call(src, wire.Export(rid=next(self.rids), slots=slots, after=after))
+            pairs = [(bytes(k), bytes(v)) for k, v in page.get("pairs", ())]
+            after = page.get("next")
+            last = after is None
+            self._call(dst, wire.Import(rid=next(self.rids), slots=slots, pairs=pairs,
+                                        reset=first, done=last))
+            count += len(pairs)
+            first = False
+            if last:
+                return count
+
+    def _endpoint(self, owner: Owner) -> str:
+        node, shard = owner
+        if node == self.group.node_id:
+            return endpoints.shard_endpoint(self.cfg, shard)
+        info = self.group.snapshot().members[node]
+        return endpoints.shard_tcp(info["advertise"], info["cluster_port"], shard)
+
+    def _sock(self, owner: Owner) -> zmq.Socket:
+        s = self.socks.get(owner)
+        if s is None:
+            s = self.ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.IDENTITY, f"mover-{self.group.node_id}".encode())
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(self._endpoint(owner))
+            self.socks[owner] = s
+        return s
+
+    def _call(self, owner: Owner, op) -> dict:
+        s = self._sock(owner)
+        s.send(wire.encode([op]))
+        while True:
+            if not s.poll(self.timeout_ms):
+                # The socket may hold a late answer now: start afresh next time.
+                self.socks.pop(owner).close(linger=0)
+                raise MoveError(f"shard {_name(owner)} did not answer {type(op).__name__}")
+            for m in wire.decode_from_shard(s.recv()):
+                if type(m) is wire.Result and m.rid == op.rid:
+                    if m.code:
+                        raise MoveError(f"shard {_name(owner)}: {type(op).__name__}: {m.code}: {m.error}")
+                    return m.data or {}
+
+    def close(self) -> None:
+        for s in self.socks.values():
+            s.close(linger=0)
+        self.ctx.term()
+
+
+def _by_pair(moves: list[dict]) -> dict[tuple[Owner, Owner], list[int]]:
+    out: dict[tuple[Owner, Owner], list[int]] = defaultdict(list)
+    for m in moves:
+        out[(tuple(m["from"]), tuple(m["to"]))].append(int(m["slot"]))
+    return out
+
+
+def _name(owner: Owner) -> str:
+    return f"{owner[0]}/shard-{owner[1]}"
