@@ -236,10 +236,16 @@ class _Supervisor:
             log.error("cluster_open_failed", join=self.cfg.join, error=str(e))
             return False
         self.cfg = dataclasses.replace(self.cfg, node_id=self.group.node_id)
+        # `mq9 cluster remove` moved our slots away and took us out: stop as on SIGTERM.
+        self.group.on_removed(self._removed_from_cluster)
         snap = self.group.snapshot()
         log.info("cluster_member", node_id=self.group.node_id, leader=self.group.leader(),
                  members=len(snap.members), version=snap.version)
         return True
+
+    def _removed_from_cluster(self) -> None:
+        log.info("cluster_removed", node_id=self.cfg.node_id)
+        os.kill(os.getpid(), signal.SIGTERM)  # the main loop wakes on its signal fd
 
     def _start_rebalancer(self) -> None:
         """Every member runs one; only the Raft leader's acts (cluster/rebalance.py)."""

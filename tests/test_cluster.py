@@ -336,3 +336,36 @@ async def test_join_under_load_moves_slots_without_loss(tmp_path):
         if n2 is not None:
             n2.close()
         n1.close()
+
+
+async def test_remove_moves_slots_back_and_stops_the_node(tmp_path):
+    n1 = cluster_node(tmp_path, "r1").start()
+    n2 = cluster_node(tmp_path, "r2", join=n1.flags["cluster_port"]).start()
+    try:
+        wait_balanced(n1.flags["cluster_port"], 2)
+        time.sleep(0.6)
+        nc = await connect(n1)
+        names = [f"r-agent-{i}" for i in range(20)]
+        assert {owner_of(n1, n) for n in names} == {"r1", "r2"}
+        boxes = [json.loads((await nc.request("$mq9.AI.MAILBOX.CREATE",
+                                              json.dumps({"name": n}).encode(), timeout=5)).data)
+                 for n in names]
+        for b in boxes:
+            await nc.request(f"$mq9.AI.INBOX.{b['mail_id']}.urgent", b"kept", timeout=5)
+
+        out = subprocess.run([sys.executable, "-m", "mq9", "cluster", "remove", "r2",
+                              "--server", f"127.0.0.1:{n1.flags['cluster_port']}", "--timeout", "60"],
+                             capture_output=True, text=True, timeout=90)
+        assert out.returncode == 0, out.stdout + out.stderr
+        st = cluster_status(n1.flags["cluster_port"])
+        assert list(st["members"]) == ["r1"] and st["slots_per_node"] == {"r1": 4096}
+        assert n2.proc.wait(timeout=30) == 0  # the removed node stops by itself
+        time.sleep(0.6)
+        for b in boxes:
+            q = json.loads((await nc.request(f"$mq9.AI.MAILBOX.QUERY.{b['mail_id']}",
+                                             json.dumps({"token": b["token"]}).encode(), timeout=5)).data)
+            assert [m["payload"] for m in q["messages"]] == ["kept"], q
+        await nc.close()
+    finally:
+        n2.close()
+        n1.close()
