@@ -2,6 +2,7 @@
 another node, on a two-node cluster on 127.0.0.1.
 
     python -m loadtest.cluster_hop [--count N]
+    python -m loadtest.cluster_hop --moves 100000   # join nodes 2-4, time the slot moves
 
 Prints acks/s and the CPU seconds all processes of both nodes used per 1,000 acked sends,
 for each path. A 2-core machine cannot show scale-out, so CPU per message is the figure that
@@ -85,14 +86,15 @@ def _start(tmp: Path, name: str, join: int | None) -> tuple[subprocess.Popen, in
     raise RuntimeError(f"{name} did not start")
 
 
-def _balanced(cluster_port: int) -> bool:
+def _balanced(cluster_port: int, nodes: int = 2) -> bool:
     out = subprocess.run([sys.executable, "-m", "mq9", "cluster", "status", "--json", "--server",
                           f"127.0.0.1:{cluster_port}"], capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         return False
     st = json.loads(out.stdout)
     per = st["slots_per_node"]
-    return len(per) == 2 and not st["moves_total"] and min(per.values()) > 1000
+    return (len(per) == nodes and not st["moves_total"]
+            and max(per.values()) - min(per.values()) <= 4)
 
 
 async def _acked(port: int, mail_ids: list[str], count: int, inflight: int = 1000) -> float:
@@ -121,23 +123,63 @@ async def _acked(port: int, mail_ids: list[str], count: int, inflight: int = 100
     return count / (time.monotonic() - t0)
 
 
-async def _create(port: int, names: list[str]) -> None:
+async def _create(port: int, names: list[str], payload: bytes | None = None,
+                  inflight: int = 500) -> None:
+    """Create mailboxes ``names`` (pipelined), and store ``payload`` in each if given."""
     nc = await rn.connect(port=port, name="create")
-    for n in names:
-        fut = asyncio.get_running_loop().create_future()
-        nc.request_cb("$mq9.AI.MAILBOX.CREATE", json.dumps({"name": n, "ttl": 0}).encode(),
-                      lambda h, d, f=fut: f.set_result(d))
-        await asyncio.wait_for(fut, 10)
+    sem = asyncio.Semaphore(inflight)
+    loop = asyncio.get_running_loop()
+
+    async def one(subject: str, body: bytes) -> None:
+        async with sem:
+            fut = loop.create_future()
+            nc.request_cb(subject, body, lambda h, d: fut.done() or fut.set_result(d))
+            await asyncio.wait_for(fut, 30)
+
+    await asyncio.gather(*(one("$mq9.AI.MAILBOX.CREATE", json.dumps({"name": n, "ttl": 0}).encode())
+                           for n in names))
+    if payload is not None:
+        await asyncio.gather(*(one(f"$mq9.AI.INBOX.{n}.normal", payload) for n in names))
+
+
+def move_bench(tmp: Path, mailboxes: int, procs: list) -> None:
+    """Join nodes 2, 3 and 4 to a node holding ``mailboxes`` mailboxes (one 256 B message
+    each) and time each join until the slots are balanced again."""
+    p1, port1, cport1 = _start(tmp, "m1", None)
+    procs.append(p1)
+    t0 = time.monotonic()
+    asyncio.run(_create(port1, [f"mb-{i}" for i in range(mailboxes)], b"m" * 256))
+    print(f"{mailboxes:,} mailboxes with one 256 B message each created in "
+          f"{time.monotonic() - t0:.1f} s on node m1")
+    for n in (2, 3, 4):
+        t0 = time.monotonic()
+        p, _, _ = _start(tmp, f"m{n}", cport1)
+        procs.append(p)
+        started = time.monotonic() - t0
+        while not _balanced(cport1, n):
+            if time.monotonic() - t0 > 600:
+                raise RuntimeError("cluster did not balance")
+            time.sleep(0.5)
+        took = time.monotonic() - t0
+        moved = mailboxes // n  # each join moves about 1/n of the mailboxes to the new node
+        print(f"join of node {n}: serving after {started:.1f} s, balanced after {took:.1f} s "
+              f"(~{moved:,} mailboxes moved, ~{moved / took:,.0f} mailboxes/s, "
+              f"~{moved * 300 / took / 1e6:.2f} MB/s of records)")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--count", type=int, default=30_000)
+    ap.add_argument("--moves", type=int, metavar="MAILBOXES", default=0,
+                    help="instead: time joins of nodes 2-4 to a node holding this many mailboxes")
     a = ap.parse_args()
     rn.install_uvloop()
     tmp = Path(tempfile.mkdtemp(prefix="mq9-hop-"))
     procs = []
     try:
+        if a.moves:
+            move_bench(tmp, a.moves, procs)
+            return 0
         p1, port1, cport1 = _start(tmp, "h1", None)
         procs.append(p1)
         p2, port2, _ = _start(tmp, "h2", cport1)

@@ -17,6 +17,7 @@ aborts the batch: the source keeps the slots and nothing was lost.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import defaultdict
 
 import zmq
@@ -32,8 +33,9 @@ class MoveError(Exception):
 
 
 class ShardMover:
-    def __init__(self, cfg: Config, group, timeout: float = 30.0):
+    def __init__(self, cfg: Config, group, timeout: float = 30.0, settle: float = 0.2):
         self.cfg = cfg
+        self.settle = settle
         self.group = group
         self.timeout_ms = int(timeout * 1000)
         self.ctx = zmq.Context()
@@ -49,15 +51,25 @@ class ShardMover:
             self.log.info("slot_copy", source=_name(src), target=_name(dst), slots=len(slots), records=n)
 
     def flip(self, moves: list[dict]) -> None:
-        for (src, dst), slots in _by_pair(moves).items():
-            self._call(src, wire.Freeze(rid=next(self.rids), slots=slots))
+        pairs = _by_pair(moves)
+        inflight = 0
+        for (src, _dst), slots in pairs.items():
+            inflight += self._call(src, wire.Freeze(rid=next(self.rids), slots=slots)).get("inflight", 0)
+        if inflight:
+            # Messages were on their way to subscribers: give the gateways' Delivered
+            # reports a moment to reach the frozen source, so the final export marks them
+            # delivered instead of handing them to the new owner to deliver again.
+            time.sleep(self.settle)
+        for (src, dst), slots in pairs.items():
             try:
                 n = self._transfer(src, dst, slots)
             except Exception:
-                # Give the slots back to the source before the batch is aborted.
-                self._call(src, wire.Import(rid=next(self.rids), slots=slots, pairs=[], done=True))
+                # Give every frozen slot back to its source before the batch is aborted.
+                for (s, _d), sl in pairs.items():
+                    self._call(s, wire.Import(rid=next(self.rids), slots=sl, pairs=[], done=True))
                 raise
-            self.log.info("slot_flip", source=_name(src), target=_name(dst), slots=len(slots), records=n)
+            self.log.info("slot_flip", source=_name(src), target=_name(dst), slots=len(slots),
+                          records=n, inflight=inflight)
 
     def finish(self, moves: list[dict]) -> None:
         for (src, _dst), slots in _by_pair(moves).items():

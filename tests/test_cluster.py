@@ -300,6 +300,14 @@ async def test_join_under_load_moves_slots_without_loss(tmp_path):
                 i += 1
                 await asyncio.sleep(0.01)
 
+        # Five agents stay subscribed through the move: their owner subscriptions must
+        # follow the mailboxes to the new node and keep receiving.
+        live_conn = await connect(n1)
+        live: dict[str, list[int]] = {b["mail_id"]: [] for b in boxes[:5]}
+        for mail_id, got in live.items():
+            async def on_live(msg, got=got):
+                got.append(json.loads(msg.data)["n"])
+            await live_conn.subscribe(f"$mq9.AI.INBOX.{mail_id}.*", cb=on_live)
         tasks = [asyncio.create_task(sender(b)) for b in boxes]
         await asyncio.sleep(0.5)
         n2 = cluster_node(tmp_path, "j2", join=n1.flags["cluster_port"])
@@ -310,6 +318,16 @@ async def test_join_under_load_moves_slots_without_loss(tmp_path):
         await asyncio.gather(*tasks)
         moved = [b for b in boxes if owner_of(n1, b["mail_id"]) == "j2"]
         assert moved, "no mailbox changed owner"
+        deadline = time.monotonic() + 10
+        while any(set(acked[m]) - set(got) for m, got in live.items()):
+            assert time.monotonic() < deadline, {
+                m: sorted(set(acked[m]) - set(got))[:10] for m, got in live.items()}
+            await asyncio.sleep(0.1)
+        dupes = sum(len(got) - len(set(got)) for got in live.values())
+        print(f"live owner subscriptions through the move: {sum(map(len, live.values()))} "
+              f"messages, {dupes} delivered twice")
+        await live_conn.close()
+        boxes = boxes[5:]  # the others were offline: they replay below
 
         reader = await connect(n2)
         for box in boxes:

@@ -732,16 +732,18 @@ class Shard:
             self.write_error = e
             raise
 
-    def _freeze_slots(self, slots: set[int]) -> int:
-        """Stop serving ``slots``; returns how many mailboxes that touched."""
+    def _freeze_slots(self, slots: set[int]) -> tuple[int, int]:
+        """Stop serving ``slots``; returns how many mailboxes that touched and how many
+        in-flight messages went back to pending."""
         new = slots - self.frozen
         if not new:
-            return 0
+            return 0, 0
         self.frozen |= new
         self.store.put_frozen(self.frozen)
-        n = 0
+        n = returned = 0
         for mb in self._in_slots(new):
             n += 1
+            returned += len(mb.inflight)
             self.dirty.discard(mb)
             if mb.inflight:
                 # Back to pending, so the export (whose disk marks never left) and this
@@ -752,7 +754,7 @@ class Shard:
                         sub.inflight.discard(mid)
                 mb.inflight.clear()
                 mb.requeue(back)
-        return n
+        return n, returned
 
     def _forget_imports(self, slots: set[int]) -> None:
         for s in slots:
@@ -764,9 +766,10 @@ class Shard:
         slots = self._slot_set(gw, op, "freeze")
         if slots is None:
             return
-        n = self._freeze_slots(slots)
+        n, returned = self._freeze_slots(slots)
         self._count("freeze", "ok")
-        self._reply(gw, wire.Result(rid=op.rid, data={"frozen": sorted(slots), "mailboxes": n}))
+        self._reply(gw, wire.Result(rid=op.rid, data={"frozen": sorted(slots), "mailboxes": n,
+                                                      "inflight": returned}))
 
     def _export(self, gw: bytes, op: wire.Export) -> None:
         slots = self._slot_set(gw, op, "export")
