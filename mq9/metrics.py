@@ -36,3 +36,18 @@ SHARD_BATCH_SIZE = Histogram(
     "mq9_shard_batch_ops", "Operations per shard batch",
     buckets=(1, 2, 5, 10, 50, 100, 500, 1000, 5000),
 )
+
+SEND_ACK_SECONDS = Histogram(
+    "mq9_send_ack_seconds", "Gateway time from an acked mailbox send to its ack (shard round trip, write included)",
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0),
+)
+ROCKSDB_BYTES = Gauge("mq9_rocksdb_bytes", "RocksDB files and memtables of the node's shards",
+                      multiprocess_mode="livesum")
+# Written by the supervisor only (every other process holds 0), so "max" is its value.
+RAFT_LEADER = Gauge("mq9_raft_leader", "1 if this node leads the metadata group", multiprocess_mode="max")
+RAFT_TERM = Gauge("mq9_raft_term", "Current Raft term of the metadata group", multiprocess_mode="max")
+RAFT_COMMIT_INDEX = Gauge("mq9_raft_commit_index", "Raft commit index seen by this node",
+                          multiprocess_mode="max")
+SLOTS_OWNED = Gauge("mq9_slots_owned", "Slots owned by this node's shards", multiprocess_mode="max")
+SLOT_MOVES = Gauge("mq9_slot_moves_in_progress", "Slot moves recorded in the metadata group",
+                   multiprocess_mode="max")

@@ -63,3 +63,13 @@ def owner_subscription(subject: str) -> tuple[str, int] | None:
     if bit is None:
         return None
     return mail_id, bit
+
+
+KINDS = ("plain", "broadcast", "mailbox")  # how metrics split traffic
+
+
+def kind_of(subject: str) -> int:
+    """Index into KINDS: plain NATS, a broadcast, or any other ``$mq9.AI`` subject."""
+    if subject[:1] != "$" or not subject.startswith(PREFIX):
+        return 0
+    return 1 if subject.startswith(BROADCAST) else 2

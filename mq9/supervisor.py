@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import json
 import multiprocessing
 import os
 import shutil
@@ -149,6 +150,8 @@ class _Supervisor:
         self.gateways = [_Child("gateway", i) for i in range(cfg.gateway_count)]
         self.children = self.shards + self.gateways
         self.phase = "starting"  # starting | running | stopping
+        self.started_wall = time.time()
+        self._next_gauges = 0.0
         self.group = None  # cluster.metadata.MetadataGroup in cluster mode
         self.rebalancer = None  # cluster.rebalance.Rebalancer, driving mq9.mover.ShardMover
         self.mover = None
@@ -456,6 +459,14 @@ class _Supervisor:
             if self.stop_signal is not None:
                 break  # children dying now are stopping (Ctrl-C reaches them too), not crashing
             self._reap()
+            if self.group is not None and time.monotonic() >= self._next_gauges:
+                self._next_gauges = time.monotonic() + 1.0
+                try:
+                    from mq9 import monitor
+
+                    monitor.update_cluster_gauges(self.group)
+                except Exception:  # noqa: BLE001 - gauges must never stop the supervisor
+                    log.exception("cluster_gauges_failed")
             if not self.ready and not self.not_ready():
                 self.ready = True
                 log.info("node_ready", port=self.cfg.port,
@@ -570,8 +581,19 @@ def _make_handler(sup: _Supervisor, registry):
                 except Exception:
                     log.exception("metrics_collect_failed")
                     body, code = b"metrics collection failed\n", 500
+            elif path in ("/varz", "/connz"):
+                from urllib.parse import parse_qsl
+
+                from mq9 import monitor
+
+                query = dict(parse_qsl(self.path.partition("?")[2]))
+                doc = (monitor.varz(sup.cfg, sup.started_wall, sup.cfg.node_id) if path == "/varz"
+                       else monitor.connz(sup.cfg, query))
+                body, ctype, code = json.dumps(doc, indent=2).encode(), "application/json", 200
             elif path in ("/healthz", "/readyz"):
                 bad = sup.down() if path == "/healthz" else sup.not_ready()
+                if sup.group is not None and not sup.group.is_ready():
+                    bad = bad + ["metadata group"]
                 if path == "/readyz" and not bad and not sup.ready:
                     bad = ["starting"]  # ready once the main loop has said so in the log
                 if sup.phase == "stopping":

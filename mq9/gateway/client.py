@@ -15,6 +15,7 @@ import time
 from mq9.protocol import errors
 from mq9.protocol.parser import Parser
 from mq9.protocol.subjects import valid_publish_subject, valid_subject
+from mq9.subjects import kind_of
 
 PING = b"PING\r\n"
 PONG = b"PONG\r\n"
@@ -63,7 +64,7 @@ class Client(asyncio.Protocol):
         self.rechecks = 0  # no-responders answers still pending for this client
         self.held_pongs: list | None = None  # PONGs that must wait for them
         self.start = time.time()
-        self.last_activity = self.start
+        self.last_activity_wall = self.start
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
         self._auth_timer: asyncio.TimerHandle | None = None
         self.remote = ("", 0)
@@ -87,7 +88,7 @@ class Client(asyncio.Protocol):
                 self.cfg.auth_timeout, self._auth_timeout)
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
+        self.last_activity_wall = time.time()
         try:
             self.parser.feed(data)
         except Exception:  # a bug must never reach the client as a traceback or kill the loop
@@ -152,9 +153,23 @@ class Client(asyncio.Protocol):
             self.send(line + payload + b"\r\n")
         self.msgs_out += 1
         self.bytes_out += len(payload)
+        k = self.broker.kinds[kind_of(subject)]
+        k[2] += 1
+        k[3] += len(payload)
         sub.delivered += 1
         if sub.max_msgs and sub.delivered >= sub.max_msgs:
             self._remove_sub(sub)
+
+    def describe(self, now: float) -> dict:
+        """This connection as nats-server's /connz lists it."""
+        return {"cid": self.cid, "ip": self.remote[0], "port": self.remote[1],
+                "start": self.start, "last_activity": self.last_activity_wall,
+                "uptime": round(now - self.start, 3),
+                "pending_bytes": self.out_size + (self.transport.get_write_buffer_size()
+                                                  if self.transport else 0),
+                "in_msgs": self.msgs_in, "out_msgs": self.msgs_out,
+                "in_bytes": self.bytes_in, "out_bytes": self.bytes_out,
+                "subscriptions": len(self.subs), "name": self.name, "lang": self.lang}
 
     # ---- closing ----------------------------------------------------------------------
 

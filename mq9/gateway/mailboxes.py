@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import secrets
+import time
 
 import msgspec
 
@@ -87,6 +88,7 @@ class Mailboxes:
         self.reply = publish_reply  # reply(subject, body_bytes)
         self.owner_subs: dict[int, Subscription] = {}
         self.sub_target: dict[int, tuple] = {}  # key -> the shard its Subscribe went to
+        self._ack_times: list[float] = []  # observed into the histogram once a second
         # Delivered reports, batched per (shard, key, mail_id) and flushed with the frame.
         self._acks: dict[tuple[int, int, str], list[int]] = {}
 
@@ -198,6 +200,8 @@ class Mailboxes:
             self._error(reply, "bad_request", f"unknown priority '{priority}': use urgent, normal or notify")
             return
 
+        t0 = time.perf_counter() if reply else 0.0
+
         def done(res: wire.Result) -> None:
             if res.code:
                 if not reply:
@@ -205,6 +209,7 @@ class Mailboxes:
                 self._error(reply, res.code, res.error or res.code)
                 return
             if reply:
+                self._ack_times.append(time.perf_counter() - t0)
                 self.reply(reply, _json(res.data))
             # Monitors (wildcard subscriptions) see the message once it is stored.
             hdrs = _with_mq9_headers(headers, res.data["msg_id"], priority)
@@ -267,6 +272,14 @@ class Mailboxes:
         acks.append(d.msg_id)
         sub.client.deliver(sub, d.subject, None, _with_mq9_headers(d.headers, d.msg_id, d.priority),
                            d.payload)
+
+    def report(self) -> None:
+        """Once a second: send-ack latencies into the shared histogram (one lock and file
+        write per observation, too dear to do per message)."""
+        times, self._ack_times = self._ack_times, []
+        observe = metrics.SEND_ACK_SECONDS.observe
+        for t in times:
+            observe(t)
 
     def flush_acks(self) -> None:
         if not self._acks:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import signal
 import socket
+import time
 import uuid
 
 import zmq
@@ -29,6 +31,7 @@ from mq9.gateway.topology import Topology, gateway_id
 from mq9.protocol import errors
 
 NO_RESPONDERS_GRACE = 0.005  # seconds
+MAX_CONNZ = 5000  # above this many connections, /connz is refreshed every 10 s, not every second
 
 
 
@@ -73,8 +76,15 @@ class Gateway:
         self._pinger: asyncio.TimerHandle | None = None
         self._topology_timer: asyncio.TimerHandle | None = None
         self._stats_timer: asyncio.TimerHandle | None = None
-        self._closed_totals = [0, 0, 0, 0]  # msgs in/out, bytes in/out of clients that left
-        self._reported = [0, 0, 0, 0]
+        # Per kind (plain, broadcast, mailbox): msgs in, bytes in, msgs out, bytes out.
+        self.kinds = [[0, 0, 0, 0] for _ in subjects.KINDS]
+        self._kind_reported = [[0, 0, 0, 0] for _ in subjects.KINDS]
+        self._kind_metrics = [[metrics.MESSAGES_IN.labels(k), metrics.BYTES_IN.labels(k),
+                               metrics.MESSAGES_OUT.labels(k), metrics.BYTES_OUT.labels(k)]
+                              for k in subjects.KINDS]
+        self._closed_totals = {"in_msgs": 0, "out_msgs": 0, "in_bytes": 0, "out_bytes": 0}
+        self.slow_consumers = 0
+        self._stats_path = os.path.join(cfg.run_dir, f"stats-gw-{index}.json")
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -131,10 +141,10 @@ class Gateway:
         if self.clients.pop(client.cid, None) is not None:
             self.conns.set(len(self.clients))
             t = self._closed_totals
-            t[0] += client.msgs_in
-            t[1] += client.msgs_out
-            t[2] += client.bytes_in
-            t[3] += client.bytes_out
+            t["in_msgs"] += client.msgs_in
+            t["out_msgs"] += client.msgs_out
+            t["in_bytes"] += client.bytes_in
+            t["out_bytes"] += client.bytes_out
 
     def check_auth(self, opts: dict) -> bool:
         cfg = self.cfg
@@ -152,6 +162,8 @@ class Gateway:
 
     def slow_consumer(self, client: Client) -> None:
         metrics.SLOW_CONSUMERS.inc()
+        metrics.DROPS.labels("slow_consumer").inc()
+        self.slow_consumers += 1
         self.log.warning("slow_consumer", cid=client.cid, name=client.name)
 
     def next_key(self) -> int:
@@ -186,6 +198,9 @@ class Gateway:
 
     def publish(self, subject: str, reply: str | None, headers: bytes | None, payload: bytes,
                 client: Client) -> None:
+        k = self.kinds[subjects.kind_of(subject)]
+        k[0] += 1
+        k[1] += len(payload)
         if subject.startswith(subjects.PREFIX) and self.mailboxes.handle(subject, reply, headers, payload, client):
             if not subject.startswith(subjects.INBOX):
                 # Watchers of '$mq9.AI.#' see requests too (without the reply subject, so a
@@ -283,27 +298,45 @@ class Gateway:
         self._pinger = self.loop.call_later(self.cfg.ping_interval, self._ping_clients)
 
     def _report_stats(self) -> None:
-        """Per-connection counters are plain ints on the hot path; they are folded into the
-        shared metrics once a second (and when a client leaves, via ``release``)."""
-        totals = list(self._closed_totals)
-        subs = 0
-        for c in self.clients.values():
-            totals[0] += c.msgs_in
-            totals[1] += c.msgs_out
-            totals[2] += c.bytes_in
-            totals[3] += c.bytes_out
-            subs += len(c.subs)
-        d = [t - r for t, r in zip(totals, self._reported)]
-        if d[0]:
-            metrics.MESSAGES_IN.labels("all").inc(d[0])
-            metrics.BYTES_IN.labels("all").inc(d[2])
-        if d[1]:
-            metrics.MESSAGES_OUT.labels("all").inc(d[1])
-            metrics.BYTES_OUT.labels("all").inc(d[3])
-        self._reported = totals
+        """Hot paths only bump plain ints (per kind here, per connection in ``Client``);
+        once a second they are folded into the shared metrics, and the connection list
+        goes to a file the supervisor serves as /connz and /varz."""
+        stats = self.kinds
+        for k in range(len(subjects.KINDS)):
+            for i, counter in enumerate(self._kind_metrics[k]):
+                delta = stats[k][i] - self._kind_reported[k][i]
+                if delta:
+                    counter.inc(delta)
+            self._kind_reported[k] = list(stats[k])
+        self.mailboxes.report()
+        subs = sum(len(c.subs) for c in self.clients.values())
         metrics.CONNECTIONS.set(len(self.clients))
         metrics.SUBSCRIPTIONS.set(subs)
+        try:
+            self._write_stats(subs)
+        except OSError as e:
+            self.log.warning("stats_write_failed", error=str(e))
         self._stats_timer = self.loop.call_later(1.0, self._report_stats)
+
+    def _write_stats(self, subs: int) -> None:
+        now = time.time()
+        conns = []
+        if len(self.clients) <= MAX_CONNZ or not int(now) % 10:
+            conns = [c.describe(now) for c in self.clients.values()]
+        totals = dict(self._closed_totals)
+        for c in self.clients.values():
+            totals["in_msgs"] += c.msgs_in
+            totals["out_msgs"] += c.msgs_out
+            totals["in_bytes"] += c.bytes_in
+            totals["out_bytes"] += c.bytes_out
+        doc = {"gateway": self.gw_id, "server_id": self.server_id, "now": now,
+               "connections": len(self.clients), "total_connections": self._cid - (self.index << 40),
+               "subscriptions": subs, "slow_consumers": self.slow_consumers, **totals,
+               "conns": conns}
+        tmp = self._stats_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, separators=(",", ":"))
+        os.replace(tmp, self._stats_path)
 
 
 async def _main(cfg: Config, index: int) -> None:

@@ -69,6 +69,7 @@ class _Metrics:
         self.unreachable = metrics.DROPS.labels("gateway_unreachable")
         self.corrupt = metrics.DROPS.labels("corrupt_record")
         self._corrupt_seen = 0
+        self._next_size = 0.0
 
     def batch(self, shard: Shard, seconds: float, nops: int) -> None:
         for key, n in shard.take_op_counts().items():
@@ -85,6 +86,11 @@ class _Metrics:
         if nops:
             metrics.SHARD_BATCH_SECONDS.observe(seconds)
             metrics.SHARD_BATCH_SIZE.observe(nops)
+        now = time.monotonic()
+        if now >= self._next_size:
+            # RocksDB computes these from its own bookkeeping: cheap, but not per batch.
+            self._next_size = now + 5.0
+            metrics.ROCKSDB_BYTES.set(shard.store.disk_bytes())
 
 
 def _encode(items: list) -> bytes:

@@ -365,6 +365,16 @@ class Store:
         self.batch.put(FROZEN, msgspec.msgpack.encode(sorted(slots)))
         self._dirty = True
 
+    def disk_bytes(self) -> int:
+        """SST files plus memtables, as RocksDB counts them."""
+        total = 0
+        for prop in ("rocksdb.total-sst-files-size", "rocksdb.cur-size-all-mem-tables"):
+            try:
+                total += int(self.db.property_int_value(prop) or 0)
+            except Exception:  # noqa: BLE001 - a size gauge must never fail a batch
+                pass
+        return total
+
     def close(self) -> None:
         self.commit()
         try:

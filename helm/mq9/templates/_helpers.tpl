@@ -1,0 +1,60 @@
+{{/* Chart name. */}}
+{{- define "mq9.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: <release>-mq9, or the release name when it already contains the chart name.
+Kept to 52 characters: StatefulSet pods add "-<ordinal>" and a controller-revision hash label. */}}
+{{- define "mq9.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The headless Service: peers' DNS names and cluster ports. */}}
+{{- define "mq9.headless" -}}
+{{- printf "%s-headless" (include "mq9.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "mq9.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "mq9.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mq9.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "mq9.labels" -}}
+helm.sh/chart: {{ include "mq9.chart" . }}
+{{ include "mq9.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "mq9.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{/* Ports between nodes: Raft (cluster port), shard i (+1+i), gateway j (+1+shards+j). */}}
+{{- define "mq9.clusterPorts" -}}
+{{- $base := int .Values.mq9.clusterPort }}
+{{- $shards := int .Values.mq9.shards }}
+- name: cluster
+  port: {{ $base }}
+{{- range $i, $_ := until $shards }}
+- name: shard-{{ $i }}
+  port: {{ add $base 1 $i }}
+{{- end }}
+{{- range $j, $_ := until (int $.Values.mq9.gateways) }}
+- name: gateway-{{ $j }}
+  port: {{ add $base 1 $shards $j }}
+{{- end }}
+{{- end }}
