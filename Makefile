@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: venv run test bench clean
+.PHONY: venv run test bench loadtest clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,12 @@ test: venv
 
 bench: venv
 	$(BIN)/python -m loadtest.bench $(ARGS)
+
+# locust (loadtest/locustfile.py) headless against a throwaway local node, then the
+# summary: 50 users, 30 s. LOCUST_ARGS="-u 200 -t 2m" or ARGS="..." override locust's
+# flags; with --host in them no node is started and that server is driven instead.
+loadtest: venv
+	LOCUST_ARGS="$(LOCUST_ARGS)" $(BIN)/python -m loadtest.run_locust $(ARGS)
 
 # Keeps ./mq9-data: it holds the broker's messages.
 clean:

@@ -1,5 +1,6 @@
 """The ``mq9`` command: ``mq9 node [flags]`` runs a node, ``mq9 cluster status|remove``
-talks to a cluster's metadata group, ``mq9 --version``.
+talks to a cluster's metadata group, ``mq9 --version``; ``mq9 mailbox|send|pub|sub|query|
+request`` are client commands for people (``mq9.tools``).
 
 Every setting of ``mq9.config`` is a flag of ``mq9 node``; ``--help`` shows each one's
 ``MQ9_*`` variable and default. A bad setting is a one-line error and exit status 2, the
@@ -22,7 +23,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mq9", description="A message broker for AI agents that speaks NATS.")
+    from mq9 import tools
+
+    parser = _Parser(prog="mq9", description="A message broker for AI agents that speaks NATS.",
+                     epilog="The client commands (mailbox ... request) take --server URL "
+                            "(env MQ9_SERVER, default nats://127.0.0.1:4222) after the command. "
+                            "`mq9 COMMAND --help` for more.")
     parser.add_argument("--version", action="version", version=f"mq9 {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     node = commands.add_parser(
@@ -33,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     config.add_arguments(node)
     commands.add_parser("cluster", help="cluster status / remove a node (see mq9 cluster --help)",
                         add_help=False)
+    tools.add_parsers(commands)
     return parser
 
 
@@ -44,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         return admin.main(argv[1:], prog="mq9 cluster")
     parser = _parser()
     ns = parser.parse_args(argv)
+    from mq9 import tools
+
+    if ns.command in tools.COMMANDS:
+        return tools.run(ns)
     if ns.command != "node":
         parser.print_help(sys.stderr)
         return 2
