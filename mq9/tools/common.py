@@ -1,0 +1,383 @@
+"""What every client command shares: the connection flags, connecting with a one-line
+error, turning broker error replies into ``ToolError``, and output helpers.
+
+A command is ``async def run(nc, ns) -> int``; ``execute`` connects, runs it and turns every
+expected failure into ``mq9: <message>`` on stderr and exit status 1 (130 on Ctrl-C), never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import inspect
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+DEFAULT_SERVER = "nats://127.0.0.1:4222"
+DEFAULT_TIMEOUT = 5.0
+PRIORITIES = ("urgent", "normal", "notify")
+
+
+class ToolError(Exception):
+    """An expected failure: printed as ``mq9: <message>``, exit status 1."""
+
+
+# ---- flags ---------------------------------------------------------------------------------
+
+def add_connection_flags(p: argparse.ArgumentParser) -> None:
+    """The flags every client command takes (after the command: ``mq9 send --server X``).
+    Left out, they are absent from the namespace; ``settings`` fills in the variables and
+    defaults."""
+    g = p.add_argument_group("connection")
+    g.add_argument("-s", "--server", default=argparse.SUPPRESS, metavar="URL",
+                   help=f"NATS URL(s) of the broker, comma separated (env MQ9_SERVER, "
+                        f"default {DEFAULT_SERVER})")
+    g.add_argument("--auth-token", default=argparse.SUPPRESS, metavar="TOKEN",
+                   help="server auth token, as given to `mq9 node --auth-token` "
+                        "(env MQ9_AUTH_TOKEN)")
+    g.add_argument("--user", default=argparse.SUPPRESS, help="server user (env MQ9_USER)")
+    g.add_argument("--password", "--pass", dest="password", default=argparse.SUPPRESS,
+                   help="server password (env MQ9_PASS)")
+    g.add_argument("--timeout", type=_positive_float, default=argparse.SUPPRESS,
+                   metavar="SECONDS",
+                   help=f"connect and reply timeout (default {DEFAULT_TIMEOUT:g}; for sub: "
+                        "stop waiting after this long)")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return v
+
+
+def settings(ns: argparse.Namespace) -> dict:
+    env = os.environ
+    timeout = getattr(ns, "timeout", None)
+    return {
+        "servers": normalize_servers(getattr(ns, "server", None) or env.get("MQ9_SERVER")
+                                     or DEFAULT_SERVER),
+        "token": getattr(ns, "auth_token", None) or env.get("MQ9_AUTH_TOKEN") or None,
+        "user": getattr(ns, "user", None) or env.get("MQ9_USER") or None,
+        "password": getattr(ns, "password", None) or env.get("MQ9_PASS") or None,
+        "timeout": timeout if timeout is not None else DEFAULT_TIMEOUT,
+        "timeout_given": timeout is not None,
+    }
+
+
+def normalize_servers(text: str) -> list[str]:
+    out = []
+    for s in text.split(","):
+        s = s.strip()
+        if not s:
+            continue
+        if "://" not in s:
+            s = "nats://" + s
+        out.append(s)
+    if not out:
+        raise ToolError(f"no server in {text!r}")
+    return out
+
+
+def parse_headers(items: list[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    headers: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition(":")
+        key = key.strip()
+        if not sep or not key or any(c in key for c in " \t\r\n"):
+            raise ToolError(f"bad header {item!r}: expected KEY:VALUE")
+        if "\r" in value or "\n" in value:
+            raise ToolError(f"bad header {item!r}: the value has a line break")
+        headers[key] = value.strip()
+    return headers
+
+
+def check_subject(subject: str, what: str = "subject") -> str:
+    if not subject or any(c in subject for c in " \t\r\n"):
+        raise ToolError(f"bad {what} {subject!r}: it must be non-empty, without spaces")
+    return subject
+
+
+def read_body(body: str | None) -> bytes:
+    if body is None:
+        return b""
+    if body == "-":
+        return sys.stdin.buffer.read()
+    return body.encode()
+
+
+# ---- connecting ----------------------------------------------------------------------------
+
+def _connect_supports(name: str) -> bool:
+    from nats.aio.client import Client
+
+    try:
+        return name in inspect.signature(Client.connect).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+async def connect(cfg: dict, *, subject_checks: bool = True, quiet_reconnects: bool = True):
+    """A connected nats-py client, or ToolError("cannot connect to ...") as soon as every
+    server has failed once (nats-py alone would keep retrying)."""
+    import nats
+
+    servers = cfg["servers"]
+    errors: list[BaseException] = []
+    nc_box: list = [None]
+    failed = asyncio.Event()
+    connected = False
+
+    async def error_cb(e: BaseException) -> None:
+        if not connected:
+            errors.append(e)
+            if len(errors) >= len(servers):
+                failed.set()
+        elif not quiet_reconnects:
+            status(f"connection error: {describe(e)}")
+
+    async def disconnected_cb() -> None:
+        if connected and not quiet_reconnects and not nc_box[0].is_closed \
+                and not getattr(nc_box[0], "_mq9_closing", False):
+            status("disconnected, reconnecting ...")
+
+    async def reconnected_cb() -> None:
+        if not quiet_reconnects:
+            status("reconnected")
+
+    opts = {"servers": servers, "error_cb": error_cb, "disconnected_cb": disconnected_cb,
+            "reconnected_cb": reconnected_cb, "connect_timeout": cfg["timeout"],
+            "name": "mq9-cli", "max_reconnect_attempts": -1 if not quiet_reconnects else 3,
+            "reconnect_time_wait": 1}
+    if cfg["token"]:
+        opts["token"] = cfg["token"]
+    if cfg["user"]:
+        opts["user"] = cfg["user"]
+        opts["password"] = cfg["password"] or ""
+    if not subject_checks and _connect_supports("skip_subject_validation"):
+        opts["skip_subject_validation"] = True
+
+    task = asyncio.ensure_future(nats.connect(**opts))
+    failed_wait = asyncio.ensure_future(failed.wait())
+    try:
+        done, _ = await asyncio.wait({task, failed_wait}, timeout=cfg["timeout"] * len(servers) + 1,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        failed_wait.cancel()
+    where = ", ".join(servers)
+    if task in done and not task.cancelled() and task.exception() is None:
+        connected = True
+        nc_box[0] = task.result()
+        return nc_box[0]
+    if task in done and task.exception() is not None:
+        errors.append(task.exception())
+    task.cancel()
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await task
+    reason = describe(errors[0]) if errors else f"no answer within {cfg['timeout']:g}s"
+    raise ToolError(f"cannot connect to {where}: {reason}")
+
+
+def describe(e: BaseException) -> str:
+    """A short readable text for a connection-level exception."""
+    import nats.errors as ne
+
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused (is the broker running?)"
+    if isinstance(e, (asyncio.TimeoutError, ne.TimeoutError)):
+        return "timed out"
+    if isinstance(e, ne.AuthorizationError) or "authorization" in str(e).lower():
+        return "authorization violation (check --auth-token / --user / --password)"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip()
+    text = text.removeprefix("nats: ")
+    return text or type(e).__name__
+
+
+# ---- replies -------------------------------------------------------------------------------
+
+async def request(nc, subject: str, payload: bytes, timeout: float,
+                  headers: dict | None = None):
+    import nats.errors as ne
+
+    try:
+        return await nc.request(subject, payload, timeout=timeout, headers=headers)
+    except ne.NoRespondersError:
+        hint = " (is this an mq9 broker?)" if subject.startswith("$mq9.AI.MAILBOX.") else ""
+        raise ToolError(f"no responders for {subject}{hint}")
+    except (TimeoutError, ne.TimeoutError):
+        raise ToolError(f"timeout: no reply on {subject} within {timeout:g}s")
+    except ne.MaxPayloadError:
+        raise ToolError(f"message too large: {len(payload)} bytes is more than the server's "
+                        f"max_payload ({nc.max_payload})")
+
+
+def broker_reply(msg) -> dict:
+    """The JSON object of an mq9 reply; an error reply raises ToolError("code: error")."""
+    try:
+        data = json.loads(msg.data)
+    except (ValueError, UnicodeDecodeError):
+        raise ToolError(f"unexpected reply (not JSON): {preview(msg.data, 200)}")
+    if not isinstance(data, dict):
+        raise ToolError(f"unexpected reply: {preview(msg.data, 200)}")
+    check_error(data)
+    return data
+
+
+def check_error(data) -> None:
+    if isinstance(data, dict) and "error" in data and "code" in data:
+        raise ToolError(f"{data.get('code')}: {data.get('error')}")
+
+
+# ---- output --------------------------------------------------------------------------------
+
+def out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def status(text: str) -> None:
+    """A side note for people (progress, hints) on stderr, so stdout stays parseable."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def print_json(data) -> None:
+    out(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def body_text(data: bytes) -> str:
+    """A message body for reading: JSON pretty-printed, text as is, binary described."""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return f"(binary, {len(data)} bytes) base64: {base64.b64encode(data).decode()}"
+    stripped = text.strip()
+    if stripped[:1] in ("{", "["):
+        try:
+            return json.dumps(json.loads(stripped), indent=2, ensure_ascii=False)
+        except ValueError:
+            pass
+    return text
+
+
+def preview(data, width: int) -> str:
+    """One line of at most ``width`` characters."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode()
+        except UnicodeDecodeError:
+            data = f"(binary, {len(data)} bytes)"
+    text = " ".join(str(data).split())
+    if len(text) > width:
+        text = text[:max(width - 1, 1)] + "…"
+    return text
+
+
+def fmt_time(ts: float, date: bool = True) -> str:
+    lt = time.localtime(ts)
+    ms = int((ts % 1) * 1000)
+    return (time.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S", lt) + f".{ms:03d}")
+
+
+def table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+class Progress:
+    """``done/total`` on stderr while a long operation runs: rewritten in place on a
+    terminal, a line every few seconds otherwise (so logs are not flooded)."""
+
+    def __init__(self, what: str, total: int):
+        self.what = what
+        self.total = total
+        self.tty = sys.stderr.isatty()
+        self.start = self.last = time.monotonic()
+        self.shown = False
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if self.total < 2 or (now - self.last < (0.1 if self.tty else 2.0) and done < self.total):
+            return
+        if done >= self.total and not self.shown and now - self.start < 2.0:
+            return  # quick: the command's summary line is enough
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        line = f"{self.what} {done}/{self.total} ({done * 100 // self.total}%, {rate:,.0f}/s)"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        self.shown = True
+
+    def finish(self) -> float:
+        if self.shown and self.tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+        return time.monotonic() - self.start
+
+
+# ---- running -------------------------------------------------------------------------------
+
+Command = Callable[..., Awaitable[int]]
+
+
+def execute(command: Command, ns: argparse.Namespace, *, subject_checks: bool = True,
+            quiet_reconnects: bool = True) -> int:
+    """Connect, run ``command(nc, ns, cfg)``, close; expected failures become one line."""
+
+    async def main() -> int:
+        cfg = settings(ns)
+        nc = await connect(cfg, subject_checks=subject_checks,
+                           quiet_reconnects=quiet_reconnects)
+        try:
+            return await command(nc, ns, cfg)
+        finally:
+            nc._mq9_closing = True
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(nc.close(), 2)
+
+    try:
+        return asyncio.run(main())
+    except ToolError as e:
+        status(f"mq9: {e}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `mq9 sub ... | head`: quiet, also at interpreter exit
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except Exception as e:  # noqa: BLE001 - anything unforeseen: one line, no traceback
+        import nats.errors as ne
+
+        if isinstance(e, (ne.Error, OSError)):
+            status(f"mq9: {describe(e)}")
+        else:
+            status(f"mq9: unexpected error: {type(e).__name__}: {e}")
+        return 1
