@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _free_block(width: int) -> int:
+def free_port_block(width: int) -> int:
+    """A free port whose next ``width`` ports are free too (a node's cluster + data ports)."""
     for _ in range(200):
         base = random.randint(20000, 40000)
         socks = []
@@ -65,8 +66,8 @@ def _cpu(pid: int) -> float:
 
 
 def _start(tmp: Path, name: str, join: int | None) -> tuple[subprocess.Popen, int, int]:
-    nats_port = _free_block(0)
-    cluster_port = _free_block(5)
+    nats_port = free_port_block(0)
+    cluster_port = free_port_block(5)
     args = [sys.executable, "-m", "mq9", "node", "--host", "127.0.0.1", "--port", str(nats_port),
             "--metrics-port", "0", "--data-dir", str(tmp / name), "--cluster-port", str(cluster_port),
             "--node-id", name, "--advertise", "127.0.0.1", "--gateways", "2", "--shards", "2",

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
-import socket
 import subprocess
 import sys
 import time
@@ -17,28 +15,10 @@ import time
 import nats
 import pytest
 
+from loadtest.cluster_hop import free_port_block
 from tests.nodeproc import Node
 
 SHARDS, GATEWAYS = 2, 2
-
-
-def free_port_block(width: int) -> int:
-    """A cluster port whose data ports (cluster_port+1 ... +width) are free too."""
-    for _ in range(200):
-        base = random.randint(20000, 40000)
-        socks = []
-        try:
-            for p in range(base, base + width + 1):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port block")
 
 
 def cluster_node(tmp_path, name: str, join: int | None = None) -> Node:

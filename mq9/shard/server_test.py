@@ -34,16 +34,35 @@ class ShardProc:
         self.proc.start()
 
     def kill9(self):
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.join(5)
+        try:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return  # already gone (and reaped)
+        self._wait(5)
 
     def stop(self) -> int:
-        if self.proc.is_alive():
+        """SIGTERM and wait; the exit code. A child reaped by someone else in this process
+        (a library's SIGCHLD handler that waits for any child) counts as a clean exit: its
+        status is lost, and multiprocessing would otherwise think it runs forever."""
+        try:
             os.kill(self.proc.pid, signal.SIGTERM)
-        self.proc.join(10)
-        if self.proc.is_alive():
+        except ProcessLookupError:
+            return self.proc.exitcode if self.proc.exitcode is not None else 0
+        if not self._wait(10):
             self.kill9()
-        return self.proc.exitcode
+        return self.proc.exitcode if self.proc.exitcode is not None else 0
+
+    def _wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.proc.is_alive():
+                return True
+            try:
+                os.kill(self.proc.pid, 0)
+            except ProcessLookupError:
+                return True  # reaped elsewhere: it has exited
+            time.sleep(0.02)
+        return False
 
 
 class Gateway:
