@@ -52,15 +52,20 @@ class ShardProc:
             self.kill9()
         return self.proc.exitcode if self.proc.exitcode is not None else 0
 
+    def gone(self) -> bool:
+        if not self.proc.is_alive():
+            return True
+        try:
+            os.kill(self.proc.pid, 0)
+        except ProcessLookupError:
+            return True  # reaped elsewhere: it has exited
+        return False
+
     def _wait(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.proc.is_alive():
+            if self.gone():
                 return True
-            try:
-                os.kill(self.proc.pid, 0)
-            except ProcessLookupError:
-                return True  # reaped elsewhere: it has exited
             time.sleep(0.02)
         return False
 
@@ -258,7 +263,7 @@ def test_bad_frames_and_sigterm(cfg, shard):
     finally:
         gw.close()
     assert shard.stop() == 0
-    assert not shard.proc.is_alive()
+    assert shard.gone()
 
 
 def test_throughput_pipelined_sends(cfg, shard, capsys):
