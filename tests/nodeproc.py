@@ -335,3 +335,22 @@ class Node:
     def log_tail(self, lines: int = 60) -> str:
         tail = self.log_text().splitlines()[-lines:]
         return f"--- last {len(tail)} lines of {self.log_path}:\n" + "\n".join(tail)
+
+
+def tcp_row(local_port: int, remote_port: int, state: str | None = None) -> list[str] | None:
+    """The /proc/net/tcp(6) fields of the connection 127.0.0.1:local <- :remote (the
+    broker's end), in ``state`` if given: [3] is the state (01 = ESTABLISHED), [9] the
+    socket inode."""
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f, None)
+                for line in f:
+                    p = line.split()
+                    if (int(p[1].rpartition(":")[2], 16) == local_port
+                            and int(p[2].rpartition(":")[2], 16) == remote_port
+                            and state in (None, p[3])):
+                        return p
+        except OSError:
+            continue
+    return None

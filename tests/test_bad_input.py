@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from nats.errors import TimeoutError as NatsTimeout
 from natsraw import RawConn, split_frames
-from nodeproc import Node
+from nodeproc import Node, tcp_row
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -536,18 +536,8 @@ def rss_kb(pids) -> int:
 
 def server_side_state(node_port: int, client_port: int) -> str | None:
     """TCP state (hex, 01 = ESTABLISHED) of the broker's end of a connection."""
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(path) as f:
-                next(f, None)
-                for line in f:
-                    p = line.split()
-                    if (int(p[1].rpartition(":")[2], 16) == node_port
-                            and int(p[2].rpartition(":")[2], 16) == client_port):
-                        return p[3]
-        except OSError:
-            pass
-    return None
+    row = tcp_row(node_port, client_port)
+    return row[3] if row else None
 
 
 MIB = 1024 * 1024

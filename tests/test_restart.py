@@ -34,7 +34,7 @@ from collections import Counter, defaultdict
 import nats
 import pytest
 from nats.errors import TimeoutError as NatsTimeout
-from nodeproc import REPO
+from nodeproc import REPO, tcp_row
 from agents import create, query
 
 if str(REPO) not in sys.path:  # `cluster` is a top-level package of the work tree
@@ -117,18 +117,8 @@ async def wait_restarted(node, kind: str, index: int, old_pid: int, timeout: flo
 
 def _tcp_inode(local_port: int, remote_port: int) -> str | None:
     """The inode of the server side of the TCP connection 127.0.0.1:local <- :remote."""
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(path) as f:
-                next(f, None)
-                for line in f:
-                    p = line.split()
-                    if (int(p[1].rpartition(":")[2], 16) == local_port
-                            and int(p[2].rpartition(":")[2], 16) == remote_port and p[3] == "01"):
-                        return p[9]
-        except OSError:
-            continue
-    return None
+    row = tcp_row(local_port, remote_port, state="01")
+    return row[9] if row else None
 
 
 def gateway_of(node, nc) -> int | None:

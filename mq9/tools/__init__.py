@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from mq9.tools.common import PRIORITIES, add_connection_flags, positive_int
+from mq9.tools.common import PRIORITIES, add_connection_flags, positive_int, whole_number
 
 COMMANDS = ("mailbox", "send", "pub", "sub", "query", "request")
 
@@ -121,13 +121,7 @@ def add_parsers(commands, parser_class=None) -> None:
 
 
 def _ttl(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {text!r}")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (never) or more: {text!r}")
-    return v
+    return whole_number(text, 0, "whole number of seconds", "must be 0 (never) or more")
 
 
 def run(ns: argparse.Namespace) -> int:

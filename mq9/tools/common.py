@@ -60,14 +60,19 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def positive_int(text: str) -> int:
+def whole_number(text: str, minimum: int, what: str = "whole number", rule: str = "") -> int:
+    """An argparse value: an integer of at least ``minimum``, with one-line errors."""
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+        raise argparse.ArgumentTypeError(f"not a {what}: {text!r}")
+    if v < minimum:
+        raise argparse.ArgumentTypeError(f"{rule or f'must be at least {minimum}'}: {text!r}")
     return v
+
+
+def positive_int(text: str) -> int:
+    return whole_number(text, 1)
 
 
 def settings(ns: argparse.Namespace) -> dict:
