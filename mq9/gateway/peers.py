@@ -179,6 +179,8 @@ class Peers:
             cls = m.__class__
             if cls is wire.Routed:
                 h.on_routed(m)
+            elif cls is wire.RoutedRun:
+                h.on_routed_run(m)
             elif cls is wire.Interest:
                 # Also from a gateway this one has not learnt of yet: its interest counts
                 # now; the hello exchange once we know it resets and resends it whole.

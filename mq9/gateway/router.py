@@ -114,6 +114,48 @@ class Router:
                 delivered = True
             else:
                 forward.setdefault(item.gw, [True])
+        if queues:
+            delivered = self._to_queues(subject, reply, headers, payload, origin, queues,
+                                        forward) or delivered
+        for g, spec in forward.items():
+            self.peers.send(g, wire.Routed(subject=subject, payload=payload, reply=reply,
+                                           headers=headers, plain=spec[0], queues=spec[1:]))
+        return delivered or bool(forward)
+
+    def route_run(self, subject: str, reply: str | None, payloads: list[bytes], origin) -> bool:
+        """``route`` for several header-less messages to one subject, in order: one match,
+        one delivery call per subscriber and one ``RoutedRun`` per interested gateway; queue
+        groups still choose a member per message."""
+        plain, queues = self.sublist.match(subject)
+        if not plain and not queues:
+            return False
+        delivered = False
+        gateways: list[str] = []
+        for item in plain:
+            if item.__class__ is Subscription:
+                client = item.client
+                if client is origin and not client.echo:
+                    continue
+                client.deliver_run(item, subject, reply, payloads)
+                delivered = True
+            elif item.gw not in gateways:
+                gateways.append(item.gw)
+        for g in gateways:
+            self.peers.send(g, wire.RoutedRun(subject=subject, reply=reply, payloads=payloads))
+        if queues:
+            for payload in payloads:
+                forward: dict[str, list] = {}
+                delivered = self._to_queues(subject, reply, None, payload, origin, queues,
+                                            forward) or delivered
+                for g, spec in forward.items():
+                    self.peers.send(g, wire.Routed(subject=subject, payload=payload, reply=reply,
+                                                   plain=False, queues=spec[1:]))
+        return delivered or bool(gateways)
+
+    def _to_queues(self, subject, reply, headers, payload, origin, queues, forward) -> bool:
+        """One member per queue group: a local one gets the message now, another gateway's
+        is named in ``forward``. Returns whether a local member got it."""
+        delivered = False
         for queue, members in queues.items():
             if origin is not None and not origin.echo:
                 members = [m for m in members if m.__class__ is not Subscription or m.client is not origin]
@@ -125,10 +167,12 @@ class Router:
                 delivered = True
             else:
                 forward.setdefault(chosen.gw, [False]).append(queue)
-        for g, spec in forward.items():
-            self.peers.send(g, wire.Routed(subject=subject, payload=payload, reply=reply,
-                                           headers=headers, plain=spec[0], queues=spec[1:]))
-        return delivered or bool(forward)
+        return delivered
+
+    def has_interest(self, subject: str) -> bool:
+        """Anyone, on any gateway, subscribed to ``subject`` (cached like ``route``)."""
+        plain, queues = self.sublist.match(subject)
+        return bool(plain or queues)
 
     def on_routed(self, msg: wire.Routed) -> None:
         plain, queues = self.sublist.match(msg.subject)
@@ -143,6 +187,12 @@ class Router:
             if local:
                 chosen = local[random.randrange(len(local))] if len(local) > 1 else local[0]
                 chosen.client.deliver(chosen, subject, reply, headers, payload)
+
+    def on_routed_run(self, msg: wire.RoutedRun) -> None:
+        plain, _ = self.sublist.match(msg.subject)
+        for item in plain:
+            if item.__class__ is Subscription:
+                item.client.deliver_run(item, msg.subject, msg.reply, msg.payloads)
 
     def no_responders(self, reply: str, status: bytes, client) -> None:
         """The 503 status goes to the requester's first own non-queue subscription that

@@ -209,15 +209,33 @@ class Gateway:
                 self.router.route(subject, None, headers, payload, client)
             return
         if not self.router.route(subject, reply, headers, payload, client):
-            if reply and client.no_responders:
-                # A responder's SUB may still be on its way to this gateway (nats-py even
-                # sends the PING of flush() ahead of a buffered SUB), so look again after
-                # a peer round trip before answering 503.
-                client.rechecks += 1
-                if client.held_pongs is None:
-                    client.held_pongs = []
-                self.loop.call_later(NO_RESPONDERS_GRACE, self._no_responders_recheck,
-                                     subject, reply, headers, payload, client)
+            self._nobody_listens(subject, reply, headers, payload, client)
+
+    def publish_run(self, subject: str, reply: str | None, payloads: list[bytes], nbytes: int,
+                    client: Client) -> None:
+        """Several header-less messages published in a row to one subject."""
+        kind = subjects.kind_of(subject)
+        if kind == 2:  # mailbox operations are one request each
+            for p in payloads:
+                self.publish(subject, reply, None, p, client)
+            return
+        k = self.kinds[kind]
+        k[0] += len(payloads)
+        k[1] += nbytes
+        if not self.router.route_run(subject, reply, payloads, client):
+            for p in payloads:
+                self._nobody_listens(subject, reply, None, p, client)
+
+    def _nobody_listens(self, subject, reply, headers, payload, client: Client) -> None:
+        if reply and client.no_responders:
+            # A responder's SUB may still be on its way to this gateway (nats-py even
+            # sends the PING of flush() ahead of a buffered SUB), so look again after
+            # a peer round trip before answering 503.
+            client.rechecks += 1
+            if client.held_pongs is None:
+                client.held_pongs = []
+            self.loop.call_later(NO_RESPONDERS_GRACE, self._no_responders_recheck,
+                                 subject, reply, headers, payload, client)
 
     def _no_responders_recheck(self, subject, reply, headers, payload, client: Client) -> None:
         if client.closed:

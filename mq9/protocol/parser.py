@@ -139,7 +139,7 @@ class Parser:
     __slots__ = (
         "max_payload", "max_control_line", "reason",
         "_buf", "_need", "_dead",
-        "_connect", "_pub", "_hpub", "_sub", "_unsub", "_ping", "_pong", "_perr",
+        "_connect", "_pub", "_pubs", "_hpub", "_sub", "_unsub", "_ping", "_pong", "_perr",
     )
 
     def __init__(self, handler, max_payload: int = 1048576, max_control_line: int = 4096):
@@ -153,12 +153,21 @@ class Parser:
         self._dead = False
         self._connect = handler.op_connect
         self._pub = handler.op_pub
+        # A run of PUBs with the same subject and reply, in order; handlers without
+        # ``op_pubs`` get them one by one.
+        self._pubs = getattr(handler, "op_pubs", None) or self._pubs_one_by_one
         self._hpub = handler.op_hpub
         self._sub = handler.op_sub
         self._unsub = handler.op_unsub
         self._ping = handler.op_ping
         self._pong = handler.op_pong
         self._perr = handler.protocol_error
+
+    def _pubs_one_by_one(self, subject: str, reply: str | None, payloads: list) -> None:
+        for p in payloads:
+            self._pub(subject, reply, p)
+            if self._dead:
+                return
 
     @property
     def stopped(self) -> bool:
@@ -193,57 +202,93 @@ class Parser:
         find = data.find
         n = len(data)
         pos = 0
-        op_pub = self._pub
         max_payload = self.max_payload
         # Longest matched line whose arguments are within the control line limit.
         fast_len = self.max_control_line + 5
+        # Consecutive PUBs to one subject with one reply form a run, handed over in one
+        # call (publishers stream to a subject); ``line`` is the last fast PUB line, and a
+        # byte-identical next line is taken without the regular expression.
+        run: list | None = None
+        run_sb = run_rb = None
+        subject = reply = None
+        line = None
+        size = 0
         while pos < n:
+            if line is not None and data.startswith(line, pos):
+                start = pos + len(line)
+                stop = start + size
+                if stop + 2 > n:
+                    self._flush_run(run, subject, reply)
+                    if not self._dead:
+                        self._await_payload(data, pos, stop)
+                    return
+                if data[stop] != 13 or data[stop + 1] != 10:
+                    self._flush_run(run, subject, reply)
+                    if not self._dead:
+                        self._fail(errors.UNKNOWN_PROTOCOL_OP, "payload not followed by CRLF")
+                    return
+                run.append(data[start:stop])
+                pos = stop + 2
+                continue
             m = fast(data, pos)
             if m is not None:
                 start = m.end()
                 if start - pos <= fast_len:
-                    subject, reply, size = m.groups()
+                    sb, rb, size = m.groups()
                     size = int(size)
                     if size > max_payload:
-                        self._fail(errors.MAX_PAYLOAD_VIOLATION,
-                                   f"maximum payload exceeded: {size} vs {max_payload}")
+                        self._flush_run(run, subject, reply)
+                        if not self._dead:
+                            self._fail(errors.MAX_PAYLOAD_VIOLATION,
+                                       f"maximum payload exceeded: {size} vs {max_payload}")
                         return
                     stop = start + size
                     if stop + 2 > n:
-                        self._await_payload(data, pos, stop)
+                        self._flush_run(run, subject, reply)
+                        if not self._dead:
+                            self._await_payload(data, pos, stop)
                         return
                     if data[stop] != 13 or data[stop + 1] != 10:
-                        self._fail(errors.UNKNOWN_PROTOCOL_OP, "payload not followed by CRLF")
+                        self._flush_run(run, subject, reply)
+                        if not self._dead:
+                            self._fail(errors.UNKNOWN_PROTOCOL_OP, "payload not followed by CRLF")
                         return
-                    try:
-                        subject = subject.decode()
-                        if reply is not None:
-                            reply = reply.decode()
-                    except UnicodeDecodeError:
-                        subject = _dec(m.group(1))
-                        reply = _dec(reply) if reply is not None else None
-                    op_pub(subject, reply, data[start:stop])
-                    if self._dead:
-                        return
+                    if run is None or sb != run_sb or rb != run_rb:
+                        if run is not None:
+                            self._flush_run(run, subject, reply)
+                            if self._dead:
+                                return
+                        subject = _dec(sb)
+                        reply = None if rb is None else _dec(rb)
+                        run_sb, run_rb = sb, rb
+                        run = []
+                    run.append(data[start:stop])
+                    line = data[pos:start]
                     pos = stop + 2
                     continue
-            elif data[pos] == 72:  # H
+            if run is not None:
+                self._flush_run(run, subject, reply)
+                run = None
+                line = None
+                if self._dead:
+                    return
+            if data[pos] == 72:  # H
                 m = fast_hpub(data, pos)
                 if m is not None:
                     start = m.end()
                     if start - pos <= fast_len + 1:
-                        subject, reply, hsize, size = m.groups()
+                        sb, rb, hsize, hsz = m.groups()
                         hsize = int(hsize)
-                        size = int(size)
-                        if hsize > size:
+                        hsz = int(hsz)
+                        if hsize > hsz:
                             self._fail(errors.PARSE_ERROR, "processHeaderPub Header Size "
                                        f"larger then TotalSize: {m[0]!r}")
                             return
-                        if size > max_payload:
+                        if hsz > max_payload:
                             self._fail(errors.MAX_PAYLOAD_VIOLATION,
-                                       f"maximum payload exceeded: {size} vs {max_payload}")
+                                       f"maximum payload exceeded: {hsz} vs {max_payload}")
                             return
-                        stop = start + size
+                        stop = start + hsz
                         if stop + 2 > n:
                             self._await_payload(data, pos, stop)
                             return
@@ -251,7 +296,7 @@ class Parser:
                             self._fail(errors.UNKNOWN_PROTOCOL_OP, "payload not followed by CRLF")
                             return
                         hstop = start + hsize
-                        self._hpub(_dec(subject), None if reply is None else _dec(reply),
+                        self._hpub(_dec(sb), None if rb is None else _dec(rb),
                                    data[start:hstop], data[hstop:stop])
                         if self._dead:
                             return
@@ -264,6 +309,14 @@ class Parser:
             pos = self._line(data, pos, nl)
             if pos < 0:
                 return
+        self._flush_run(run, subject, reply)
+
+    def _flush_run(self, run: list | None, subject: str, reply: str | None) -> None:
+        if run:
+            if len(run) == 1:
+                self._pub(subject, reply, run[0])
+            else:
+                self._pubs(subject, reply, run)
 
     def _line(self, data: bytes, pos: int, nl: int) -> int:
         """One op starting at ``pos``, ``nl`` being the first LF after it; returns where the

@@ -656,3 +656,57 @@ def test_error_texts_match_real_nats_server(tmp_path):
     want = [(expected, closed) for *_, expected, closed in cases]
     assert got == want
     assert extra == (err_line(errors.MAX_CONNECTIONS_EXCEEDED), True)
+
+
+# --- runs of PUBs ------------------------------------------------------------------------
+
+class RunRecorder(Recorder):
+    """Takes runs through ``op_pubs`` and notes each run's length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: list[int] = []
+
+    def op_pubs(self, subject, reply, payloads):
+        assert len(payloads) > 1
+        self.runs.append(len(payloads))
+        self.calls.extend(("pub", subject, reply, p) for p in payloads)
+
+
+def parse_runs(*chunks: bytes) -> tuple[list[tuple], list[int]]:
+    rec = RunRecorder()
+    p = Parser(rec)
+    for c in chunks:
+        p.feed(c)
+    return rec.calls, rec.runs
+
+
+def test_a_run_of_pubs_to_one_subject_arrives_in_one_call():
+    data = (b"PUB a 1\r\nx\r\n" * 3 + b"PUB a r 2\r\nyy\r\n" * 2 + b"PUB a 3\r\nzzz\r\n"
+            + b"PUB a 1\r\nw\r\nPING\r\nPUB a 1\r\nv\r\n")
+    calls, runs = parse_runs(data)
+    assert calls == parse(data)
+    assert runs == [3, 2, 2]  # a ×3; "a r" ×2; a (3 B) + a before PING; the last one alone
+
+
+def test_a_bad_pub_after_a_run_comes_after_the_run():
+    calls, runs = parse_runs(b"PUB a 1\r\nx\r\nPUB a 1\r\nxy\r\nPUB a 1\r\nz\r\n")
+    assert calls == [("pub", "a", None, b"x"), ("error", errors.UNKNOWN_PROTOCOL_OP)]
+    calls, runs = parse_runs(b"PUB a 1\r\nx\r\n" * 2 + b"PUB a 2000000\r\n")
+    assert calls == [("pub", "a", None, b"x")] * 2 + [("error", errors.MAX_PAYLOAD_VIOLATION)]
+    assert runs == [2]
+
+
+_repeats = st.lists(st.tuples(_frame(), st.integers(1, 4)), max_size=8).map(
+    lambda fs: [f for f, k in fs for _ in range(k)])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_repeats, st.lists(st.integers(0, 10_000), max_size=8))
+def test_runs_give_the_same_ops_whatever_the_split(frames, cuts):
+    data = b"".join(f for f, _ in frames)
+    expected = [op for _, op in frames]
+    for chunks in ([data], _split(data, cuts)):
+        calls, runs = parse_runs(*chunks)
+        assert calls == expected
+        assert sum(runs) <= sum(1 for op in expected if op[0] == "pub")

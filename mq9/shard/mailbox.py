@@ -354,7 +354,7 @@ class Shard:
         out: dict[bytes, list] = {}
         for gw, items in self.out.items():
             errs = [_err(r.rid, "unavailable", "storage write failed")
-                    for r in items if type(r) is wire.Result]
+                    for r in items if type(r) in wire.ANSWERS]
             if errs:
                 out[gw] = errs
         self.out = {}
@@ -526,7 +526,7 @@ class Shard:
         out = self.out.get(gw)
         if out is None:
             out = self.out[gw] = []
-        out.append(wire.Result(op.rid, None, None, {"mail_id": mail_id, "msg_id": msg_id, "priority": op.priority}))
+        out.append(wire.Sent(op.rid, mail_id, msg_id, op.priority))
 
     def _remove_message(self, mb: Mailbox, mid: int) -> None:
         v = mb.msgs.pop(mid)

@@ -52,7 +52,7 @@ class World:
         out = self.shard.finish()
         for gw, items in out.items():
             for it in items:
-                if isinstance(it, wire.Result) and it.code is None and "msg_id" in it.data:
+                if isinstance(it, wire.ANSWERS) and it.code is None and "msg_id" in it.data:
                     self.undelivered.add(it.data["msg_id"])
         before = {k: set(v) for k, v in self.held.items()}
         for gw, items in out.items():
@@ -77,7 +77,7 @@ class World:
             for _ in range(op[2]):
                 self.rid += 1
                 out = self.batch([(b"g1", wire.Send(self.rid, "box", op[1], "s", b"p"))])
-                res = [r for r in out[b"g1"] if isinstance(r, wire.Result)][0]
+                res = [r for r in out[b"g1"] if isinstance(r, wire.ANSWERS)][0]
                 if res.code is not None:
                     assert res.code == "full" and len(self.undelivered) == 8
         elif kind == "sub":

@@ -73,7 +73,7 @@ class Rig:
     def send_ok(self, *args, **kw) -> int:
         out = self.send(*args, **kw)
         gw = kw.get("gw", b"g1")
-        res = [r for r in out[gw] if isinstance(r, wire.Result)][0]
+        res = [r for r in out[gw] if isinstance(r, wire.ANSWERS)][0]
         assert res.code is None, res
         return res.data["msg_id"]
 

@@ -16,7 +16,7 @@ STAYS = "stays"
 
 
 def results(out, gw=b"g1"):
-    return [r for r in out.get(gw, []) if isinstance(r, wire.Result)]
+    return [r for r in out.get(gw, []) if isinstance(r, wire.ANSWERS)]
 
 
 def call(rig: Rig, op, gw=b"g1") -> wire.Result:

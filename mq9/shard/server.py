@@ -107,7 +107,7 @@ def _encode(items: list) -> bytes:
                 good.append(it)
             except (OverflowError, UnicodeEncodeError, TypeError):
                 log.error("shard_unencodable_reply", kind=type(it).__name__)
-                if type(it) is wire.Result:
+                if type(it) in wire.ANSWERS:
                     good.append(wire.Result(rid=it.rid, code="internal", error="reply could not be encoded"))
         return wire.encode(good)
 

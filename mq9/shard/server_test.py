@@ -101,7 +101,7 @@ class Gateway:
             except zmq.Again:
                 return True
             for item in wire.decode_from_shard(frame):
-                if isinstance(item, wire.Result):
+                if isinstance(item, wire.ANSWERS):
                     self.results[item.rid] = item
                 else:
                     self.delivers.append(item)
