@@ -1,7 +1,7 @@
 """mq9 against nats-server, same workloads, same load generator (``make bench``).
 
     python -m loadtest.bench [--quick] [--only NAME[,NAME]] [--markdown FILE] [--conns N]
-                             [--repeat N]
+                             [--repeat N] [--servers nats,mq9] [--mq9-args FLAGS]
 
 Starts nats-server (JetStream, file storage in a temp dir) and an mq9 node (``python -m mq9
 node``, default gateways/shards) on free 127.0.0.1 ports, one after the other, runs every
@@ -24,6 +24,9 @@ latencies and memory; each row says which. Workloads (``--only`` names):
 - ``replay``:    messages stored for an offline consumer, then the time until all are
                  delivered: mq9 owner subscription vs JetStream consumers (ordered push and
                  pull; the faster one is reported).
+- ``mailboxes``: 1,000,000 (quick 20,000) ``$mq9.AI.MAILBOX.CREATE`` requests, 1000 in
+                 flight on each of 4 connections: creations/s, then RSS and disk growth per
+                 mailbox. mq9 only: nats-server has no per-agent equivalent at this count.
 
 Every loop is bounded in count and in time; servers listen on 127.0.0.1 only.
 """
@@ -53,7 +56,7 @@ from pathlib import Path
 from loadtest import rawnats as rn
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = ("idle", "rr", "broadcast", "acked", "replay")
+WORKLOADS = ("idle", "rr", "broadcast", "acked", "replay", "mailboxes")
 BCAST_SUBJECT = "$mq9.AI.BROADCAST.bench.x"
 
 
@@ -69,13 +72,14 @@ class Sizes:
     replay: int           # stored then replayed
     rr: int               # request/reply round trips
     conns: int            # idle connections
+    mailboxes: int        # mailboxes created on one node
     budget: float         # seconds one workload may take against one server
 
 
 FULL = Sizes(bcast=500_000, fanout=200_000, acked=100_000, lat=5_000, replay=100_000,
-             rr=5_000, conns=2_000, budget=150.0)
+             rr=5_000, conns=2_000, mailboxes=1_000_000, budget=150.0)
 QUICK = Sizes(bcast=20_000, fanout=10_000, acked=10_000, lat=1_000, replay=10_000, rr=1_000,
-              conns=500, budget=40.0)
+              conns=500, mailboxes=20_000, budget=40.0)
 
 WINDOW = 50_000       # broadcast: most messages published but not yet received
 INFLIGHT = 1_000      # acked sends in flight
@@ -179,9 +183,10 @@ class Server:
         self.log_path: Path | None = None
         self.version = ""
         self.starts = 0
+        self.data_dir: Path | None = None
 
     def command(self) -> list[str]:
-        data = self.workdir / f"{self.kind}-data-{self.starts}"
+        data = self.data_dir = self.workdir / f"{self.kind}-data-{self.starts}"
         data.mkdir(parents=True, exist_ok=True)
         if self.kind == "nats":
             binary = nats_server_bin()
@@ -315,8 +320,9 @@ async def create_target(srv: Server, nc: rn.Client, stream: str, subjects: str) 
 
 
 async def pipelined_acked(srv: Server, nc: rn.Client, subject: str, payload: bytes, n: int,
-                          inflight: int, deadline: float) -> dict:
-    """Send ``n`` messages with reply subjects keeping ``inflight`` unanswered; count acks."""
+                          inflight: int, deadline: float, ok=None) -> dict:
+    """Send ``n`` messages with reply subjects keeping ``inflight`` unanswered; count acks
+    (``ok(body)`` says whether an answer is one; default: a send's ack)."""
     loop = asyncio.get_running_loop()
     done_fut = loop.create_future()
     st = {"sent": 0, "done": 0, "ok": 0, "err": 0, "first_err": b"", "t_end": 0.0}
@@ -325,7 +331,7 @@ async def pipelined_acked(srv: Server, nc: rn.Client, subject: str, payload: byt
 
     def on_reply(headers, body) -> None:
         st["done"] += 1
-        if ack_ok(kind, body):
+        if ack_ok(kind, body) if ok is None else ok(body):
             st["ok"] += 1
         else:
             st["err"] += 1
@@ -342,7 +348,7 @@ async def pipelined_acked(srv: Server, nc: rn.Client, subject: str, payload: byt
         st["sent"] += 1
         nc.publish(subj, payload, nc.new_reply(on_reply))
 
-    t0 = time.perf_counter()
+    t0 = st["t0"] = time.perf_counter()
     for _ in range(min(inflight, n)):
         send_one()
     remaining = deadline - time.monotonic()
@@ -702,8 +708,58 @@ async def wl_replay(srv: Server, sz: Sizes, deadline: float) -> dict:
     return out
 
 
+MAILBOX_CONNS = 4     # connections creating mailboxes (spread over the gateway processes)
+
+
+def disk_kib(path: Path | None) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path or "/nonexistent"):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total // 1024
+
+
+async def wl_mailboxes(srv: Server, sz: Sizes, deadline: float) -> dict:
+    """Create many mailboxes on one node: rate, then memory and disk per mailbox."""
+    if srv.kind == "nats":
+        return {"_mailboxes_note": "no nats-server equivalent (a JetStream stream or consumer "
+                                   "per agent does not go to this count); mq9 alone"}
+    conns = [await connect(srv, f"mkbox{i}") for i in range(MAILBOX_CONNS)]
+    try:
+        await asyncio.sleep(1.0)
+        rss0, disk0 = rss_kib(srv.pids()), disk_kib(srv.data_dir)
+        body = json.dumps({"ttl": 86400}).encode()
+        per = [sz.mailboxes // MAILBOX_CONNS + (i < sz.mailboxes % MAILBOX_CONNS)
+               for i in range(MAILBOX_CONNS)]
+        sts = await asyncio.gather(*(
+            pipelined_acked(srv, nc, "$mq9.AI.MAILBOX.CREATE", body, k, INFLIGHT, deadline,
+                            ok=lambda b: b'"mail_id"' in b and b'"error"' not in b)
+            for nc, k in zip(conns, per)))
+        made = sum(st["ok"] for st in sts)
+        secs = max(st["t_end"] for st in sts) - min(st["t0"] for st in sts)
+        await asyncio.sleep(2.0)  # let the shards finish their batches
+        pids = srv.pids()
+        rss1, disk1 = rss_kib(pids), disk_kib(srv.data_dir)
+    finally:
+        await close_all(conns)
+    errs = sum(st["err"] for st in sts)
+    if made < sz.mailboxes:
+        why = Failed(f"{made:,}/{sz.mailboxes:,} created, {errs} errors "
+                     f"{next((st['first_err'] for st in sts if st['first_err']), b'')[:160]!r}")
+        return {"mbox_rate": why, "mbox_mem": why, "mbox_disk": why}
+    return {"mbox_rate": made / secs, "mbox_mem": (rss1 - rss0) * 1024 / made,
+            "mbox_disk": (disk1 - disk0) * 1024 / made,
+            "_mailboxes_note": f"{made:,} mailboxes in {secs:.1f}s over {MAILBOX_CONNS} "
+                               f"connections; RSS {rss0 / 1024:.0f} -> {rss1 / 1024:.0f} MiB "
+                               f"({len(pids)} processes), data dir {disk0 / 1024:.0f} -> "
+                               f"{disk1 / 1024:.0f} MiB (RocksDB WAL and SST files)"}
+
+
 RUNNERS = {"idle": wl_idle, "rr": wl_rr, "broadcast": wl_broadcast, "acked": wl_acked,
-           "replay": wl_replay}
+           "replay": wl_replay, "mailboxes": wl_mailboxes}
 
 
 @dataclass
@@ -715,6 +771,7 @@ class Figure:
     higher_better: bool
     target: float | None = None      # on the ratio (higher = better for mq9)
     target_text: str = ""
+    floor: float | None = None       # a target on mq9's own value (no nats-server figure)
 
 
 def figures(sz: Sizes) -> list[Figure]:
@@ -734,6 +791,12 @@ def figures(sz: Sizes) -> list[Figure]:
                0.5, "≥ 0.5 (p99 ≤ 2×)"),
         Figure("idle_kib", "idle", f"idle connections ({sz.conns:,})", "RSS KiB/conn", False,
                1 / 3, "≥ 0.33 (≤ 3×)"),
+        Figure("mbox_rate", "mailboxes", f"{sz.mailboxes:,} mailboxes on one node",
+               "created/s", True, None, "mq9 ≥ 20,000/s", floor=20_000),
+        Figure("mbox_mem", "mailboxes", f"{sz.mailboxes:,} mailboxes on one node",
+               "RSS B/mailbox", False),
+        Figure("mbox_disk", "mailboxes", f"{sz.mailboxes:,} mailboxes on one node",
+               "disk B/mailbox", False),
     ]
 
 
@@ -768,6 +831,8 @@ def table_rows(figs: list[Figure], results: dict[str, dict]) -> list[list[str]]:
         r, rtext = ratio(f, nats, mq9)
         met = "" if f.target is None else ("n/a" if r is None else
                                            ("yes" if r >= f.target else "no"))
+        if f.floor is not None:
+            met = "yes" if _is_num(mq9) and mq9 >= f.floor else ("no" if _is_num(mq9) else "n/a")
         rows.append([f.title, f.unit, short(fmt_value(nats, f.unit)),
                      short(fmt_value(mq9, f.unit)), rtext, f.target_text or "—",
                      met or "—"])
@@ -777,7 +842,7 @@ def table_rows(figs: list[Figure], results: dict[str, dict]) -> list[list[str]]:
 def note_text(key: str, v) -> str:
     if key == "_replay_store":
         return f"replay: stored at {fmt_value(v)} acks/s (pipelined, {INFLIGHT} in flight)"
-    name = {"_replay_note": "replay", "_idle_note": "idle", "_bcast_placement": "broadcast",
+    name = {"_replay_note": "replay", "_idle_note": "idle", "_mailboxes_note": "mailboxes", "_bcast_placement": "broadcast",
             "_rr_placement": "rr"}.get(key, key.strip("_"))
     return f"{name}: {v}"
 

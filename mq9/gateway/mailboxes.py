@@ -8,7 +8,6 @@ requester on another gateway gets them through normal routing.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import secrets
@@ -37,8 +36,9 @@ def token_hash(token: str) -> bytes:
 
 
 def new_mail_id() -> str:
-    # 120 random bits, lowercase base32: unguessable, and a valid single NATS token.
-    return "m-" + base64.b32encode(secrets.token_bytes(15)).decode().lower()
+    # 120 random bits in lowercase hex (SPEC: base32 or hex): unguessable, a valid single
+    # NATS token, and ~10x cheaper to make than base64.b32encode's pure-Python loop.
+    return "m-" + secrets.token_hex(15)
 
 
 def new_token() -> str:
@@ -282,10 +282,11 @@ class Mailboxes:
 
     def on_deliver(self, d: wire.Deliver) -> None:
         sub = self.owner_subs.get(d.key)
-        shard = self.link.shard_of(d.mail_id)
         if sub is None or sub.client.closed:
-            self.link.post(shard, wire.Undelivered(key=d.key, mail_id=d.mail_id, msg_ids=[d.msg_id]))
+            self.link.post(self.link.shard_of(d.mail_id),
+                           wire.Undelivered(key=d.key, mail_id=d.mail_id, msg_ids=[d.msg_id]))
             return
+        shard = self.sub_target[d.key]  # follows the slot map like shard_of, without a hash
         k = (shard, d.key, d.mail_id)
         acks = self._acks.get(k)
         if acks is None:

@@ -19,7 +19,7 @@ import uuid
 
 import zmq
 
-from mq9 import __version__, log, metrics, subjects
+from mq9 import __version__, log, metrics, process, subjects
 from mq9.config import Config
 from mq9.gateway.client import PING, PONG, Client, Subscription
 from mq9.gateway.conncount import ConnCounter
@@ -366,6 +366,7 @@ async def _main(cfg: Config, index: int) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, gw.log_state)
     await gw.start()
+    process.settle_heap()
     await stop.wait()
     gw.log.info("gateway_draining", clients=len(gw.clients))
     await gw.stop()

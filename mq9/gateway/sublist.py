@@ -6,7 +6,8 @@ leaf and prefix-wildcard children (``m-status-*``, an mq9 extension); a trailing
 accept each token, collecting the items of the nodes reached at the end and of every ``>``
 leaf passed on the way (``>`` needs at least one token).
 
-Results are cached per subject (bounded; when full the cache starts over, since unique
+Results are cached per subject, except ``_INBOX.`` ones, which client libraries use once
+per request reply, where caching doubled the cost of the match (bounded; when full the cache starts over, since unique
 subjects such as request replies keep it full and evicting one entry at a time cost more
 than the walk it saves). On insert/remove only the entries that can be affected are
 dropped: for a literal pattern the entry of that subject; for ``X.*``/``X.pre*`` the
@@ -240,6 +241,9 @@ class Sublist:
             return result
         tokens = subject.split(".")
         result = self._match(tokens)
+        if subject.startswith("_INBOX."):
+            # A request's reply subject, used once: caching it costs more than the walk.
+            return result
         cache = self._cache
         if len(cache) >= self._cache_max:
             # Start over rather than evict one by one: unique subjects (request replies)

@@ -30,7 +30,6 @@ import heapq
 import hmac
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import msgspec
 
@@ -56,6 +55,7 @@ WINDOW = 1000  # messages in flight per mailbox
 # Bytes one pump of one mailbox, or one Query reply, may carry: a window of 1 MiB
 # messages must not become a 1 GiB frame.
 PUMP_BYTES = 8 * 1024 * 1024
+PUMP_READ = 256  # pending messages read from the store at a time
 QUERY_MAX = 1000
 QUERY_BYTES = 8 * 1024 * 1024
 MAILBOX_TYPES = ("standard", "latest")
@@ -147,20 +147,34 @@ class Subscribers:
         self.mask = sum(PRIO_BITS[p] for p in range(3) if plain[p] or queues[p])
 
 
-@dataclass(eq=False)
+# A mailbox with no message yet shares these (three empty deques cost ~1.9 KB, most of
+# a fresh mailbox's memory); ``pending_deques`` swaps in its own before the first append.
+_NO_PENDING: tuple = ((), (), ())
+
+
 class Mailbox:
-    mail_id: str
-    meta: Meta
-    latest: bool
-    keys: tuple[bytes, bytes] = (b"", b"")  # Store.prefixes(mail_id), built once
-    next_id: int = 1
-    msgs: dict[int, int] = field(default_factory=dict)  # msg_id -> packed (size, state, prio)
-    pending: tuple[deque, deque, deque] = field(default_factory=lambda: (deque(), deque(), deque()))
-    inflight: dict[int, set[Sub]] = field(default_factory=dict)
-    delivered: list[int] = field(default_factory=list)  # min-heap: eviction order
-    undelivered: int = 0  # pending + in flight
-    nbytes: int = 0
-    slot: int = 0  # slot_of(mail_id), set by Shard._add_mailbox
+    __slots__ = ("mail_id", "meta", "latest", "keys", "next_id", "msgs", "pending", "inflight",
+                 "delivered", "undelivered", "nbytes", "slot")
+
+    def __init__(self, mail_id: str, meta: Meta, latest: bool,
+                 keys: tuple[bytes, bytes] = (b"", b"")):
+        self.mail_id = mail_id
+        self.meta = meta
+        self.latest = latest
+        self.keys = keys  # Store.prefixes(mail_id), built once
+        self.next_id = 1
+        self.msgs: dict[int, int] = {}  # msg_id -> packed (size, state, prio)
+        self.pending: tuple = _NO_PENDING  # per priority, deques of msg_ids
+        self.inflight: dict[int, set[Sub]] = {}
+        self.delivered: list[int] = []  # min-heap: eviction order
+        self.undelivered = 0  # pending + in flight
+        self.nbytes = 0
+        self.slot = 0  # slot_of(mail_id), set by Shard._add_mailbox
+
+    def pending_deques(self) -> tuple[deque, deque, deque]:
+        if self.pending is _NO_PENDING:
+            self.pending = (deque(), deque(), deque())
+        return self.pending
 
     # The pending deques are sorted by msg_id and may hold stale ids (messages delivered by
     # a Query or a late Delivered, or replaced in a `latest` mailbox); readers skip any id
@@ -178,7 +192,7 @@ class Mailbox:
             if not back:
                 continue
             back.sort()
-            dq = self.pending[p]
+            dq = self.pending_deques()[p]
             if not dq or back[-1] < dq[0]:
                 dq.extendleft(reversed(back))
             else:
@@ -273,7 +287,7 @@ class Shard:
         mb = Mailbox(box.mail_id, box.meta, box.meta.type == "latest", self.store.prefixes(box.mail_id))
         prio_of = {}
         for p, ids in enumerate(box.undelivered):
-            mb.pending[p].extend(ids)
+            mb.pending_deques()[p].extend(ids)
             for mid in ids:
                 prio_of[mid] = p
         msgs = mb.msgs
@@ -490,8 +504,9 @@ class Shard:
         if mb.latest:
             for old in list(msgs):
                 self._remove_message(mb, old)
-            for dq in mb.pending:
-                dq.clear()  # only stale ids are left in them
+            if mb.pending is not _NO_PENDING:
+                for dq in mb.pending:
+                    dq.clear()  # only stale ids are left in them
         elif len(msgs) >= self.max_msgs:
             over = len(msgs) - self.max_msgs + 1
             if len(mb.delivered) < over:
@@ -514,7 +529,7 @@ class Shard:
         store.put_message_at(mb.keys, msg_id, prio, encode_record(prio, ts, op.subject, headers, payload))
         self.fresh[(mail_id, msg_id)] = (prio, ts, op.subject, headers, payload)
         msgs[msg_id] = size << 4 | prio  # state PENDING
-        mb.pending[prio].append(msg_id)
+        mb.pending_deques()[prio].append(msg_id)
         mb.undelivered += 1
         mb.nbytes += size
         self.total_msgs += 1
@@ -677,7 +692,7 @@ class Shard:
             else:
                 stale += 1  # stays in its deque as a stale entry (see Mailbox)
             msgs[mid] = (v & ~0b1100) | DELIVERED << 2
-            store.mark_delivered(mb.mail_id, v & 3, mid)
+            store.mark_delivered_at(mb.keys, v & 3, mid)
             heapq.heappush(mb.delivered, mid)
             n += 1
         if n:
@@ -882,6 +897,30 @@ class Shard:
 
     # ---- delivery --------------------------------------------------------------------------
 
+    def _records(self, mb: Mailbox, mids: list[int]) -> list[tuple | None]:
+        """Decoded records of ascending ``mids`` of ``mb``; None for one that cannot be
+        read. Messages of the batch being written come from ``fresh``."""
+        fresh = self.fresh
+        mail_id = mb.mail_id
+        if fresh:
+            out = [fresh.get((mail_id, m)) for m in mids]
+            missing = [m for m, r in zip(mids, out) if r is None]
+            if not missing:
+                return out
+        else:
+            out = [None] * len(mids)
+            missing = mids
+        raws = iter(self.store.get_records(mb.keys[0], missing))
+        for i, r in enumerate(out):
+            if r is None:
+                raw = next(raws)
+                if raw is not None:
+                    try:
+                        out[i] = decode_record(raw)
+                    except Exception:  # noqa: BLE001 - corrupt record: reported as None
+                        pass
+        return out
+
     def _record(self, mail_id: str, mid: int) -> tuple:
         rec = self.fresh.get((mail_id, mid))
         if rec is not None:
@@ -918,30 +957,42 @@ class Shard:
                     # Enough bytes for one frame; carry on next batch, after other work.
                     self.dirty.add(mb)
                     return
-                mid = dq.popleft()
-                v = msgs.get(mid)
-                if v is None or v & 0b1100:  # stale: not PENDING any more
-                    continue
-                try:
-                    _, _, subject, headers, payload = self._record(mail_id, mid)
-                except Exception:
-                    # A record that cannot be read (corruption) would block the queue
-                    # forever; drop it and keep delivering the rest.
-                    self._remove_message(mb, mid)
-                    self.corrupt += 1
-                    continue
-                targets = plain + [q.pick() for q in queues] if queues else plain
-                holders = set(targets)
-                inflight[mid] = holders
-                msgs[mid] = v | INFLIGHT << 2
-                room -= 1
-                budget -= len(payload) * len(targets)
-                for s in targets:
-                    s.inflight.add(mid)
-                    item = Deliver(s.key, mail_id, mid, pname, subject, payload, headers)
-                    lst = out.get(s.gw)
-                    if lst is None:
-                        lst = out[s.gw] = []
-                    lst.append(item)
+                # The next pending ids, read from the store together (see get_records).
+                batch = []
+                want = min(room, PUMP_READ)
+                while dq and len(batch) < want:
+                    mid = dq.popleft()
+                    v = msgs.get(mid)
+                    if v is not None and not v & 0b1100:  # else stale: not PENDING any more
+                        batch.append(mid)
+                if not batch:
+                    break
+                records = self._records(mb, batch)
+                for i, mid in enumerate(batch):
+                    if budget <= 0:
+                        dq.extendleft(reversed(batch[i:]))
+                        self.dirty.add(mb)
+                        return
+                    rec = records[i]
+                    if rec is None:
+                        # A record that cannot be read (corruption) would block the queue
+                        # forever; drop it and keep delivering the rest.
+                        self._remove_message(mb, mid)
+                        self.corrupt += 1
+                        continue
+                    _, _, subject, headers, payload = rec
+                    targets = plain + [q.pick() for q in queues] if queues else plain
+                    holders = set(targets)
+                    inflight[mid] = holders
+                    msgs[mid] |= INFLIGHT << 2
+                    room -= 1
+                    budget -= len(payload) * len(targets)
+                    for s in targets:
+                        s.inflight.add(mid)
+                        item = Deliver(s.key, mail_id, mid, pname, subject, payload, headers)
+                        lst = out.get(s.gw)
+                        if lst is None:
+                            lst = out[s.gw] = []
+                        lst.append(item)
             if not room:
                 return

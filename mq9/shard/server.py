@@ -14,7 +14,7 @@ import time
 
 import zmq
 
-from mq9 import endpoints, log, metrics, wire
+from mq9 import endpoints, log, metrics, process, wire
 from mq9.config import Config
 from mq9.shard.mailbox import Shard
 from mq9.shard.store import Store
@@ -133,6 +133,7 @@ def run(cfg: Config, index: int) -> None:
     shard.load()
     log.info("shard_loaded", shard=index, mailboxes=len(shard.mailboxes),
              messages=shard.total_msgs, seconds=round(time.monotonic() - t0, 3))
+    process.settle_heap()
 
     ctx = zmq.Context(1)
     sock = _bind(cfg, index, ctx)

@@ -173,6 +173,11 @@ class Store:
         self.batch.delete(undelivered_key(mail_id, prio, msg_id))
         self._dirty = True
 
+    def mark_delivered_at(self, prefixes: tuple[bytes, bytes], prio: int, msg_id: int) -> None:
+        """``mark_delivered`` with the mailbox's prefixes (see ``prefixes``) already built."""
+        self.batch.delete(prefixes[1] + _PRIO_BYTES[prio] + _BE8.pack(msg_id))
+        self._dirty = True
+
     def delete_message(self, mail_id: str, msg_id: int, prio: int | None) -> None:
         """``prio`` is the priority of an undelivered message (its mark goes too), else None."""
         self.batch.delete(msg_key(mail_id, msg_id))
@@ -210,6 +215,35 @@ class Store:
 
     def get_record(self, mail_id: str, msg_id: int) -> bytes | None:
         return self.db.get(msg_key(mail_id, msg_id))
+
+    def get_records(self, prefix: bytes, msg_ids: list[int]) -> list[bytes | None]:
+        """Records of one mailbox (``prefix``: its message key prefix) for ascending
+        ``msg_ids``. Ids close together (a backlog being replayed) are read with one scan:
+        a RocksDB iterator step costs about a quarter of a point read from Python."""
+        n = len(msg_ids)
+        if n < 8 or msg_ids[-1] - msg_ids[0] > 2 * n:
+            return self.db.get([prefix + _BE8.pack(m) for m in msg_ids])
+        out: list[bytes | None] = []
+        i = 0
+        plen = len(prefix)
+        klen = plen + 8
+        unpack = _BE8.unpack_from
+        for k, v in self.db.items(from_key=prefix + _BE8.pack(msg_ids[0])):
+            if len(k) != klen or not k.startswith(prefix):
+                break
+            mid = unpack(k, plen)[0]
+            while msg_ids[i] < mid:
+                out.append(None)
+                i += 1
+                if i == n:
+                    return out
+            if msg_ids[i] == mid:
+                out.append(v)
+                i += 1
+                if i == n:
+                    return out
+        out.extend([None] * (n - i))
+        return out
 
     def _range(self, lo: bytes, hi: bytes):
         # Bounded by hand: rocksdict 0.3.29's iterate_upper_bound cut scans short in testing.
