@@ -25,7 +25,7 @@ latencies and memory; each row says which. Workloads (``--only`` names):
                  delivered: mq9 owner subscription vs JetStream consumers (ordered push and
                  pull; the faster one is reported).
 - ``mailboxes``: 1,000,000 (quick 20,000) ``$mq9.AI.MAILBOX.CREATE`` requests, 1000 in
-                 flight on each of 4 connections: creations/s, then RSS and disk growth per
+                 flight on each of 8 connections: creations/s, then RSS and disk growth per
                  mailbox. mq9 only: nats-server has no per-agent equivalent at this count.
 
 Every loop is bounded in count and in time; servers listen on 127.0.0.1 only.
@@ -708,7 +708,7 @@ async def wl_replay(srv: Server, sz: Sizes, deadline: float) -> dict:
     return out
 
 
-MAILBOX_CONNS = 4     # connections creating mailboxes (spread over the gateway processes)
+MAILBOX_CONNS = 8     # connections creating mailboxes (spread over the gateway processes)
 
 
 def disk_kib(path: Path | None) -> int:
