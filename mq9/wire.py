@@ -5,9 +5,9 @@ busy gateway or shard sends many operations per syscall. ``array_like`` keeps th
 compact (no field names on the wire) and tags let one decoder read any mix.
 
 Gateway -> shard (DEALER -> ROUTER; the ROUTER sees the gateway's identity):
-    Create, Send, Query, Delete, Subscribe, Unsubscribe, Delivered, Hello
+    Create, Send, SendRun, Query, Delete, Subscribe, Unsubscribe, Delivered, Hello
 Shard -> gateway:
-    Result (answers Create/Send/Query/Delete by ``rid``), Sent (a stored Send's answer),
+    Result (answers Create/Send/Query/Delete by ``rid``), Sent and SentRun (stored sends),
     Deliver (a message for an owner subscription)
 Gateway <-> gateway (PUSH -> PULL, one pipe per ordered pair, so order is kept):
     PeerHello, Interest, Routed, RoutedRun, Mark, Ack
@@ -47,6 +47,17 @@ class Send(_Msg):
     subject: str
     payload: bytes
     headers: bytes | None = None  # raw NATS header block, kept with the message
+
+
+class SendRun(_Msg):
+    """Several header-less messages sent in a row to one mailbox and priority; answered by
+    one ``SentRun`` (or one error ``Result`` for all)."""
+
+    rid: int
+    mail_id: str
+    priority: str
+    subject: str
+    payloads: list[bytes]
 
 
 class Query(_Msg):
@@ -162,6 +173,16 @@ class Sent(_Msg):
         return {"mail_id": self.mail_id, "msg_id": self.msg_id, "priority": self.priority}
 
 
+class SentRun(_Msg):
+    """Per message of a ``SendRun``, in order: its msg_id, or (code, text) if refused."""
+
+    rid: int
+    results: list[int | tuple[str, str]]
+
+    code: ClassVar[None] = None
+    error: ClassVar[None] = None
+
+
 class Deliver(_Msg):
     key: int
     mail_id: str
@@ -229,10 +250,10 @@ class RoutedRun(_Msg):
     payloads: list[bytes]
 
 
-ToShard = Union[Hello, Create, Send, Query, Delete, Subscribe, Unsubscribe, Delivered, Undelivered,
+ToShard = Union[Hello, Create, Send, SendRun, Query, Delete, Subscribe, Unsubscribe, Delivered, Undelivered,
                 Export, Import, Freeze, Drop]
-FromShard = Union[Result, Sent, Deliver]
-ANSWERS = (Result, Sent)  # what answers a request by rid
+FromShard = Union[Result, Sent, SentRun, Deliver]
+ANSWERS = (Result, Sent, SentRun)  # what answers a request by rid
 PeerMsg = Union[PeerHello, Interest, Routed, RoutedRun, Mark, Ack]
 
 _to_shard_dec = msgspec.msgpack.Decoder(list[ToShard])

@@ -303,20 +303,20 @@ class Client(asyncio.Protocol):
     def op_pub(self, subject: str, reply: str | None, payload: bytes) -> None:
         self._publish(subject, reply, None, payload)
 
-    def op_pubs(self, subject: str, reply: str | None, payloads: list[bytes]) -> None:
-        """A run of PUBs to one subject (see ``Parser``)."""
+    def op_pubs(self, subject: str, replies: list | None, payloads: list[bytes]) -> None:
+        """A run of PUBs to one subject (see ``Parser``); ``replies`` None or one each."""
         if self.verbose or not self.connected or (
                 self.pedantic and not valid_publish_subject(subject)):
             # +OK or -ERR per message, each before what that message produces
-            for p in payloads:
+            for i, p in enumerate(payloads):
                 if self.closed:
                     return
-                self._publish(subject, reply, None, p)
+                self._publish(subject, None if replies is None else replies[i], None, p)
             return
         nbytes = sum(map(len, payloads))
         self.msgs_in += len(payloads)
         self.bytes_in += nbytes
-        self.broker.publish_run(subject, reply, payloads, nbytes, self)
+        self.broker.publish_run(subject, replies, payloads, nbytes, self)
 
     def op_hpub(self, subject: str, reply: str | None, headers: bytes, payload: bytes) -> None:
         if not self.headers:

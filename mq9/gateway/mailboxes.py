@@ -221,7 +221,8 @@ class Mailboxes:
         op = wire.Delete(rid=rid, mail_id=mail_id, token_hash=token_hash(_token(body)))
         self.link.request(self.link.shard_of(mail_id), op, self._answer(reply))
 
-    def _send(self, subject: str, reply: str | None, headers: bytes | None, payload: bytes) -> None:
+    def _inbox(self, subject: str, reply: str | None):
+        """The parsed INBOX subject (see ``_parse_inbox``), or None after answering why not."""
         target = self._inboxes.get(subject)
         if target is None:
             target = self._parse_inbox(subject)
@@ -232,12 +233,63 @@ class Mailboxes:
                                 "send to $mq9.AI.INBOX.{mail_id}.{urgent|normal|notify}")
                 else:
                     self._error(reply, "bad_request", target)
-                return
+                return None
+        return target
+
+    def _send(self, subject: str, reply: str | None, headers: bytes | None, payload: bytes) -> None:
+        target = self._inbox(subject, reply)
+        if target is None:
+            return
         mail_id = target[4]
         op = wire.Send(rid=self.link.next_rid(), mail_id=mail_id, priority=target[1],
                        subject=subject, payload=payload, headers=headers)
         self.link.request(self.link.shard_of(mail_id), op, self._sent,
                           (reply, time.perf_counter() if reply else 0.0, target, headers, payload))
+
+    def send_run(self, subject: str, replies: list | None, payloads: list[bytes]) -> None:
+        """Header-less sends in a row to one INBOX subject: one request to the shard."""
+        target = self._inbox(subject, None)
+        if target is None:
+            for reply in replies or ():
+                if reply:
+                    self._inbox(subject, reply)  # the same error, to each requester
+            return
+        mail_id = target[4]
+        op = wire.SendRun(rid=self.link.next_rid(), mail_id=mail_id, priority=target[1],
+                          subject=subject, payloads=payloads)
+        self.link.request(self.link.shard_of(mail_id), op, self._sent_run,
+                          (replies, time.perf_counter(), target, payloads))
+
+    def _sent_run(self, res, arg) -> None:
+        replies, t0, (subject, priority, ack_head, ack_tail, _), payloads = arg
+        if res.code:  # refused as a whole (not_found, moved too long, unavailable, ...)
+            body = error_body(res.code, res.error or res.code)
+            if replies is None:
+                metrics.DROPS.labels(res.code).inc(len(payloads))
+                return
+            for reply in replies:
+                if reply:
+                    self.reply(reply, body)
+                else:
+                    metrics.DROPS.labels(res.code).inc()
+            return
+        results = res.results
+        if replies is not None:
+            dt = time.perf_counter() - t0
+            times = self._ack_times
+            for reply, r in zip(replies, results):
+                if not reply:
+                    continue
+                if r.__class__ is int:
+                    times.append(dt)
+                    self.reply(reply, b"%s%d%s" % (ack_head, r, ack_tail))
+                else:
+                    self._error(reply, r[0], r[1])
+        if self.router.has_interest(subject):  # monitors see what was stored
+            for r, payload in zip(results, payloads):
+                if r.__class__ is int:
+                    self.router.route(subject, None, _with_mq9_headers(None, r, priority),
+                                      payload, None)
 
     def _sent(self, res, arg) -> None:
         """The shard's answer to a send (``arg``: reply subject, start time, parsed inbox,

@@ -211,19 +211,31 @@ class Gateway:
         if not self.router.route(subject, reply, headers, payload, client):
             self._nobody_listens(subject, reply, headers, payload, client)
 
-    def publish_run(self, subject: str, reply: str | None, payloads: list[bytes], nbytes: int,
-                    client: Client) -> None:
-        """Several header-less messages published in a row to one subject."""
+    def publish_run(self, subject: str, replies: list | None, payloads: list[bytes],
+                    nbytes: int, client: Client) -> None:
+        """Several header-less messages published in a row to one subject (``replies``:
+        None, or each one's reply subject)."""
         kind = subjects.kind_of(subject)
-        if kind == 2:  # mailbox operations are one request each
-            for p in payloads:
-                self.publish(subject, reply, None, p, client)
+        if kind == 2:
+            if subject.startswith(subjects.INBOX):
+                self.kinds[2][0] += len(payloads)
+                self.kinds[2][1] += nbytes
+                self.mailboxes.send_run(subject, replies, payloads)
+            else:  # other mailbox operations are one request each
+                for i, p in enumerate(payloads):
+                    self.publish(subject, None if replies is None else replies[i], None, p, client)
             return
         k = self.kinds[kind]
         k[0] += len(payloads)
         k[1] += nbytes
-        if not self.router.route_run(subject, reply, payloads, client):
-            for p in payloads:
+        if replies is None:
+            if not self.router.route_run(subject, None, payloads, client):
+                for p in payloads:
+                    self._nobody_listens(subject, None, None, p, client)
+            return
+        route = self.router.route
+        for reply, p in zip(replies, payloads):
+            if not route(subject, reply, None, p, client):
                 self._nobody_listens(subject, reply, None, p, client)
 
     def _nobody_listens(self, subject, reply, headers, payload, client: Client) -> None:

@@ -153,8 +153,9 @@ class Parser:
         self._dead = False
         self._connect = handler.op_connect
         self._pub = handler.op_pub
-        # A run of PUBs with the same subject and reply, in order; handlers without
-        # ``op_pubs`` get them one by one.
+        # A run of PUBs to one subject, in order: op_pubs(subject, replies, payloads),
+        # ``replies`` None when none has a reply, else one per payload (str or None).
+        # Handlers without ``op_pubs`` get them one by one.
         self._pubs = getattr(handler, "op_pubs", None) or self._pubs_one_by_one
         self._hpub = handler.op_hpub
         self._sub = handler.op_sub
@@ -163,9 +164,9 @@ class Parser:
         self._pong = handler.op_pong
         self._perr = handler.protocol_error
 
-    def _pubs_one_by_one(self, subject: str, reply: str | None, payloads: list) -> None:
-        for p in payloads:
-            self._pub(subject, reply, p)
+    def _pubs_one_by_one(self, subject: str, replies: list | None, payloads: list) -> None:
+        for i, p in enumerate(payloads):
+            self._pub(subject, None if replies is None else replies[i], p)
             if self._dead:
                 return
 
@@ -205,12 +206,14 @@ class Parser:
         max_payload = self.max_payload
         # Longest matched line whose arguments are within the control line limit.
         fast_len = self.max_control_line + 5
-        # Consecutive PUBs to one subject with one reply form a run, handed over in one
-        # call (publishers stream to a subject); ``line`` is the last fast PUB line, and a
+        # Consecutive PUBs to one subject form a run, handed over in one call (publishers
+        # stream to a subject; senders pipeline requests to one mailbox); ``replies`` holds
+        # their reply subjects (raw) once one has any. ``line`` is the last fast PUB line: a
         # byte-identical next line is taken without the regular expression.
         run: list | None = None
-        run_sb = run_rb = None
-        subject = reply = None
+        replies: list | None = None
+        run_sb = rb = None
+        subject = None
         line = None
         size = 0
         while pos < n:
@@ -218,16 +221,18 @@ class Parser:
                 start = pos + len(line)
                 stop = start + size
                 if stop + 2 > n:
-                    self._flush_run(run, subject, reply)
+                    self._flush_run(run, subject, replies)
                     if not self._dead:
                         self._await_payload(data, pos, stop)
                     return
                 if data[stop] != 13 or data[stop + 1] != 10:
-                    self._flush_run(run, subject, reply)
+                    self._flush_run(run, subject, replies)
                     if not self._dead:
                         self._fail(errors.UNKNOWN_PROTOCOL_OP, "payload not followed by CRLF")
                     return
                 run.append(data[start:stop])
+                if replies is not None:
+                    replies.append(rb)
                 pos = stop + 2
                 continue
             m = fast(data, pos)
@@ -237,38 +242,43 @@ class Parser:
                     sb, rb, size = m.groups()
                     size = int(size)
                     if size > max_payload:
-                        self._flush_run(run, subject, reply)
+                        self._flush_run(run, subject, replies)
                         if not self._dead:
                             self._fail(errors.MAX_PAYLOAD_VIOLATION,
                                        f"maximum payload exceeded: {size} vs {max_payload}")
                         return
                     stop = start + size
                     if stop + 2 > n:
-                        self._flush_run(run, subject, reply)
+                        self._flush_run(run, subject, replies)
                         if not self._dead:
                             self._await_payload(data, pos, stop)
                         return
                     if data[stop] != 13 or data[stop + 1] != 10:
-                        self._flush_run(run, subject, reply)
+                        self._flush_run(run, subject, replies)
                         if not self._dead:
                             self._fail(errors.UNKNOWN_PROTOCOL_OP, "payload not followed by CRLF")
                         return
-                    if run is None or sb != run_sb or rb != run_rb:
+                    if run is None or sb != run_sb:
                         if run is not None:
-                            self._flush_run(run, subject, reply)
+                            self._flush_run(run, subject, replies)
                             if self._dead:
                                 return
                         subject = _dec(sb)
-                        reply = None if rb is None else _dec(rb)
-                        run_sb, run_rb = sb, rb
+                        run_sb = sb
                         run = []
+                        replies = None
+                    if replies is not None:
+                        replies.append(rb)
+                    elif rb is not None:
+                        replies = [None] * len(run)
+                        replies.append(rb)
                     run.append(data[start:stop])
                     line = data[pos:start]
                     pos = stop + 2
                     continue
             if run is not None:
-                self._flush_run(run, subject, reply)
-                run = None
+                self._flush_run(run, subject, replies)
+                run = replies = None
                 line = None
                 if self._dead:
                     return
@@ -309,14 +319,16 @@ class Parser:
             pos = self._line(data, pos, nl)
             if pos < 0:
                 return
-        self._flush_run(run, subject, reply)
+        self._flush_run(run, subject, replies)
 
-    def _flush_run(self, run: list | None, subject: str, reply: str | None) -> None:
+    def _flush_run(self, run: list | None, subject: str, replies: list | None) -> None:
         if run:
+            if replies is not None:
+                replies = [None if r is None else _dec(r) for r in replies]
             if len(run) == 1:
-                self._pub(subject, reply, run[0])
+                self._pub(subject, None if replies is None else replies[0], run[0])
             else:
-                self._pubs(subject, reply, run)
+                self._pubs(subject, replies, run)
 
     def _line(self, data: bytes, pos: int, nl: int) -> int:
         """One op starting at ``pos``, ``nl`` being the first LF after it; returns where the

@@ -667,10 +667,12 @@ class RunRecorder(Recorder):
         super().__init__()
         self.runs: list[int] = []
 
-    def op_pubs(self, subject, reply, payloads):
+    def op_pubs(self, subject, replies, payloads):
         assert len(payloads) > 1
+        assert replies is None or (len(replies) == len(payloads) and any(replies))
         self.runs.append(len(payloads))
-        self.calls.extend(("pub", subject, reply, p) for p in payloads)
+        self.calls.extend(("pub", subject, None if replies is None else replies[i], p)
+                          for i, p in enumerate(payloads))
 
 
 def parse_runs(*chunks: bytes) -> tuple[list[tuple], list[int]]:
@@ -683,10 +685,10 @@ def parse_runs(*chunks: bytes) -> tuple[list[tuple], list[int]]:
 
 def test_a_run_of_pubs_to_one_subject_arrives_in_one_call():
     data = (b"PUB a 1\r\nx\r\n" * 3 + b"PUB a r 2\r\nyy\r\n" * 2 + b"PUB a 3\r\nzzz\r\n"
-            + b"PUB a 1\r\nw\r\nPING\r\nPUB a 1\r\nv\r\n")
+            + b"PUB a 1\r\nw\r\nPING\r\nPUB a 1\r\nv\r\nPUB b 1\r\nu\r\nPUB b 1\r\nu\r\n")
     calls, runs = parse_runs(data)
     assert calls == parse(data)
-    assert runs == [3, 2, 2]  # a ×3; "a r" ×2; a (3 B) + a before PING; the last one alone
+    assert runs == [7, 2]  # a ×7 (with and without reply) before PING; a alone; b ×2
 
 
 def test_a_bad_pub_after_a_run_comes_after_the_run():

@@ -485,22 +485,54 @@ class Shard:
             "expires_at": -int(-expires_at // 1)}))  # ceil: never claim an earlier expiry
 
     def _send(self, gw: bytes, op: wire.Send) -> None:
+        target = self._send_target(gw, op)
+        if target is None:
+            return
+        r = self._store_message(target[0], target[1], op.subject, op.headers, op.payload)
+        if r.__class__ is int:
+            out = self.out.get(gw)
+            if out is None:
+                out = self.out[gw] = []
+            out.append(wire.Sent(op.rid, op.mail_id, r, op.priority))
+        else:
+            self._reply(gw, _err(op.rid, r[0], r[1]))
+
+    def _send_run(self, gw: bytes, op: wire.SendRun) -> None:
+        target = self._send_target(gw, op)
+        if target is None:
+            return
+        mb, prio = target
+        store, subject = self._store_message, op.subject
+        self._reply(gw, wire.SentRun(op.rid, [store(mb, prio, subject, None, p)
+                                              for p in op.payloads]))
+
+    def _send_target(self, gw: bytes, op) -> tuple[Mailbox, int] | None:
+        """The mailbox and priority index a Send/SendRun stores into, or None after
+        answering why not."""
         mail_id = op.mail_id
         if self.frozen and self._moved(gw, op, "send"):
-            return
+            return None
         mb = self.mailboxes.get(mail_id)
         if mb is not None and mb.meta.expires_at and mb.meta.expires_at <= self.now:
             mb = self._live(mail_id)
         if mb is None:
             self._count("send", "not_found")
-            return self._reply(gw, _err(op.rid, "not_found", f"no mailbox '{mail_id}'"))
+            self._reply(gw, _err(op.rid, "not_found", f"no mailbox '{mail_id}'"))
+            return None
         prio = PRIO_INDEX.get(op.priority)
         if prio is None:
             self._count("send", "bad_request")
-            return self._reply(gw, _err(op.rid, "bad_request",
-                                        f"unknown priority '{op.priority}': use urgent, normal or notify"))
+            self._reply(gw, _err(op.rid, "bad_request",
+                                 f"unknown priority '{op.priority}': use urgent, normal or notify"))
+            return None
+        return mb, prio
+
+    def _store_message(self, mb: Mailbox, prio: int, subject: str, headers: bytes | None,
+                       payload: bytes):
+        """Store one message; its msg_id, or (code, text) if the mailbox is full."""
         store = self.store
         msgs = mb.msgs
+        mail_id = mb.mail_id
         if mb.latest:
             for old in list(msgs):
                 self._remove_message(mb, old)
@@ -511,8 +543,7 @@ class Shard:
             over = len(msgs) - self.max_msgs + 1
             if len(mb.delivered) < over:
                 self._count("send", "full")
-                return self._reply(gw, _err(op.rid, "full",
-                                            f"mailbox '{mail_id}' is full ({self.max_msgs} undelivered messages)"))
+                return ("full", f"mailbox '{mail_id}' is full ({self.max_msgs} undelivered messages)")
             for _ in range(over):
                 old = heapq.heappop(mb.delivered)
                 v = msgs.pop(old)
@@ -523,11 +554,9 @@ class Shard:
         msg_id = mb.next_id
         mb.next_id = msg_id + 1
         ts = self.now_ms
-        payload = op.payload
-        headers = op.headers
         size = len(payload)
-        store.put_message_at(mb.keys, msg_id, prio, encode_record(prio, ts, op.subject, headers, payload))
-        self.fresh[(mail_id, msg_id)] = (prio, ts, op.subject, headers, payload)
+        store.put_message_at(mb.keys, msg_id, prio, encode_record(prio, ts, subject, headers, payload))
+        self.fresh[(mail_id, msg_id)] = (prio, ts, subject, headers, payload)
         msgs[msg_id] = size << 4 | prio  # state PENDING
         mb.pending_deques()[prio].append(msg_id)
         mb.undelivered += 1
@@ -538,10 +567,7 @@ class Shard:
         if g is not None and g.mask & PRIO_BITS[prio]:
             self.dirty.add(mb)
         self.sends_ok += 1
-        out = self.out.get(gw)
-        if out is None:
-            out = self.out[gw] = []
-        out.append(wire.Sent(op.rid, mail_id, msg_id, op.priority))
+        return msg_id
 
     def _remove_message(self, mb: Mailbox, mid: int) -> None:
         v = mb.msgs.pop(mid)
@@ -882,6 +908,7 @@ class Shard:
     _handlers = {
         wire.Create: _create,
         wire.Send: _send,
+        wire.SendRun: _send_run,
         wire.Query: _query,
         wire.Delete: _delete,
         wire.Subscribe: _subscribe,
