@@ -19,6 +19,7 @@ So every member's ``--cluster-port`` serves Raft, ``syncobj_admin -status``, ``m
 
 from __future__ import annotations
 
+import socket
 import time
 
 from pysyncobj.utility import TcpUtility, UtilityException
@@ -49,12 +50,15 @@ def call(address: str, op: str, args: dict | None = None, *, password: str | Non
         util = TcpUtility(password=password, timeout=timeout)
     except ImportError as e:  # a password needs the cryptography package
         raise ControlError("unavailable", str(e)) from None
+    started = time.monotonic()
     try:
         res = util.executeCommand(address, ["mq9", op, args or {}])
     except UtilityException as e:
-        if str(e) == "connection lost":
-            # Connected, then dropped before any answer: what a member does to a frame
-            # sealed with another secret, or with none.
+        if (str(e) == "connection lost" and time.monotonic() - started < timeout * 0.8
+                and _listens(address)):
+            # pysyncobj says "connection lost" for a refused connect, a timeout and a
+            # member that dropped us; a quick drop by a port that accepts connections is
+            # what a member does to a frame sealed with another secret, or with none.
             raise ControlError("unauthenticated", f"{address} closed the connection without "
                                f"answering: wrong or missing cluster secret?") from None
         raise ControlError("unreachable", f"{address}: {e}") from None
@@ -67,6 +71,15 @@ def call(address: str, op: str, args: dict | None = None, *, password: str | Non
     if not res.get("ok", False):
         raise ControlError(res.get("code") or "failed", res.get("error") or "failed")
     return res
+
+
+def _listens(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1.0).close()
+        return True
+    except OSError:
+        return False
 
 
 def call_retry(address: str, op: str, args: dict | None = None, *, password=None,
