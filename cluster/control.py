@@ -44,7 +44,8 @@ def check_address(address: str) -> str:
 def call(address: str, op: str, args: dict | None = None, *, password: str | None = None,
          timeout: float = 5.0) -> dict:
     """One request to one member. Raises ControlError; ``code`` "unreachable" means the
-    request may not have arrived, anything else is the member's answer."""
+    request may not have arrived, "unauthenticated" that the member dropped it unread
+    (another secret, or none), anything else is the member's answer."""
     check_address(address)
     try:
         util = TcpUtility(password=password, timeout=timeout)

@@ -154,7 +154,8 @@ def from_config(cfg, *, node_id: str | None = None, advertise: str | None = None
     return MetadataGroup(node_id or getattr(cfg, "node_id", None),
                          f"{cfg.host}:{cfg.cluster_port}",
                          advertise or getattr(cfg, "advertise", None), cfg.data_dir,
-                         password=secret or getattr(cfg, "cluster_secret", None), nats_port=cfg.port, shards=cfg.shards,
+                         password=secret or getattr(cfg, "cluster_secret", None),
+                         nats_port=cfg.port, shards=cfg.shards,
                          gateways=cfg.gateway_count, timing=timing)
 
 

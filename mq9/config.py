@@ -138,7 +138,8 @@ def _cluster_secret(cfg: Config) -> str | None:
     secret = cfg.cluster_secret
     if cfg.cluster_secret_file:
         if secret is not None:
-            raise ValueError("give the cluster secret once: --cluster-secret or --cluster-secret-file")
+            raise ValueError("give the cluster secret once: "
+                             "--cluster-secret or --cluster-secret-file")
         try:
             with open(cfg.cluster_secret_file, encoding="utf-8") as f:
                 secret = f.readline().strip()

@@ -242,7 +242,8 @@ class _Supervisor:
         from cluster.metadata import from_config
 
         try:
-            self.group = from_config(self.cfg, secret=self.cfg.cluster_secret).open(join=self.cfg.join)
+            group = from_config(self.cfg, secret=self.cfg.cluster_secret)
+            self.group = group.open(join=self.cfg.join)
         except Exception as e:  # noqa: BLE001 - every failure is fatal here, and said once
             log.error("cluster_open_failed", join=self.cfg.join, error=str(e))
             return False

@@ -56,7 +56,7 @@ def listening(node: Node) -> dict[int, str]:
     return out
 
 
-def cli(*args: str, secret: str | None = SECRET, timeout: float = 30) -> subprocess.CompletedProcess:
+def cli(*args: str, secret: str | None = SECRET, timeout: float = 30):
     env = child_env({"MQ9_CLUSTER_SECRET": secret} if secret else None)
     return subprocess.run([sys.executable, "-m", "mq9", "cluster", *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
