@@ -137,7 +137,7 @@ MIN_SECRET = 16
 def _cluster_secret(cfg: Config) -> str | None:
     secret = cfg.cluster_secret
     if cfg.cluster_secret_file:
-        if secret is not None:
+        if secret:
             raise ValueError("give the cluster secret once: "
                              "--cluster-secret or --cluster-secret-file")
         try:
@@ -146,6 +146,7 @@ def _cluster_secret(cfg: Config) -> str | None:
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--cluster-secret-file {cfg.cluster_secret_file}: "
                              f"{getattr(e, 'strerror', None) or e}") from None
+    secret = secret or None  # MQ9_CLUSTER_SECRET="" (an unset compose variable) is no secret
     if secret is not None and len(secret) < MIN_SECRET:
         # Traffic sealed with it can be attacked offline, one guess at a time.
         raise ValueError(f"the cluster secret must be at least {MIN_SECRET} characters")

@@ -97,6 +97,32 @@ def test_cluster_mode_without_secret_is_refused(tmp_path):
     assert "cluster_secret_missing" in node.log_tail()
 
 
+def test_secret_settings(tmp_path):
+    import argparse
+
+    from mq9 import config
+
+    def cfg(argv, environ=None):
+        p = argparse.ArgumentParser()
+        config.add_arguments(p)
+        return config.from_args(p.parse_args(argv), environ or {})
+
+    f = tmp_path / "secret"
+    f.write_text("from-a-file-0123456789\n")
+    assert cfg(["--cluster-secret-file", str(f)]).cluster_secret == "from-a-file-0123456789"
+    toml = tmp_path / "mq9.toml"
+    toml.write_text('cluster_secret = "from-toml-0123456789"\n')
+    assert cfg(["--config", str(toml)]).cluster_secret == "from-toml-0123456789"
+    assert cfg([], {"MQ9_CLUSTER_SECRET": "from-env-0123456789"}).cluster_secret == "from-env-0123456789"
+    assert cfg([], {"MQ9_CLUSTER_SECRET": ""}).cluster_secret is None
+    with pytest.raises(ValueError, match="once"):
+        cfg(["--cluster-secret-file", str(f), "--cluster-secret", "x" * 20])
+    with pytest.raises(ValueError, match="at least 16"):
+        cfg(["--cluster-secret", "short"])
+    with pytest.raises(ValueError, match="No such file"):
+        cfg(["--cluster-secret-file", str(tmp_path / "missing")])
+
+
 def test_short_secret_is_a_usage_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mq9", "node", "--cluster-secret", "short"],
                          env=child_env(), capture_output=True, text=True, timeout=30, cwd=tmp_path)
