@@ -187,6 +187,40 @@ def test_shard_port_ignores_peers_without_the_key(member):
     assert reply and reply[0].rid == 7 and reply[0].code
 
 
+def _mesh_handshake(endpoint: str, secret: str | None, wait: float,
+                    own_keys: tuple[bytes, bytes] | None = None) -> str:
+    """Dial a gateway's mesh port with a PUSH, as another node's gateway would; what the
+    handshake came to: "ok", "refused" (ZAP said no) or "none" (never completed)."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    ctx = zmq.Context()
+    try:
+        s = ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, 0)
+        mon = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        if secret is not None:
+            curve.client(s, secret)
+        if own_keys is not None:  # knows the server's key, presents its own keypair
+            s.setsockopt(zmq.CURVE_PUBLICKEY, own_keys[0])
+            s.setsockopt(zmq.CURVE_SECRETKEY, own_keys[1])
+        s.connect(endpoint)
+        if not mon.poll(int(wait * 1000)):
+            return "none"
+        event = recv_monitor_message(mon)["event"]
+        return "ok" if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else "refused"
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_gateway_mesh_port_admits_only_the_cluster_key(member):
+    ep = endpoints.gateway_tcp("127.0.0.1", member.flags["cluster_port"], SHARDS, 0)
+    assert _mesh_handshake(ep, None, 1.0) == "none"  # plain ZeroMQ meets a CURVE server
+    assert _mesh_handshake(ep, "another-secret-0123456789", 5.0) != "ok"
+    # Knowing the server's public key is not enough: the ZAP check wants the cluster's key.
+    assert _mesh_handshake(ep, SECRET, 5.0, own_keys=zmq.curve_keypair()) == "refused"
+    assert _mesh_handshake(ep, SECRET, 5.0) == "ok"
+
+
 def test_control_channel_refuses_a_missing_or_wrong_secret(member):
     server = f"127.0.0.1:{member.flags['cluster_port']}"
     out = cli("status", "--server", server, secret=None)
