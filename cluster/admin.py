@@ -3,12 +3,16 @@
 
     python -m cluster.admin status --server 127.0.0.1:6222 [--json]
     python -m cluster.admin remove NODE --server 127.0.0.1:6222 [--force]
+
+Both need the cluster secret (``--cluster-secret``, ``--cluster-secret-file`` or
+``MQ9_CLUSTER_SECRET``): members drop connections that do not authenticate with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -142,7 +146,7 @@ def _remove_from_raft(via: str, address: str, s: dict, password, left, say) -> N
             try:
                 call(address, "transfer", password=password, timeout=2.0)
             except ControlError as e:
-                if e.code not in ("unreachable", "denied", "not_leader"):
+                if e.code not in ("unreachable", "unauthenticated", "denied", "not_leader"):
                     raise
             time.sleep(0.3)
             s = call_retry(via, "status", password=password, timeout=left())
@@ -154,12 +158,27 @@ def _remove_from_raft(via: str, address: str, s: dict, password, left, say) -> N
         try:
             call(via, "remove_node", {"address": address}, password=password, timeout=2.0)
         except ControlError as e:
-            if e.code not in ("unreachable", "denied", "no_leader", "retry"):
+            if e.code not in ("unreachable", "unauthenticated", "denied", "no_leader", "retry"):
                 raise
         time.sleep(0.2)
         s = call_retry(via, "status", password=password, timeout=left())
         if left() <= 1.0 and address in s["raft_members"]:
             raise AdminError(f"Raft did not drop {address}: {s['membership_results'].get(address)}")
+
+
+def _secret(a) -> str:
+    if a.cluster_secret_file:
+        try:
+            with open(a.cluster_secret_file, encoding="utf-8") as f:
+                return f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise AdminError(f"--cluster-secret-file: {e}") from None
+    secret = a.password or os.environ.get("MQ9_CLUSTER_SECRET")
+    if not secret:
+        # Without one the member would drop the connection; say why up front instead.
+        raise AdminError("the cluster secret is needed: --cluster-secret, "
+                         "--cluster-secret-file or MQ9_CLUSTER_SECRET")
+    return secret
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m cluster.admin") -> int:
@@ -174,9 +193,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m cluster.admin") -
     pr.add_argument("--timeout", type=float, default=600.0)
     for q in (ps, pr):
         q.add_argument("--server", required=True, help="any member's host:cluster_port")
-        q.add_argument("--password", help="cluster secret")
+        q.add_argument("--cluster-secret", "--password", dest="password",
+                       help="the cluster's secret (env MQ9_CLUSTER_SECRET)")
+        q.add_argument("--cluster-secret-file", help="file whose first line is the secret")
     a = p.parse_args(argv)
     try:
+        a.password = _secret(a)
         if a.cmd == "status":
             s = status(a.server, a.password)
             print(json.dumps(s, indent=1, sort_keys=True, default=list) if a.json

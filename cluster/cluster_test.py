@@ -23,6 +23,7 @@ from cluster.slots import NUM_SLOTS
 from cluster.state import ClusterState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECRET = "member-test-secret-0123456789"  # Raft and control traffic sealed, as in production
 
 
 def free_port() -> int:
@@ -44,7 +45,7 @@ class Member:
         cmd = [sys.executable, "-m", "cluster.member", "--fast", "--node-id", self.node_id,
                "--bind", self.address, "--data-dir", self.data_dir, "--shards", "2",
                "--batch", "256", "--move-delay", "0.15", "--timeout", "20",
-               "--die-with-parent", *extra]
+               "--die-with-parent", "--password", SECRET, *extra]
         if join:
             cmd += ["--join", join]
         self._log = open(self.log_path, "a")  # noqa: SIM115 - lives as long as the process
@@ -71,7 +72,7 @@ class Member:
                 self.proc.wait(5)
 
     def status(self) -> dict:
-        return call(self.address, "status", timeout=2.0)
+        return call(self.address, "status", password=SECRET, timeout=2.0)
 
     def tail(self, n: int = 30) -> str:
         try:
@@ -106,7 +107,7 @@ def wait_until(pred, timeout: float, what: str, every: float = 0.05):
 
 
 def snapshots(members) -> list[dict]:
-    return [call(m.address, "snapshot", timeout=2.0)["state"] for m in members]
+    return [call(m.address, "snapshot", password=SECRET, timeout=2.0)["state"] for m in members]
 
 
 def converged(members) -> bool:
@@ -179,7 +180,7 @@ def test_write_latency_on_three_members(cluster):
     for name, m in (("leader", leader), ("follower", follower)):
         for how in ("raft", "write()"):
             args = {"n": 300, "blocking": how == "write()"}
-            lat = sorted(call(m.address, "bench", args, timeout=30)["latencies_ms"])
+            lat = sorted(call(m.address, "bench", args, password=SECRET, timeout=30)["latencies_ms"])
             out[name, how] = (lat[len(lat) // 2], lat[int(len(lat) * 0.99) - 1], lat[-1])
     for (name, how), (p50, p99, mx) in out.items():
         print(f"\nmetadata write latency, 3 members, {how:8} on the {name:8}: "
@@ -192,7 +193,7 @@ def test_writes_from_any_member_reach_all(cluster):
     members = list(cluster.values())
     for i, m in enumerate(members):
         admin.write(m.address, "queue_group_add",
-                    {"node_id": m.node_id, "subject": f"jobs.{i}", "queue": "w"})
+                    {"node_id": m.node_id, "subject": f"jobs.{i}", "queue": "w"}, SECRET)
     wait_until(lambda: converged(members), 5, "queue groups everywhere")
     qg = ClusterState.from_dict(snapshots(members[:1])[0]).queue_groups
     assert qg == {m.node_id: ((f"jobs.{i}", "w"),) for i, m in enumerate(members)}
@@ -216,7 +217,7 @@ def test_kill_leader_elects_a_new_one_and_writes_go_on(cluster):
     assert rest[1].status()["term"] > term or rest[0].status()["term"] > term
     res = admin.write(rest[1].address, "queue_group_add",
                       {"node_id": rest[1].node_id, "subject": "after.kill", "queue": "w"},
-                      timeout=10)
+                      SECRET, timeout=10)
     assert res["version"] > version
     wait_until(lambda: converged(rest), 5, "survivors to agree")
     cluster["_killed"] = leader
@@ -227,7 +228,7 @@ def test_restarted_member_catches_up_without_join(cluster):
     rest = [m for m in cluster.values() if m is not killed]
     # more writes while it is down
     admin.write(rest[0].address, "queue_group_add",
-                {"node_id": rest[0].node_id, "subject": "while.down", "queue": "w"})
+                {"node_id": rest[0].node_id, "subject": "while.down", "queue": "w"}, SECRET)
     killed.start()  # no --join: node.json and the journal say who the peers are
     info = killed.wait_ready()
     assert info["node_id"] == killed.node_id
@@ -246,7 +247,7 @@ def test_remove_member_moves_its_slots_then_takes_it_out(cluster):
     server = next(m for m in members if m is not victim)
     said = []
     t0 = time.monotonic()
-    res = admin.remove(server.address, victim.node_id, timeout=40, progress=said.append)
+    res = admin.remove(server.address, victim.node_id, SECRET, timeout=40, progress=said.append)
     took = time.monotonic() - t0
     print(f"\nremoved {victim.node_id} (the leader) in {took:.2f}s: " + " | ".join(said))
     assert res["removed"] == victim.node_id
@@ -263,14 +264,16 @@ def test_remove_member_moves_its_slots_then_takes_it_out(cluster):
     with open(os.path.join(victim.data_dir, "cluster", "node.json")) as f:
         assert json.load(f)["removed"]
     # the two that are left still take writes
-    admin.write(rest[0].address, "noop", {})
+    admin.write(rest[0].address, "noop", {}, SECRET)
     cluster.pop(victim.node_id)
 
 
 def test_status_cli(cluster):
     m = next(iter(cluster.values()))
+    env = {**os.environ, "MQ9_CLUSTER_SECRET": SECRET}
     out = subprocess.run([sys.executable, "-m", "cluster.admin", "status", "--server",
-                          m.address], cwd=ROOT, capture_output=True, text=True, timeout=20, check=False)
+                          m.address], cwd=ROOT, capture_output=True, text=True, timeout=20,
+                         check=False, env=env)
     assert out.returncode == 0, out.stderr
     print("\n" + out.stdout)
     assert "leader" in out.stdout and "NODE" in out.stdout
@@ -278,5 +281,9 @@ def test_status_cli(cluster):
         assert node_id in out.stdout
     bad = subprocess.run([sys.executable, "-m", "cluster.admin", "status", "--server",
                           f"127.0.0.1:{free_port()}"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=20, check=False)
+                         text=True, timeout=20, check=False, env=env)
     assert bad.returncode == 1 and "error" in bad.stderr
+    wrong = subprocess.run([sys.executable, "-m", "cluster.admin", "status", "--server",
+                            m.address], cwd=ROOT, capture_output=True, text=True, timeout=20,
+                           check=False, env={**env, "MQ9_CLUSTER_SECRET": "not-the-secret"})
+    assert wrong.returncode == 1 and "wrong or missing cluster secret" in wrong.stderr

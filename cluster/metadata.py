@@ -139,6 +139,10 @@ def default_advertise(bind_host: str) -> str:
     return fqdn if "." in fqdn else ip
 
 
+def _is_loopback(host: str) -> bool:
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
 def from_config(cfg, *, node_id: str | None = None, advertise: str | None = None,
                 secret: str | None = None, timing: RaftTiming | None = None) -> MetadataGroup:
     """A group for an ``mq9.config.Config``: cluster port on the NATS listen host, data
@@ -150,7 +154,8 @@ def from_config(cfg, *, node_id: str | None = None, advertise: str | None = None
     return MetadataGroup(node_id or getattr(cfg, "node_id", None),
                          f"{cfg.host}:{cfg.cluster_port}",
                          advertise or getattr(cfg, "advertise", None), cfg.data_dir,
-                         password=secret, nats_port=cfg.port, shards=cfg.shards,
+                         password=secret or getattr(cfg, "cluster_secret", None),
+                         nats_port=cfg.port, shards=cfg.shards,
                          gateways=cfg.gateway_count, timing=timing)
 
 
@@ -223,6 +228,10 @@ class MetadataGroup:
         self.password = password or None
         if self.password and not HAS_CRYPTO:
             raise ClusterError("unavailable", "a cluster secret needs the 'cryptography' package")
+        if not self.password and not _is_loopback(bind_host):
+            # Without a secret pysyncobj unpickles whatever reaches the port: only this
+            # machine may reach it (in-process tests); `mq9 node` always has a secret.
+            raise ClusterError("bad_request", f"listening on {bind_host} needs a cluster secret")
         self.member_info = {"advertise": self.advertise, "cluster_port": self.cluster_port,
                             "nats_port": nats_port, "shards": shards, "gateways": gateways}
         self.timing = timing or RaftTiming()
@@ -417,7 +426,8 @@ class MetadataGroup:
                     call(seed, "add_node", {"address": self.address}, password=self.password,
                          timeout=min(2.0, left()))
                 except ControlError as e:
-                    if e.code not in ("unreachable", "denied", "no_leader", "retry"):
+                    if e.code not in ("unreachable", "unauthenticated", "denied", "no_leader",
+                                      "retry"):
                         raise ClusterError(e.code, str(e)) from None
                 asked = time.monotonic()
             time.sleep(0.05)

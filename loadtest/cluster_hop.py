@@ -28,6 +28,7 @@ from loadtest import rawnats as rn
 
 ROOT = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
+SECRET = "cluster-hop-bench-secret"  # cluster mode needs one; the hop then runs over CURVE
 
 
 def free_port_block(width: int) -> int:
@@ -75,6 +76,7 @@ def _start(tmp: Path, name: str, join: int | None) -> tuple[subprocess.Popen, in
     if join:
         args += ["--join", f"127.0.0.1:{join}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MQ9_")}
+    env["MQ9_CLUSTER_SECRET"] = SECRET
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=open(tmp / f"{name}.log", "wb"))
     deadline = time.monotonic() + 60
@@ -89,7 +91,8 @@ def _start(tmp: Path, name: str, join: int | None) -> tuple[subprocess.Popen, in
 
 def _balanced(cluster_port: int, nodes: int = 2) -> bool:
     out = subprocess.run([sys.executable, "-m", "mq9", "cluster", "status", "--json", "--server",
-                          f"127.0.0.1:{cluster_port}"], capture_output=True, text=True, cwd=ROOT)
+                          f"127.0.0.1:{cluster_port}"], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "MQ9_CLUSTER_SECRET": SECRET})
     if out.returncode:
         return False
     st = json.loads(out.stdout)

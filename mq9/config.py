@@ -36,6 +36,12 @@ class Config:
                                        "first node of a cluster (joiners default to --host, or this "
                                        "machine's address when --host is 0.0.0.0)")
     join: str | None = _opt(None, "HOST:PORT of any cluster member's --cluster-port, to join its cluster")
+    cluster_secret: str | None = _opt(None, "secret shared by the members of a cluster, at least 16 "
+                                            "characters (e.g. `openssl rand -hex 32`); required in "
+                                            "cluster mode: it encrypts and authenticates Raft and "
+                                            "control traffic and keys ZeroMQ CURVE on the data ports")
+    cluster_secret_file: str | None = _opt(None, "file whose first line is the cluster secret "
+                                                 "(a mounted Secret), instead of --cluster-secret")
     max_payload: int = _opt(MIB, "largest message body accepted, bytes")
     max_connections: int = _opt(65536, "client connections per node")
     max_control_line: int = _opt(4096, "longest protocol line, bytes")
@@ -120,8 +126,31 @@ def from_args(ns: argparse.Namespace, environ: dict[str, str] | None = None) -> 
             raise ValueError(f"{name} must be one of {', '.join(allowed)}")
     if (cfg.user is None) != (cfg.password is None):
         raise ValueError("--user and --pass go together")
+    cfg.cluster_secret = _cluster_secret(cfg)
     _check_ranges(cfg)
     return cfg
+
+
+MIN_SECRET = 16
+
+
+def _cluster_secret(cfg: Config) -> str | None:
+    secret = cfg.cluster_secret
+    if cfg.cluster_secret_file:
+        if secret:
+            raise ValueError("give the cluster secret once: "
+                             "--cluster-secret or --cluster-secret-file")
+        try:
+            with open(cfg.cluster_secret_file, encoding="utf-8") as f:
+                secret = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--cluster-secret-file {cfg.cluster_secret_file}: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
+    secret = secret or None  # MQ9_CLUSTER_SECRET="" (an unset compose variable) is no secret
+    if secret is not None and len(secret) < MIN_SECRET:
+        # Traffic sealed with it can be attacked offline, one guess at a time.
+        raise ValueError(f"the cluster secret must be at least {MIN_SECRET} characters")
+    return secret
 
 
 # (setting, lowest, highest): values outside would only fail later, inside a child process

@@ -22,7 +22,7 @@ from collections import defaultdict
 
 import zmq
 
-from mq9 import endpoints, log, wire
+from mq9 import curve, endpoints, log, wire
 from mq9.config import Config
 
 Owner = tuple[str, int]
@@ -106,7 +106,7 @@ class ShardMover:
             s = self.ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.IDENTITY, f"mover-{self.group.node_id}".encode())
             s.setsockopt(zmq.LINGER, 0)
-            s.connect(self._endpoint(owner))
+            curve.connect(s, self._endpoint(owner), self.cfg.cluster_secret)
             self.socks[owner] = s
         return s
 

@@ -195,6 +195,14 @@ class _Supervisor:
                 return 1
         self._install_signals()
         if self._wants_cluster():
+            if not cfg.cluster_secret:
+                # Without it Raft would unpickle whatever reaches its port and the data
+                # ports would take frames from anyone: refuse rather than run open.
+                log.error("cluster_secret_missing",
+                          hint="cluster mode (--join, --advertise or a member's data dir) needs "
+                               "--cluster-secret, MQ9_CLUSTER_SECRET, cluster_secret in the "
+                               "config file or --cluster-secret-file; the same on every member")
+                return 1
             if not self._open_cluster():
                 return 1
         else:
@@ -234,7 +242,8 @@ class _Supervisor:
         from cluster.metadata import from_config
 
         try:
-            self.group = from_config(self.cfg).open(join=self.cfg.join)
+            group = from_config(self.cfg, secret=self.cfg.cluster_secret)
+            self.group = group.open(join=self.cfg.join)
         except Exception as e:  # noqa: BLE001 - every failure is fatal here, and said once
             log.error("cluster_open_failed", join=self.cfg.join, error=str(e))
             return False
@@ -275,8 +284,15 @@ class _Supervisor:
                 shutil.rmtree(d)
             except FileNotFoundError:
                 pass
+        # ipc:// sockets carry unauthenticated frames between this node's processes: only
+        # this user may reach them (makedirs' mode is filtered by the umask, chmod is not).
+        os.makedirs(cfg.run_dir, mode=0o700)
+        os.chmod(cfg.run_dir, 0o700)
         os.makedirs(endpoints.metrics_dir(cfg))
-        os.makedirs(endpoints.socket_dir(cfg), mode=0o700, exist_ok=True)
+        if endpoints.socket_dir(cfg) != cfg.run_dir:
+            # in the shared temp dir: made fresh (it was just removed), so nobody else's
+            os.makedirs(endpoints.socket_dir(cfg), mode=0o700)
+            os.chmod(endpoints.socket_dir(cfg), 0o700)
         return True
 
     def _init_metrics(self) -> None:

@@ -16,9 +16,12 @@ import nats
 import pytest
 
 from loadtest.cluster_hop import free_port_block
-from tests.nodeproc import Node
+from tests.nodeproc import Node, child_env
 
 SHARDS, GATEWAYS = 2, 2
+# Cluster mode needs one; given the way a deployment would (an env var, not argv).
+SECRET = "test-cluster-secret-0123456789"
+SECRET_ENV = {"MQ9_CLUSTER_SECRET": SECRET}
 
 
 def cluster_node(tmp_path, name: str, join: int | None = None) -> Node:
@@ -26,13 +29,13 @@ def cluster_node(tmp_path, name: str, join: int | None = None) -> Node:
                  gateways=GATEWAYS, node_id=name, advertise="127.0.0.1", ready_timeout=60)
     if join is not None:
         flags["join"] = f"127.0.0.1:{join}"
-    return Node(tmp_path / name, **flags)
+    return Node(tmp_path / name, env=SECRET_ENV, **flags)
 
 
 def cluster_status(port: int) -> dict:
     out = subprocess.run([sys.executable, "-m", "mq9", "cluster", "status", "--json",
                           "--server", f"127.0.0.1:{port}"],
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=30, env=child_env(SECRET_ENV))
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -353,7 +356,7 @@ async def test_remove_moves_slots_back_and_stops_the_node(tmp_path):
 
         out = subprocess.run([sys.executable, "-m", "mq9", "cluster", "remove", "r2",
                               "--server", f"127.0.0.1:{n1.flags['cluster_port']}", "--timeout", "60"],
-                             capture_output=True, text=True, timeout=90)
+                             capture_output=True, text=True, timeout=90, env=child_env(SECRET_ENV))
         assert out.returncode == 0, out.stdout + out.stderr
         st = cluster_status(n1.flags["cluster_port"])
         assert list(st["members"]) == ["r1"] and st["slots_per_node"] == {"r1": 4096}

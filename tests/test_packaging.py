@@ -16,6 +16,7 @@ There is no Docker engine and no helm binary on the build machines, so:
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -151,7 +152,7 @@ def test_default_objects():
     assert kinds == sorted([
         ("StatefulSet", FULLNAME), ("Service", FULLNAME), ("Service", HEADLESS),
         ("Service", f"{FULLNAME}-metrics"), ("PodDisruptionBudget", FULLNAME),
-        ("Pod", f"{FULLNAME}-test-request-reply"),
+        ("Pod", f"{FULLNAME}-test-request-reply"), ("Secret", f"{FULLNAME}-cluster"),
     ])
     notes = rendered["NOTES.txt"][0]
     assert f"{FULLNAME}.{NAMESPACE}.svc.cluster.local:4222" in notes
@@ -314,6 +315,22 @@ def test_pod_zero_bootstraps_others_join(tmp_path):
             assert "--join" not in argv
         else:
             assert flag(argv, "--join") == f"{FULLNAME}-0.{DOMAIN}:6222"
+
+
+def test_cluster_secret_reaches_every_pod():
+    """Cluster mode refuses to start without a secret: the chart makes one, or uses the
+    user's Secret (and then makes none)."""
+    rendered = render()
+    made = one(rendered, "Secret", f"{FULLNAME}-cluster")
+    assert made["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert len(base64.b64decode(made["data"]["cluster-secret"])) == 48
+    env = {e["name"]: e for e in container(rendered)["env"]}
+    ref = env["MQ9_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": f"{FULLNAME}-cluster", "key": "cluster-secret"}
+    rendered = render({"mq9": {"clusterSecret": {"existingSecret": "mine", "existingSecretKey": "k"}}})
+    assert not [o for o in objects(rendered) if o["kind"] == "Secret"]
+    env = {e["name"]: e for e in container(rendered)["env"]}
+    assert env["MQ9_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "k"}
 
 
 def test_extra_args_reach_mq9(tmp_path):

@@ -20,7 +20,7 @@ import time
 
 import zmq
 
-from mq9 import endpoints, log, metrics, wire
+from mq9 import curve, endpoints, log, metrics, wire
 from mq9.config import Config
 from mq9.gateway.zsock import Outbox, watch
 
@@ -65,9 +65,13 @@ class Peers:
         if os.path.exists(path):
             os.unlink(path)  # a previous incarnation of this gateway
         self.pull.bind(addr)
-        if cfg.cluster_port:
+        self.secret = cfg.cluster_secret
+        self.auth = None
+        if cfg.cluster_port and self.secret:  # no secret, no TCP port
             port = endpoints.gateway_tcp_port(cfg.cluster_port, cfg.shards, index)
+            self.auth = curve.start_authenticator(ctx, self.secret)
             try:
+                curve.server(self.pull, self.secret)  # after the ipc bind: that one stays plain
                 self.pull.bind(f"tcp://{cfg.host}:{port}")
             except zmq.ZMQError as e:
                 # This node stays usable alone; other nodes cannot reach this gateway.
@@ -99,7 +103,7 @@ class Peers:
             push = self.ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.SNDHWM, 100_000)
             push.setsockopt(zmq.LINGER, 0)
-            push.connect(ep)
+            curve.connect(push, ep, self.secret)
             box = _PeerOutbox(push, self.loop)
             box.peers, box.g = self, g
             self.out[g] = box
@@ -206,3 +210,5 @@ class Peers:
             box.sock.close(linger=100)
         self.loop.remove_reader(self.pull.getsockopt(zmq.FD))
         self.pull.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()  # before the context ends: its ZAP socket would block term()

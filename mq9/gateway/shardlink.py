@@ -16,7 +16,7 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from mq9 import metrics, wire
+from mq9 import curve, metrics, wire
 from mq9.gateway.topology import Target, Topology
 from mq9.gateway.zsock import Outbox, watch
 
@@ -67,7 +67,7 @@ class ShardLink:
         sh = _Shard()
         sh.sock, sh.endpoint = s, endpoint
         sh.monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        s.connect(endpoint)
+        curve.connect(s, endpoint, self.topology.cfg.cluster_secret)
         drain = watch(self.loop, s, self._on_frame)
         sh.out = Outbox(s, self.loop, after_send=drain)
         self.loop.add_reader(sh.monitor.getsockopt(zmq.FD), self._on_monitor, target)

@@ -14,7 +14,7 @@ import time
 
 import zmq
 
-from mq9 import endpoints, log, metrics, process, wire
+from mq9 import curve, endpoints, log, metrics, process, wire
 from mq9.config import Config
 from mq9.shard.mailbox import Shard
 from mq9.shard.store import Store
@@ -39,6 +39,8 @@ def _remove_stale_socket(cfg: Config, index: int) -> None:
 
 
 def _bind(cfg: Config, index: int, ctx: zmq.Context) -> zmq.Socket:
+    """The ROUTER, on this node's ipc endpoint and, in cluster mode, on ``--host`` at the
+    shard's TCP port behind CURVE (``mq9.curve``; the caller runs the authenticator)."""
     sock = ctx.socket(zmq.ROUTER)
     # Unknown identity -> EHOSTUNREACH instead of a silent drop, so a vanished gateway's
     # in-flight messages go back to pending at once.
@@ -50,10 +52,11 @@ def _bind(cfg: Config, index: int, ctx: zmq.Context) -> zmq.Socket:
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.LINGER, 2000)
     sock.bind(endpoints.shard_endpoint(cfg, index))
-    if cfg.cluster_port:
+    if cfg.cluster_port and cfg.cluster_secret:
         port = endpoints.shard_tcp_port(cfg.cluster_port, index)
         try:
-            # Gateways of other nodes reach this shard here.
+            # Gateways and movers of other nodes reach this shard here.
+            curve.server(sock, cfg.cluster_secret)
             sock.bind(f"tcp://{cfg.host}:{port}")
         except zmq.ZMQError as e:
             log.error("shard_tcp_bind_failed", shard=index, port=port, error=str(e))
@@ -136,6 +139,9 @@ def run(cfg: Config, index: int) -> None:
     process.settle_heap()
 
     ctx = zmq.Context(1)
+    # No secret, no TCP port (the supervisor refuses cluster mode without one anyway).
+    tcp = bool(cfg.cluster_port and cfg.cluster_secret)
+    auth = curve.start_authenticator(ctx, cfg.cluster_secret) if tcp else None
     sock = _bind(cfg, index, ctx)
     m = _Metrics()
     m.batch(shard, 0.0, 0)
@@ -212,5 +218,7 @@ def run(cfg: Config, index: int) -> None:
             store.close()
         finally:
             sock.close()
+            if auth is not None:
+                auth.stop()
             ctx.term()
         log.info("shard_stopped", shard=index)

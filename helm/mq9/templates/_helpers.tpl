@@ -58,3 +58,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   port: {{ add $base 1 $shards $j }}
 {{- end }}
 {{- end }}
+
+{{/* The Secret holding the cluster secret: the user's, or the one the chart makes. */}}
+{{- define "mq9.clusterSecretName" -}}
+{{- .Values.mq9.clusterSecret.existingSecret | default (printf "%s-cluster" (include "mq9.fullname" .)) }}
+{{- end }}
