@@ -220,15 +220,8 @@ class Parser:
             if line is not None and data.startswith(line, pos):
                 start = pos + len(line)
                 stop = start + size
-                if stop + 2 > n:
-                    self._flush_run(run, subject, replies)
-                    if not self._dead:
-                        self._await_payload(data, pos, stop)
-                    return
-                if data[stop] != 13 or data[stop + 1] != 10:
-                    self._flush_run(run, subject, replies)
-                    if not self._dead:
-                        self._fail(errors.UNKNOWN_PROTOCOL_OP, "payload not followed by CRLF")
+                if stop + 2 > n or data[stop] != 13 or data[stop + 1] != 10:
+                    self._no_payload_end(data, pos, stop, run, subject, replies)
                     return
                 run.append(data[start:stop])
                 if replies is not None:
@@ -248,15 +241,8 @@ class Parser:
                                        f"maximum payload exceeded: {size} vs {max_payload}")
                         return
                     stop = start + size
-                    if stop + 2 > n:
-                        self._flush_run(run, subject, replies)
-                        if not self._dead:
-                            self._await_payload(data, pos, stop)
-                        return
-                    if data[stop] != 13 or data[stop + 1] != 10:
-                        self._flush_run(run, subject, replies)
-                        if not self._dead:
-                            self._fail(errors.UNKNOWN_PROTOCOL_OP, "payload not followed by CRLF")
+                    if stop + 2 > n or data[stop] != 13 or data[stop + 1] != 10:
+                        self._no_payload_end(data, pos, stop, run, subject, replies)
                         return
                     if run is None or sb != run_sb:
                         if run is not None:
@@ -320,6 +306,17 @@ class Parser:
             if pos < 0:
                 return
         self._flush_run(run, subject, replies)
+
+    def _no_payload_end(self, data: bytes, pos: int, stop: int, run, subject, replies) -> None:
+        """A PUB whose payload is not followed by CRLF in this chunk: the run before it is
+        handed over, then it waits for more bytes or fails."""
+        self._flush_run(run, subject, replies)
+        if self._dead:
+            return
+        if stop + 2 > len(data):
+            self._await_payload(data, pos, stop)
+        else:
+            self._fail(errors.UNKNOWN_PROTOCOL_OP, "payload not followed by CRLF")
 
     def _flush_run(self, run: list | None, subject: str, replies: list | None) -> None:
         if run:
