@@ -8,7 +8,7 @@ Gateway -> shard (DEALER -> ROUTER; the ROUTER sees the gateway's identity):
     Create, Send, SendRun, Query, Delete, Subscribe, Unsubscribe, Delivered, Hello
 Shard -> gateway:
     Result (answers Create/Send/Query/Delete by ``rid``), Sent and SentRun (stored sends),
-    Deliver (a message for an owner subscription)
+    DeliverRun (messages for an owner subscription; Deliver is one message)
 Gateway <-> gateway (PUSH -> PULL, one pipe per ordered pair, so order is kept):
     PeerHello, Interest, Routed, RoutedRun, Mark, Ack
 """
@@ -193,6 +193,35 @@ class Deliver(_Msg):
     headers: bytes | None = None
 
 
+class DeliverRun(_Msg):
+    """Messages of one mailbox and priority for owner subscription ``key``, oldest first
+    (what a shard pushes: one struct per subscription and batch, not per message)."""
+
+    key: int
+    mail_id: str
+    priority: str
+    subject: str
+    msg_ids: list[int]
+    payloads: list[bytes]
+    headers: list[bytes | None] | None = None  # None: no message of the run has headers
+
+    def each(self) -> list[Deliver]:
+        hs = self.headers or [None] * len(self.msg_ids)
+        return [Deliver(self.key, self.mail_id, mid, self.priority, self.subject, p, h)
+                for mid, p, h in zip(self.msg_ids, self.payloads, hs)]
+
+
+def delivers(items) -> list[Deliver]:
+    """Every message pushed in ``items`` (Deliver or DeliverRun), one Deliver each."""
+    out: list[Deliver] = []
+    for it in items:
+        if type(it) is DeliverRun:
+            out.extend(it.each())
+        elif type(it) is Deliver:
+            out.append(it)
+    return out
+
+
 # ---- gateway <-> gateway ----------------------------------------------------------------
 
 class PeerHello(_Msg):
@@ -252,7 +281,7 @@ class RoutedRun(_Msg):
 
 ToShard = Union[Hello, Create, Send, SendRun, Query, Delete, Subscribe, Unsubscribe, Delivered, Undelivered,
                 Export, Import, Freeze, Drop]
-FromShard = Union[Result, Sent, SentRun, Deliver]
+FromShard = Union[Result, Sent, SentRun, Deliver, DeliverRun]
 ANSWERS = (Result, Sent, SentRun)  # what answers a request by rid
 PeerMsg = Union[PeerHello, Interest, Routed, RoutedRun, Mark, Ack]
 

@@ -379,6 +379,31 @@ class Mailboxes:
         sub.client.deliver(sub, d.subject, None, _with_mq9_headers(d.headers, d.msg_id, d.priority),
                            d.payload)
 
+    def on_deliver_run(self, d: wire.DeliverRun) -> None:
+        sub = self.owner_subs.get(d.key)
+        ids = d.msg_ids
+        if sub is None or sub.client.closed:
+            self.link.post(self.link.shard_of(d.mail_id),
+                           wire.Undelivered(key=d.key, mail_id=d.mail_id, msg_ids=ids))
+            return
+        k = (self.sub_target[d.key], d.key, d.mail_id)
+        acks = self._acks.get(k)
+        if acks is None:
+            if not self._acks:
+                self.link.loop.call_soon(self.flush_acks)
+            acks = self._acks[k] = []
+        client, subject, prio = sub.client, d.subject, d.priority
+        hs, payloads, owner_subs, key = d.headers, d.payloads, self.owner_subs, d.key
+        for i, mid in enumerate(ids):
+            if client.closed or owner_subs.get(key) is not sub:
+                # cut off (slow consumer) or unsubscribed (UNSUB max) part way
+                self.link.post(self.link.shard_of(d.mail_id),
+                               wire.Undelivered(key=key, mail_id=d.mail_id, msg_ids=ids[i:]))
+                return
+            acks.append(mid)
+            client.deliver(sub, subject, None,
+                           _with_mq9_headers(hs[i] if hs else None, mid, prio), payloads[i])
+
     def report(self) -> None:
         """Once a second: send-ack latencies into the shared histogram (a locked file write
         per observation is too dear per message)."""

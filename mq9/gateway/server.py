@@ -289,6 +289,9 @@ class Gateway:
     def on_deliver(self, d) -> None:
         self.mailboxes.on_deliver(d)
 
+    def on_deliver_run(self, d) -> None:
+        self.mailboxes.on_deliver_run(d)
+
     def on_shard_connected(self, shard: int) -> None:
         self.log.info("shard_connected", shard=shard)
         self.mailboxes.on_shard_connected(shard)

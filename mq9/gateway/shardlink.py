@@ -105,7 +105,9 @@ class ShardLink:
             metrics.DROPS.labels("bad_frame").inc()
             return
         for m in msgs:
-            if m.__class__ is wire.Deliver:
+            if m.__class__ is wire.DeliverRun:
+                self.handler.on_deliver_run(m)
+            elif m.__class__ is wire.Deliver:
                 self.handler.on_deliver(m)
             elif m.code == "moved" and m.rid in self.pending:
                 # The mailbox's slot is moving: ask the new owner once the slot map says who.

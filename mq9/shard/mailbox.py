@@ -958,6 +958,18 @@ class Shard:
         return decode_record(raw)
 
     def _pump(self, mb: Mailbox) -> None:
+        """Push pending messages of ``mb`` to its owner subscriptions, as one DeliverRun
+        per subscription and priority."""
+        runs: dict[tuple, wire.DeliverRun] = {}
+        self._fill_runs(mb, runs)
+        out = self.out
+        for (s, _, _), run in runs.items():  # in insertion order: urgent before normal
+            lst = out.get(s.gw)
+            if lst is None:
+                lst = out[s.gw] = []
+            lst.append(run)
+
+    def _fill_runs(self, mb: Mailbox, runs: dict) -> None:
         g = self.groups.get(mb.mail_id)
         if g is None or not g.mask:
             return
@@ -967,8 +979,7 @@ class Shard:
         msgs = mb.msgs
         inflight = mb.inflight
         mail_id = mb.mail_id
-        out = self.out
-        Deliver = wire.Deliver
+        DeliverRun = wire.DeliverRun
         budget = PUMP_BYTES
         for p in range(3):
             if not g.mask & PRIO_BITS[p]:
@@ -1016,10 +1027,19 @@ class Shard:
                     budget -= len(payload) * len(targets)
                     for s in targets:
                         s.inflight.add(mid)
-                        item = Deliver(s.key, mail_id, mid, pname, subject, payload, headers)
-                        lst = out.get(s.gw)
-                        if lst is None:
-                            lst = out[s.gw] = []
-                        lst.append(item)
+                        # (the subject of a mailbox's messages of one priority is always
+                        # the same; keying on it keeps a run's subject exact regardless)
+                        run = runs.get((s, pname, subject))
+                        if run is None:
+                            run = runs[(s, pname, subject)] = DeliverRun(
+                                s.key, mail_id, pname, subject, [], [])
+                        run.msg_ids.append(mid)
+                        run.payloads.append(payload)
+                        if headers is not None:
+                            if run.headers is None:
+                                run.headers = [None] * (len(run.msg_ids) - 1)
+                            run.headers.append(headers)
+                        elif run.headers is not None:
+                            run.headers.append(None)
             if not room:
                 return

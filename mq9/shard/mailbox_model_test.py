@@ -56,7 +56,7 @@ class World:
                     self.undelivered.add(it.data["msg_id"])
         before = {k: set(v) for k, v in self.held.items()}
         for gw, items in out.items():
-            for it in items:
+            for it in wire.delivers(items):
                 if isinstance(it, wire.Deliver):
                     k = (gw, it.key)
                     assert k in self.held, f"push to unknown subscription {k}"

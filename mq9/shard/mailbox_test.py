@@ -90,8 +90,8 @@ def rig(tmp_path):
 
 
 def delivers(out, gw=b"g1", key=None):
-    return [(d.msg_id, d.priority) for d in out.get(gw, [])
-            if isinstance(d, wire.Deliver) and (key is None or d.key == key)]
+    return [(d.msg_id, d.priority) for d in wire.delivers(out.get(gw, []))
+            if key is None or d.key == key]
 
 
 # ---- create / send basics ----------------------------------------------------------------
@@ -130,7 +130,7 @@ def test_replay_order_urgent_normal_notify(rig):
     out = rig.run(wire.Subscribe(1, "box", ALL))
     assert delivers(out) == [(3, "urgent"), (6, "urgent"), (2, "normal"), (4, "normal"),
                              (1, "notify"), (5, "notify")]
-    d = [x for x in out[b"g1"] if isinstance(x, wire.Deliver)][0]
+    d = wire.delivers(out[b"g1"])[0]
     assert d.subject == "$mq9.AI.INBOX.box.urgent" and d.payload == b"x" and d.key == 1
     # Live messages follow at once.
     out = rig.send("normal")
@@ -154,7 +154,7 @@ def test_headers_kept(rig):
                       b"NATS/1.0\r\nX-A: 1\r\n\r\n"))
     rig.reopen()
     out = rig.run(wire.Subscribe(1, "box", ALL))
-    d = out[b"g1"][0]
+    d = wire.delivers(out[b"g1"])[0]
     assert d.headers == b"NATS/1.0\r\nX-A: 1\r\n\r\n" and d.payload == b"p"
 
 
@@ -168,9 +168,8 @@ def test_queue_group_one_member_each(rig):
     for _ in range(10):
         out = rig.send()
         for gw in (b"g1", b"g2"):
-            for d in out.get(gw, []):
-                if isinstance(d, wire.Deliver):
-                    got[d.key].append(d.msg_id)
+            for d in wire.delivers(out.get(gw, [])):
+                got[d.key].append(d.msg_id)
     assert sorted(got[1] + got[2]) == list(range(1, 11))
     assert len(got[1]) == len(got[2]) == 5
     assert got[3] == list(range(1, 11))

@@ -210,7 +210,7 @@ def run(cfg: Config, index: int) -> None:
                     # that gateway's subscriptions are dead and their messages go back.
                     if e.errno != zmq.EHOSTUNREACH:
                         log.warning("shard_send_failed", shard=index, gateway=gw, error=str(e))
-                    m.unreachable.inc(sum(1 for i in items if type(i) is wire.Deliver))
+                    m.unreachable.inc(len(wire.delivers(items)))
                     shard.drop_gateway(gw)
             m.batch(shard, time.perf_counter() - started, nops)
     finally:

@@ -104,7 +104,7 @@ class Gateway:
                 if isinstance(item, wire.ANSWERS):
                     self.results[item.rid] = item
                 else:
-                    self.delivers.append(item)
+                    self.delivers.extend(wire.delivers([item]))
 
     def wait(self, rid: int, timeout: float = 15.0) -> wire.Result:
         deadline = time.monotonic() + timeout
