@@ -1,0 +1,122 @@
+"""Faults short of a crash, against a real node with real nats-py clients:
+
+- a shard's disk refuses writes (a file-size limit set on the running shard process, which
+  makes RocksDB's WAL appends fail with EFBIG, as a full disk does): senders get
+  ``unavailable``, /metrics shows it, reads and deliveries go on, the process is not
+  restarted, and sends succeed again once the limit is lifted;
+- a shard, or the supervisor with every shard, stopped (SIGSTOP) for longer than the
+  gateway's shard timeout: every send in that window is answered within a bound, none
+  hangs, and after SIGCONT nothing acknowledged is lost;
+- a shard stopped for longer than a mailbox's TTL: the mailbox expires right after SIGCONT;
+- chaos: kill -9 of random shards, gateways and the supervisor (the whole node) at random
+  moments under steady acknowledged load with live subscribers; every acknowledged message
+  is delivered, duplicates are counted and bounded.
+
+Random choices come from a seed printed in the output (``MQ9_CHAOS_SEED=...`` replays it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import resource
+import signal
+import time
+from collections import Counter
+
+import pytest
+from acked import (
+    Sender,
+    T,
+    boxes_on_both_shards,
+    check_all_delivered,
+    collect,
+    kill_whole_node,
+    wait_until,
+)
+from agents import create, query
+
+pytestmark = pytest.mark.timeout(90)
+
+SHARD_TIMEOUT = 3.0  # the gateway answers `unavailable` after this (mq9/gateway/shardlink.py)
+
+
+def _soft_fsize(pid: int, limit: int) -> None:
+    """Set only the soft RLIMIT_FSIZE of ``pid``: an unprivileged process may raise a soft
+    limit back up to the hard one, never the hard one itself."""
+    hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)[1]
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, hard))
+
+
+async def _send_raw(nc, mail_id: str, body: bytes, timeout: float = 2 * SHARD_TIMEOUT) -> dict:
+    r = await nc.request(f"$mq9.AI.INBOX.{mail_id}.normal", body, timeout=timeout)
+    return json.loads(r.data)
+
+
+# ---- a shard whose disk refuses writes ---------------------------------------------------
+
+
+async def test_storage_write_failure_refuses_sends_keeps_reads_and_recovers(node, conns):
+    nc = await conns(node.url)
+    boxes = await boxes_on_both_shards(nc, per_shard=2, ttl=3600)
+    sick = [b for b in boxes if b["shard"] == 0]
+    well = [b["mail_id"] for b in boxes if b["shard"] == 1]
+    ids = [b["mail_id"] for b in boxes]
+    sender = Sender(nc, ids, timeout=2 * SHARD_TIMEOUT)
+    for _ in range(40):
+        assert await sender.send_one(), sender.summary()
+    before = len(sender.acked)
+    victim = node.pid_of("shard", 0)
+    assert node.metric("mq9_storage_failing") == 0
+
+    _soft_fsize(victim, 1)
+    try:
+        t0 = time.monotonic()
+        ans = await _send_raw(nc, sick[0]["mail_id"], b'{"seq": -1}')
+        took = time.monotonic() - t0
+        assert ans.get("code") == "unavailable" and "storage" in ans.get("error", ""), ans
+        assert took < SHARD_TIMEOUT, f"the storage error took {took:.2f}s (a timeout, not a reply)"
+        # Refused at once from now on, on every mailbox of that shard, even in bulk...
+        replies = await asyncio.gather(*[_send_raw(nc, b["mail_id"], b'{"seq": -2}')
+                                         for b in sick for _ in range(20)])
+        assert {r.get("code") for r in replies} == {"unavailable"}, Counter(map(str, replies))
+        # ...while the other shard takes sends as usual,
+        for mail_id in well:
+            assert await sender.send_one(mail_id, "normal"), sender.summary()
+        # reads work: QUERY answers with what was stored before,
+        q = await query(nc, sick[1]["mail_id"], sick[1]["token"], limit=1000)
+        assert q.get("unread") == len(sender.acked_for(sick[1]["mail_id"])), q
+        # an owner subscription gets the stored messages,
+        got = await collect(nc, sick[0]["mail_id"], len(sender.acked_for(sick[0]["mail_id"])))
+        live = {seq for seq, _, _ in got}
+        assert set(sender.acked_for(sick[0]["mail_id"])) <= live, (sorted(live), sender.summary())
+        # and it shows in /metrics, with the process still the same (no crash loop).
+        assert await wait_until(lambda: node.metric("mq9_storage_failing") == 1, timeout=3)
+        errors = node.metric("mq9_storage_errors_total")
+        assert errors and errors >= 1, errors
+        await asyncio.sleep(1.5)
+        assert node.pid_of("shard", 0) == victim, "the shard was restarted\n" + node.log_tail()
+        assert "child_restarting" not in node.log_text()
+    finally:
+        _soft_fsize(victim, resource.RLIM_INFINITY)
+
+    t0 = time.monotonic()
+    ok = await wait_until(lambda: sender.send_one(sick[0]["mail_id"], "normal"), timeout=5, step=0.2)
+    recovered = time.monotonic() - t0
+    assert ok, f"sends still fail after the limit was lifted: {sender.summary()}\n" + node.log_tail()
+    assert await wait_until(lambda: node.metric("mq9_storage_failing") == 0, timeout=3)
+    for _ in range(20):
+        assert await sender.send_one(), sender.summary()
+
+    # Every acked message is there (the subscribed mailbox's earlier ones were delivered).
+    for seq in [s for s, (m, _, _) in sender.acked.items() if m == sick[0]["mail_id"] and s in live]:
+        del sender.acked[seq]
+    report = await check_all_delivered(nc, sender, ids)
+    assert node.pid_of("shard", 0) == victim
+    stored_refused = sum(r["stored_unacked"] for r in report.values())
+    assert stored_refused == 0, f"a refused send was stored: {report}"
+    print(f"storage failure: {before} acked before, {len(replies) + 1} refused during, "
+          f"{errors:.0f} failed writes counted, writes back {recovered:.2f}s after the limit "
+          f"was lifted; {sender.summary()}")
