@@ -104,7 +104,8 @@ def gateway_of(node, nc) -> int | None:
 class Sender:
     """Numbered acknowledged sends (``{"seq": n}``) to ``boxes``, from ``workers`` concurrent
     requesters. ``acked[seq] = (mail_id, priority, msg_id)``; ``failed`` counts the rest by
-    reason."""
+    reason. Several senders on one test use disjoint ``first_seq`` ranges; ``merge`` folds
+    them into one for the delivery check."""
 
     def __init__(self, nc, boxes: list[str], *, timeout: float = 2.0, workers: int = 16,
                  prios=("normal", "normal", "urgent", "normal", "notify"), pad: int = 0,
@@ -118,14 +119,18 @@ class Sender:
         self.seq = first_seq
         self.acked: dict[int, tuple[str, str, int]] = {}
         self.failed: Counter = Counter()
+        self.sent = 0
+        self.slowest = 0.0  # seconds, the longest any send waited for its answer
         self.stop = False
 
     async def send_one(self, mail_id: str | None = None, prio: str | None = None) -> bool:
         seq = self.seq
         self.seq += 1
+        self.sent += 1
         mail_id = mail_id or self.boxes[seq % len(self.boxes)]
         prio = prio or self.prios[seq % len(self.prios)]
         body = {"seq": seq, "pad": self.pad} if self.pad else {"seq": seq}
+        t0 = time.monotonic()
         try:
             r = await self.nc.request(f"$mq9.AI.INBOX.{mail_id}.{prio}", json.dumps(body).encode(),
                                       timeout=self.timeout)
@@ -136,6 +141,8 @@ class Sender:
             self.failed[type(e).__name__] += 1
             await asyncio.sleep(0.05)
             return False
+        finally:
+            self.slowest = max(self.slowest, time.monotonic() - t0)
         try:
             d = json.loads(r.data)
         except ValueError:
@@ -159,11 +166,19 @@ class Sender:
 
         await asyncio.gather(*[worker() for _ in range(self.workers)])
 
+    def merge(self, *others: "Sender") -> "Sender":
+        for o in others:
+            self.acked.update(o.acked)
+            self.failed.update(o.failed)
+            self.sent += o.sent
+            self.slowest = max(self.slowest, o.slowest)
+        return self
+
     def acked_for(self, mail_id: str) -> dict[int, tuple[str, int]]:
         return {seq: (p, mid) for seq, (m, p, mid) in self.acked.items() if m == mail_id}
 
     def summary(self) -> str:
-        return f"{self.seq} sends, {len(self.acked)} acked, not acked: {dict(self.failed)}"
+        return f"{self.sent} sends, {len(self.acked)} acked, not acked: {dict(self.failed)}"
 
 
 def decode(msg) -> tuple[int, str, int | None]:

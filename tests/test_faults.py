@@ -29,6 +29,7 @@ from collections import Counter
 import pytest
 from acked import (
     Sender,
+    SlotMap,
     T,
     boxes_on_both_shards,
     check_all_delivered,
@@ -120,3 +121,89 @@ async def test_storage_write_failure_refuses_sends_keeps_reads_and_recovers(node
     print(f"storage failure: {before} acked before, {len(replies) + 1} refused during, "
           f"{errors:.0f} failed writes counted, writes back {recovered:.2f}s after the limit "
           f"was lifted; {sender.summary()}")
+
+
+# ---- SIGSTOP: a shard, or the supervisor and every shard ---------------------------------
+
+
+def _stop_cont(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        os.kill(pid, sig)
+
+
+@pytest.mark.parametrize("victims", ["shard", "supervisor+shards"])
+async def test_sigstop_sends_answer_within_bound_and_recover(node, conns, victims):
+    """While stopped, a send to a stopped shard is answered ``unavailable`` by the gateway
+    after its shard timeout; none waits longer. The gateway has already put such a send on
+    the shard's queue, so after SIGCONT the shard may still store it: an unacknowledged
+    message that is delivered (counted as ``stored_unacked``), never an acked one lost."""
+    nc = await conns(node.url)
+    boxes = await boxes_on_both_shards(nc, per_shard=2, ttl=3600)
+    ids = [b["mail_id"] for b in boxes]
+    stopped = [node.pid_of("shard", 0)]
+    if victims != "shard":
+        stopped = [node.pid] + node.pids("shard")
+    # The client's own timeout is far above the gateway's: a send that waits for it hangs.
+    sender = Sender(nc, ids, timeout=3 * SHARD_TIMEOUT, workers=8)
+    pause = 5.0
+    window = {}
+
+    async def stopper():
+        await asyncio.sleep(0.5)
+        window["seq0"] = sender.seq
+        _stop_cont(stopped, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(pause)
+        finally:
+            _stop_cont(stopped, signal.SIGCONT)
+        window["seq1"] = sender.seq
+
+    try:
+        await asyncio.gather(sender.run(pause + 3.0), stopper())
+    finally:
+        _stop_cont(stopped, signal.SIGCONT)
+    in_window = window["seq1"] - window["seq0"]
+    assert sender.failed["timeout"] == 0, f"sends hung until the client gave up: {sender.summary()}"
+    assert set(sender.failed) <= {"unavailable"}, sender.summary()
+    assert sender.failed["unavailable"] > 0, f"nothing was refused while stopped: {sender.summary()}"
+    assert sender.slowest < SHARD_TIMEOUT + 1.5, f"slowest answer {sender.slowest:.2f}s"
+    after = [s for s in sender.acked if s >= window["seq1"]]
+    assert after, f"no send acked after SIGCONT: {sender.summary()}"
+    assert node.survivors(stopped) == stopped, "a stopped process was replaced"
+
+    report = await check_all_delivered(nc, sender, ids)
+    unacked_stored = sum(r["stored_unacked"] for r in report.values())
+    print(f"SIGSTOP {victims} {pause:.0f}s: {sender.summary()}; {in_window} sends in the window; "
+          f"slowest answer {sender.slowest:.2f}s; {unacked_stored} unacked sends stored anyway")
+
+
+async def test_ttl_expires_when_a_shard_stopped_past_it_resumes(node, conns):
+    """The expiry timer is a loop tick on the monotonic clock; deadlines are stored wall-clock
+    instants. A shard stopped (SIGSTOP) across a mailbox's deadline must expire it at its
+    first tick after SIGCONT, with nobody touching the mailbox."""
+    nc = await conns(node.url)
+    slots = SlotMap(2)
+    for _ in range(40):
+        box = await create(nc, ttl=2)
+        if slots.shard_for(box["mail_id"]) == 0:
+            break
+    else:
+        raise AssertionError("no mailbox landed on shard 0")
+    assert "msg_id" in await _send_raw(nc, box["mail_id"], b'{"seq": 0}')
+    await asyncio.sleep(1.2)  # the shard's gauges are set per batch
+    before = node.metric('mq9_mailbox_ops_total{op="expire",result="ok"}') or 0
+    shard = node.pid_of("shard", 0)
+    os.kill(shard, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(max(0.0, box["expires_at"] - time.time()) + 1.0)
+    finally:
+        os.kill(shard, signal.SIGCONT)
+    t0 = time.monotonic()
+    expired = await wait_until(
+        lambda: (node.metric('mq9_mailbox_ops_total{op="expire",result="ok"}') or 0) > before,
+        timeout=3, step=0.1)
+    took = time.monotonic() - t0
+    assert expired, "the mailbox did not expire after SIGCONT\n" + node.log_tail()
+    q = await query(nc, box["mail_id"], box["token"])
+    assert q.get("code") == "not_found", q
+    print(f"TTL across SIGSTOP: expired {took:.2f}s after SIGCONT")

@@ -151,10 +151,7 @@ async def test_kill_9_gateway(node, conns):
 
     # every acked message survived
     fresh = await conns(node.url)
-    merged = Sender(fresh, ids)
-    for s in senders.values():
-        merged.acked.update(s.acked)
-        merged.failed.update(s.failed)
+    merged = Sender(fresh, ids).merge(*senders.values())
     await check_all_delivered(fresh, merged, ids)
 
     # a fresh client on the new gateway process: create, send, receive
