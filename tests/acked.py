@@ -283,3 +283,17 @@ def kill_whole_node(node) -> None:
         except ProcessLookupError:
             pass
     assert node.wait_gone(children) == [], "children outlived kill -9"
+
+
+def tally(acked: dict[int, tuple[str, int]], got) -> tuple[list[int], dict[int, int], list]:
+    """For messages ``got`` (any number of sessions, duplicates allowed) of one mailbox:
+    (acked seqs never delivered, {seq: copies} of those delivered more than once, acked
+    messages first delivered with another (priority, msg_id) than their ack said)."""
+    counts = Counter(seq for seq, _, _ in got)
+    first: dict[int, tuple[str, int | None]] = {}
+    for seq, prio, mid in got:
+        first.setdefault(seq, (prio, mid))
+    lost = sorted(set(acked) - set(counts))
+    dups = {s: c for s, c in counts.items() if c > 1}
+    wrong = [(s, acked[s], first[s]) for s in acked if s in first and first[s] != acked[s]]
+    return lost, dups, wrong

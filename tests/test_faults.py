@@ -34,7 +34,10 @@ from acked import (
     boxes_on_both_shards,
     check_all_delivered,
     collect,
+    decode,
     kill_whole_node,
+    tally,
+    wait_restarted,
     wait_until,
 )
 from agents import create, query
@@ -207,3 +210,120 @@ async def test_ttl_expires_when_a_shard_stopped_past_it_resumes(node, conns):
     q = await query(nc, box["mail_id"], box["token"])
     assert q.get("code") == "not_found", q
     print(f"TTL across SIGSTOP: expired {took:.2f}s after SIGCONT")
+
+
+# ---- chaos on one node -------------------------------------------------------------------
+
+
+def chaos_seed() -> int:
+    seed = os.environ.get("MQ9_CHAOS_SEED")
+    return int(seed) if seed else random.SystemRandom().randrange(1 << 32)
+
+
+async def reconnecting(conns, url):
+    return await conns(url, allow_reconnect=True, max_reconnect_attempts=10_000,
+                       reconnect_time_wait=0.1)
+
+
+class LiveOwner:
+    """Owner subscriptions that stay through the chaos (nats-py re-subscribes after each
+    reconnect); every pushed message is kept, duplicates included."""
+
+    def __init__(self):
+        self.got: dict[str, list] = {}
+        self.last = time.monotonic()
+
+    async def subscribe(self, nc, mail_id: str) -> None:
+        lst = self.got[mail_id] = []
+
+        async def on_msg(msg):
+            lst.append(decode(msg))
+            self.last = time.monotonic()
+
+        await nc.subscribe(f"$mq9.AI.INBOX.{mail_id}.*", cb=on_msg)
+
+    async def quiet(self, seconds: float, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if time.monotonic() - self.last >= seconds:
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+
+async def test_chaos_kill_9_shards_gateways_supervisor_under_acked_load(node, conns):
+    seed = chaos_seed()
+    rng = random.Random(seed)
+    print(f"\nchaos seed {seed} (MQ9_CHAOS_SEED={seed} replays the choices)")
+    duration = 20.0
+    nc = await conns(node.url)
+    boxes = await boxes_on_both_shards(nc, per_shard=5, ttl=3600)
+    ids = [b["mail_id"] for b in boxes]
+    live_ids = ids[::2]  # owners subscribed the whole time; the rest are collected at the end
+    owner = LiveOwner()
+    sub_nc = await reconnecting(conns, node.url)
+    for m in live_ids:
+        await owner.subscribe(sub_nc, m)
+    await sub_nc.flush(timeout=T)
+    senders = []
+    for k in range(3):
+        pub = await reconnecting(conns, node.url)
+        senders.append(Sender(pub, ids, timeout=2.0, workers=6, first_seq=k * 10_000_000))
+
+    kills: Counter = Counter()
+    log: list[str] = []
+    t_start = time.monotonic()
+
+    async def chaos():
+        end = t_start + duration - 2.0
+        while True:
+            await asyncio.sleep(rng.uniform(1.0, 3.0))
+            if time.monotonic() >= end:
+                return
+            what = rng.choices(["shard", "gateway", "supervisor"], weights=[4, 4, 2])[0]
+            index = rng.randrange(2)
+            t = time.monotonic() - t_start
+            if what == "supervisor":
+                await asyncio.to_thread(kill_whole_node, node)
+                await asyncio.to_thread(node.start)
+                log.append(f"{t:.1f}s whole node")
+            else:
+                pid = node.pid_of(what, index)
+                assert pid, node.children()
+                os.kill(pid, signal.SIGKILL)
+                await wait_restarted(node, what, index, pid)
+                log.append(f"{t:.1f}s {what}-{index}")
+            kills[what] += 1
+
+    await asyncio.gather(chaos(), *[s.run(duration) for s in senders])
+    elapsed = time.monotonic() - t_start
+    sender = Sender(nc, ids).merge(*senders)
+    assert len(sender.acked) > 1000, sender.summary()
+    assert sum(kills.values()) >= 4, kills
+
+    # The rest: live owners get what is still undelivered; the others subscribe now.
+    await asyncio.to_thread(node.wait_ready, 20)
+    fresh = await conns(node.url)
+    later = await asyncio.gather(*[collect(fresh, m, len(sender.acked_for(m)), timeout=20)
+                                   for m in ids if m not in live_ids])
+    await owner.quiet(1.0, timeout=20)
+    got = dict(owner.got)
+    got.update(zip([m for m in ids if m not in live_ids], later))
+
+    lost_all, dup_extra, wrong_all, per_box = [], 0, [], {}
+    for m in ids:
+        lost, dups, wrong = tally(sender.acked_for(m), got[m])
+        lost_all += [(m, s) for s in lost]
+        wrong_all += wrong
+        dup_extra += sum(dups.values()) - len(dups)
+        per_box[m] = (len(sender.acked_for(m)), len(got[m]), len(dups))
+    delivered = sum(len(g) for g in got.values())
+    summary = (f"seed {seed}; {elapsed:.1f}s; kills {dict(kills)}: {', '.join(log)}; "
+               f"{sender.summary()}; {delivered} pushed, {dup_extra} duplicate copies; "
+               f"per mailbox (acked, pushed, duplicated): {per_box}")
+    print("chaos one node:", summary)
+    assert not lost_all, f"{len(lost_all)} acked messages lost: {lost_all[:20]}\n{summary}"
+    assert not wrong_all, f"delivered under another msg_id: {wrong_all[:10]}\n{summary}"
+    # A duplicate is a message pushed to an owner whose Delivered report died with a shard
+    # or gateway: at most what was in flight at each kill.
+    assert dup_extra <= max(100, len(sender.acked) // 20), summary

@@ -71,6 +71,10 @@ class ShardLink:
         drain = watch(self.loop, s, self._on_frame)
         sh.out = Outbox(s, self.loop, after_send=drain)
         self.loop.add_reader(sh.monitor.getsockopt(zmq.FD), self._on_monitor, target)
+        # ZeroMQ's FD only signals a pipe that went from empty to readable after a read found
+        # it empty: until someone reads the monitor once, no event ever wakes the loop (and
+        # subscriptions were never re-registered on a restarted shard). Read it once now.
+        self.loop.call_soon(self._on_monitor, target)
         self.shards[target] = sh
         return sh
 
