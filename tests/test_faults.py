@@ -270,6 +270,28 @@ async def test_chaos_kill_9_shards_gateways_supervisor_under_acked_load(node, co
         pub = await reconnecting(conns, node.url)
         senders.append(Sender(pub, ids, timeout=2.0, workers=6, first_seq=k * 10_000_000))
 
+    # Broadcasts alongside: at most once (nothing stored, no redelivery), like core NATS.
+    casts: list[int] = []
+
+    async def on_cast(msg):
+        casts.append(json.loads(msg.data)["n"])
+
+    await sub_nc.subscribe("$mq9.AI.BROADCAST.chaos.*", cb=on_cast)
+    await sub_nc.flush(timeout=T)
+    cast_nc = await reconnecting(conns, node.url)
+    published = 0
+
+    async def broadcaster():
+        nonlocal published
+        end = time.monotonic() + duration
+        while time.monotonic() < end:
+            try:
+                await cast_nc.publish("$mq9.AI.BROADCAST.chaos.tick", json.dumps({"n": published}).encode())
+                published += 1
+            except Exception:  # noqa: BLE001, S110 - reconnecting: not published
+                pass
+            await asyncio.sleep(0.01)
+
     kills: Counter = Counter()
     log: list[str] = []
     t_start = time.monotonic()
@@ -295,10 +317,11 @@ async def test_chaos_kill_9_shards_gateways_supervisor_under_acked_load(node, co
                 log.append(f"{t:.1f}s {what}-{index}")
             kills[what] += 1
 
-    await asyncio.gather(chaos(), *[s.run(duration) for s in senders])
+    await asyncio.gather(chaos(), broadcaster(), *[s.run(duration) for s in senders])
     elapsed = time.monotonic() - t_start
     sender = Sender(nc, ids).merge(*senders)
     assert len(sender.acked) > 1000, sender.summary()
+    cast_dups = len(casts) - len(set(casts))
     assert sum(kills.values()) >= 4, kills
 
     # The rest: live owners get what is still undelivered; the others subscribe now.
@@ -320,10 +343,13 @@ async def test_chaos_kill_9_shards_gateways_supervisor_under_acked_load(node, co
     delivered = sum(len(g) for g in got.values())
     summary = (f"seed {seed}; {elapsed:.1f}s; kills {dict(kills)}: {', '.join(log)}; "
                f"{sender.summary()}; {delivered} pushed, {dup_extra} duplicate copies; "
-               f"per mailbox (acked, pushed, duplicated): {per_box}")
+               f"broadcasts: {published} published, {len(set(casts))} received, "
+               f"{cast_dups} twice; per mailbox (acked, pushed, duplicated): {per_box}")
     print("chaos one node:", summary)
     assert not lost_all, f"{len(lost_all)} acked messages lost: {lost_all[:20]}\n{summary}"
     assert not wrong_all, f"delivered under another msg_id: {wrong_all[:10]}\n{summary}"
+    assert cast_dups == 0, f"a broadcast was delivered twice\n{summary}"
+    assert casts, summary
     # A duplicate is a message pushed to an owner whose Delivered report died with a shard
     # or gateway: at most what was in flight at each kill.
     assert dup_extra <= max(100, len(sender.acked) // 10), summary

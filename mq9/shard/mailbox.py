@@ -644,6 +644,8 @@ class Shard:
             by_key = self.subs[gw] = {}
         old = by_key.get(op.key)
         if old is not None:
+            if (old.mail_id, old.mask, old.queue) == (op.mail_id, mask, op.queue):
+                return  # re-registered after a reconnect: keep what is in flight to it
             self._drop_sub(old)
         if not mask or not subjects.valid_mail_id(op.mail_id):
             return
