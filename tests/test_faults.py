@@ -10,7 +10,11 @@
 - a shard stopped for longer than a mailbox's TTL: the mailbox expires right after SIGCONT;
 - chaos: kill -9 of random shards, gateways and the supervisor (the whole node) at random
   moments under steady acknowledged load with live subscribers; every acknowledged message
-  is delivered, duplicates are counted and bounded.
+  is delivered, duplicates are counted and bounded; broadcasts alongside arrive at most
+  once.
+
+The Raft-leader chaos on a 3-node cluster is in test_cluster.py. docs/RELIABILITY.md has
+the promises these check and the figures of the runs.
 
 Random choices come from a seed printed in the output (``MQ9_CHAOS_SEED=...`` replays it).
 """
