@@ -924,7 +924,6 @@ class Shard:
         wire.Drop: _drop,
     }
 
-
     # ---- delivery --------------------------------------------------------------------------
 
     def _record(self, mail_id: str, mid: int) -> tuple:
