@@ -43,6 +43,9 @@ SEND_ACK_SECONDS = Histogram(
     "mq9_send_ack_seconds", "Gateway time from an acked mailbox send to its ack (shard round trip, write included)",
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0),
 )
+STORAGE_ERRORS = Counter("mq9_storage_errors", "RocksDB writes that failed (disk full, read-only, I/O error)")
+STORAGE_FAILING = Gauge("mq9_storage_failing", "Shards refusing sends because RocksDB writes fail",
+                        multiprocess_mode="livesum")
 ROCKSDB_BYTES = Gauge("mq9_rocksdb_bytes", "RocksDB files and memtables of the node's shards",
                       multiprocess_mode="livesum")
 # Written by the supervisor only (every other process holds 0), so "max" is its value.

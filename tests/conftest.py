@@ -2,7 +2,8 @@
 
 - ``node``: a fresh node per test (2 gateways, 2 shards, its own data dir and ports);
 - ``shared_node``: one node for a whole test module, for tests that don't disturb it;
-- ``node_factory``: ``node_factory(**flags)`` for nodes with other settings or several nodes.
+- ``node_factory``: ``node_factory(**flags)`` for nodes with other settings or several nodes;
+- ``conns``: ``await conns(url, **kw)`` for nats-py connections closed at the end.
 
 A failing test that used any of them gets the end of each node's log in its report. They
 skip while the real gateway/shard modules are missing.
@@ -10,9 +11,11 @@ skip while the real gateway/shard modules are missing.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
+import nats
 import pytest
 
 # importable as plain `nodeproc` from any test, whatever pytest's rootdir and import mode
@@ -72,6 +75,28 @@ def node_factory(tmp_path) -> NodeFactory:
         yield f
     finally:
         f.close()
+
+
+@pytest.fixture
+async def conns():
+    """``await conns(url, **kw)`` -> a nats-py connection closed when the test ends
+    (no reconnects unless asked for)."""
+    made = []
+
+    async def _connect(url, **kw):
+        kw.setdefault("connect_timeout", 5.0)
+        kw.setdefault("allow_reconnect", False)
+        nc = await nats.connect(url, **kw)
+        made.append(nc)
+        return nc
+
+    yield _connect
+    for nc in made:
+        if not nc.is_closed:
+            try:
+                await asyncio.wait_for(nc.close(), 5.0)
+            except (Exception, asyncio.CancelledError):  # noqa: BLE001, S110
+                pass  # teardown of a connection already broken (nats-py may cancel its own reads)
 
 
 def _nodes_used(item) -> list:

@@ -17,6 +17,7 @@ a value of None leaves the flag out (so an ``MQ9_*`` variable in ``env`` applies
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -325,6 +326,12 @@ class Node:
         if status != 200:
             raise NodeError(f"/metrics answered {status}: {body}")
         return body
+
+    def metric(self, sample: str) -> float | None:
+        """The value of one sample of /metrics, e.g. ``mq9_storage_failing`` or
+        ``mq9_drops_total{reason="bad_frame"}``; None if it is absent."""
+        m = re.search(rf"^{re.escape(sample)} (\S+)$", self.metrics(), re.M)
+        return float(m.group(1)) if m else None
 
     def log_text(self) -> str:
         try:

@@ -370,3 +370,122 @@ async def test_remove_moves_slots_back_and_stops_the_node(tmp_path):
     finally:
         n2.close()
         n1.close()
+
+
+async def test_chaos_kill_9_raft_leader_repeatedly_under_acked_load(tmp_path, conns):
+    """The node that leads the metadata group is killed (kill -9 of its supervisor, children
+    follow) and restarted, again and again, while clients on every node send acked
+    messages and owners stay subscribed. Sends to mailboxes of the dead node get
+    ``unavailable`` meanwhile; everything acked, also by the node that died, is delivered
+    once it is back."""
+    import random
+
+    from acked import Sender, collect, kill_whole_node, tally
+    from test_faults import LiveOwner, chaos_seed
+
+    seed = chaos_seed()
+    rng = random.Random(seed)
+    print(f"\ncluster chaos seed {seed} (MQ9_CHAOS_SEED={seed} replays the choices)")
+    nodes = [cluster_node(tmp_path, "c1").start()]
+    nodes.append(cluster_node(tmp_path, "c2", join=nodes[0].flags["cluster_port"]).start())
+    nodes.append(cluster_node(tmp_path, "c3", join=nodes[1].flags["cluster_port"]).start())
+    by_id = {n.flags["node_id"]: n for n in nodes}
+    try:
+        await asyncio.to_thread(wait_balanced, nodes[0].flags["cluster_port"], 3)
+        await asyncio.sleep(0.6)
+        servers = [n.url for n in nodes]
+
+        async def client():
+            return await conns(servers, allow_reconnect=True, max_reconnect_attempts=10_000,
+                               reconnect_time_wait=0.1, dont_randomize=True)
+
+        nc = await conns(nodes[0].url)
+        ids = []
+        for i in range(12):  # spread over the three owners
+            name = f"chaos-{i}-{rng.randrange(1 << 30)}"
+            box = json.loads((await nc.request("$mq9.AI.MAILBOX.CREATE",
+                                               json.dumps({"ttl": 3600, "name": name}).encode(),
+                                               timeout=5)).data)
+            ids.append(box["mail_id"])
+        owners = {m: owner_of(nodes[0], m) for m in ids}
+        assert len(set(owners.values())) == 3, owners
+        live_ids = ids[::3]
+        owner = LiveOwner()
+        sub_nc = await client()
+        for m in live_ids:
+            await owner.subscribe(sub_nc, m)
+        await settle(sub_nc)
+        senders = []
+        for k, n in enumerate(nodes):
+            pub = await conns([n.url] + [u for u in servers if u != n.url], allow_reconnect=True,
+                              max_reconnect_attempts=10_000, reconnect_time_wait=0.1,
+                              dont_randomize=True)
+            senders.append(Sender(pub, ids, timeout=4.0, workers=4, first_seq=k * 10_000_000))
+
+        kills = 3
+        t_start = time.monotonic()
+        events: list[str] = []
+
+        def leader_among(up: list[Node], not_this: str, timeout: float = 15.0) -> tuple[str | None, float]:
+            """The leader the survivors agree on once one is elected, and how long it took."""
+            t0 = time.monotonic()
+            while True:
+                st = cluster_status(up[0].flags["cluster_port"])
+                if st.get("leader") not in (None, not_this) or time.monotonic() - t0 > timeout:
+                    return st.get("leader"), time.monotonic() - t0
+                time.sleep(0.2)
+
+        async def chaos():
+            try:
+                for _ in range(kills):
+                    await asyncio.sleep(rng.uniform(1.0, 2.5))
+                    up = [n for n in nodes if n.running]
+                    st = await asyncio.to_thread(cluster_status, up[0].flags["cluster_port"])
+                    victim = by_id.get(st.get("leader"))
+                    assert victim is not None, st
+                    t0 = time.monotonic()
+                    await asyncio.to_thread(kill_whole_node, victim)
+                    down = rng.uniform(1.0, 3.0)
+                    rest = [n for n in nodes if n is not victim]
+                    new, elected = await asyncio.to_thread(leader_among, rest, st.get("leader"))
+                    await asyncio.sleep(max(0.0, down - (time.monotonic() - t0)))
+                    await asyncio.to_thread(victim.start)  # rejoins from its data dir
+                    events.append(f"{t0 - t_start:.1f}s leader {victim.flags['node_id']} "
+                                  f"(term {st.get('term')}) killed, {new} elected in "
+                                  f"{elected:.1f}s, killed node ready again after "
+                                  f"{time.monotonic() - t0:.1f}s")
+                await asyncio.sleep(2.0)  # sends to the last victim's mailboxes succeed again
+            finally:
+                for s in senders:
+                    s.stop = True
+
+        await asyncio.gather(chaos(), *[s.run(120.0) for s in senders])
+        elapsed = time.monotonic() - t_start
+        sender = Sender(nc, ids).merge(*senders)
+        assert len(events) == kills, events
+        assert len(sender.acked) > 300, sender.summary()
+        assert set(sender.failed) <= {"unavailable", "timeout"}, sender.summary()
+
+        # Every node is back: the rest is pushed to the live owners, the others subscribe.
+        fresh = await conns(nodes[2].url)
+        later = {m: await collect(fresh, m, len(sender.acked_for(m)), timeout=20)
+                 for m in ids if m not in live_ids}
+        await owner.quiet(1.0, timeout=20)
+        got = {**owner.got, **later}
+        lost_all, dup_extra, per_box = [], 0, {}
+        for m in ids:
+            lost, dups, wrong = tally(sender.acked_for(m), got[m])
+            assert not wrong, wrong[:5]
+            lost_all += [(m, owners[m], s) for s in lost]
+            dup_extra += sum(dups.values()) - len(dups)
+            per_box[m] = (owners[m], len(sender.acked_for(m)), len(got[m]), len(dups))
+        summary = (f"seed {seed}; {elapsed:.1f}s; {len(events)} leader kills: "
+                   f"{'; '.join(events)}; {sender.summary()}; "
+                   f"{sum(map(len, got.values()))} pushed, {dup_extra} duplicate copies; "
+                   f"per mailbox (owner, acked, pushed, duplicated): {per_box}")
+        print("cluster chaos:", summary)
+        assert not lost_all, f"{len(lost_all)} acked messages lost: {lost_all[:20]}\n{summary}"
+        assert dup_extra <= max(100, len(sender.acked) // 10), summary
+    finally:
+        for n in reversed(nodes):
+            n.close()

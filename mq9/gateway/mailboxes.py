@@ -344,7 +344,8 @@ class Mailboxes:
         self.link.post(shard, wire.Unsubscribe(key=sub.key, mail_id=mail_id))
 
     def on_shard_connected(self, shard) -> None:
-        self.link.post(shard, wire.Hello())
+        """Connected again: a restarted shard knows none of our subscriptions; one that only
+        lost the connection keeps them, and an identical Subscribe changes nothing there."""
         for sub in self.owner_subs.values():
             mail_id, prios = sub.owner
             if self.sub_target[sub.key] == shard:

@@ -4,8 +4,9 @@ Shards are named by ``Target`` (node_id, shard index): this node's over ipc, oth
 over TCP, sockets opened on first use. Requests carry a gateway-unique ``rid``; the answer
 (``Result``) finds its callback here. A request unanswered within ``timeout`` is answered
 locally with ``unavailable``, so a client never waits forever on a dead or stopped shard.
-When a shard (re)connects, ZeroMQ's monitor tells us and the gateway re-registers its owner
-subscriptions there.
+The first frame on a new socket is a Hello (the shard drops what an earlier process of this
+gateway subscribed); when the connection to a shard is made again (the shard restarted),
+ZeroMQ's monitor tells us and the gateway re-registers its owner subscriptions there.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ MOVE_PATIENCE = 10.0  # how long a request may chase a moving slot
 
 
 class _Shard:
-    __slots__ = ("sock", "monitor", "out", "endpoint")
+    __slots__ = ("sock", "monitor", "out", "endpoint", "connected")
 
 
 class ShardLink:
@@ -70,7 +71,15 @@ class ShardLink:
         curve.connect(s, endpoint, self.topology.cfg.cluster_secret)
         drain = watch(self.loop, s, self._on_frame)
         sh.out = Outbox(s, self.loop, after_send=drain)
+        # First on this socket, ahead of every Subscribe: the shard forgets what an earlier
+        # process of this gateway (same identity) subscribed.
+        sh.out.put(wire.Hello())
+        sh.connected = False
         self.loop.add_reader(sh.monitor.getsockopt(zmq.FD), self._on_monitor, target)
+        # ZeroMQ's FD only signals a pipe that went from empty to readable after a read found
+        # it empty: until someone reads the monitor once, no event ever wakes the loop (and
+        # subscriptions were never re-registered on a restarted shard). Read it once now.
+        self.loop.call_soon(self._on_monitor, target)
         self.shards[target] = sh
         return sh
 
@@ -147,6 +156,11 @@ class ShardLink:
                 recv_monitor_message(mon, zmq.NOBLOCK)
             except zmq.Again:
                 break
+            if not sh.connected:
+                # The first connection carries everything queued since the socket opened,
+                # Hello and Subscribes in order: re-sending them could only cause duplicates.
+                sh.connected = True
+                continue
             self.handler.on_shard_connected(target)
 
     def _sweep(self) -> None:

@@ -81,4 +81,6 @@ def watch(loop: asyncio.AbstractEventLoop, sock: zmq.Socket, on_frame, max_batch
                 return
 
     loop.add_reader(sock.getsockopt(zmq.FD), drain)
+    # The FD signals only after a read found the socket empty: read once to arm it.
+    loop.call_soon(drain)
     return drain

@@ -232,6 +232,13 @@ _meta_check = msgspec.msgpack.Decoder(Meta)
 MOVED = "mailbox is moving; retry"
 
 
+# Operations that change stored data (Export commits the batch before reading).
+_STORING_OPS = frozenset((wire.Create, wire.Send, wire.SendRun, wire.Delete, wire.Export,
+                          wire.Import, wire.Freeze, wire.Drop))
+
+STORAGE_FAILING = "mailbox storage is failing (disk full or not writable); retry later"
+
+
 def _err(rid: int, code: str, text: str) -> wire.Result:
     return wire.Result(rid=rid, code=code, error=text)
 
@@ -266,6 +273,9 @@ class Shard:
         # Mailboxes written by Import pages but not loaded yet (until the "done" page).
         self.importing: dict[int, set[str]] = {}
         self.write_error: Exception | None = None  # a mid-batch commit failed
+        # Set while RocksDB refuses writes (disk full, read-only, I/O error): requests that
+        # must store something are refused with ``unavailable`` instead of being applied.
+        self.storage_error: str | None = None
         # Per batch:
         self.out: dict[bytes, list] = {}
         self.dirty: set[Mailbox] = set()
@@ -327,6 +337,10 @@ class Shard:
             handler = self._handlers[type(op)]
         except KeyError:
             return
+        if self.storage_error is not None and type(op) in _STORING_OPS:
+            name = type(op).__name__.lower()
+            self._count(name, "unavailable")
+            return self._reply(gw, _err(op.rid, "unavailable", STORAGE_FAILING))
         try:
             handler(self, gw, op)
         except Exception as e:  # noqa: BLE001 - one bad op must not take the shard down
@@ -367,7 +381,7 @@ class Shard:
     def failed_outputs(self) -> dict[bytes, list]:
         out: dict[bytes, list] = {}
         for gw, items in self.out.items():
-            errs = [_err(r.rid, "unavailable", "storage write failed")
+            errs = [_err(r.rid, "unavailable", STORAGE_FAILING)
                     for r in items if type(r) in wire.ANSWERS]
             if errs:
                 out[gw] = errs
@@ -375,6 +389,34 @@ class Shard:
         self.fresh.clear()
         self.store.discard()
         return out
+
+    def discard_failed_write(self) -> dict[bytes, list]:
+        """While ``storage_error`` is set, a batch holds no stored-data change (those ops are
+        refused), only delivery marks and expiries: its failed write is dropped and its
+        replies and pushes go out. A lost mark means a redelivery after a restart, never a
+        lost message."""
+        self.store.discard()
+        out = self.out
+        self.out = {}
+        self.fresh.clear()
+        self.write_error = None
+        return out
+
+    def reload(self) -> None:
+        """Rebuild the in-memory state from what the store holds, after a failed write left
+        memory ahead of the disk. Owner subscriptions stay (their gateways are not told);
+        what was in flight is pending again and may be pushed a second time."""
+        subs = [(s.gw, wire.Subscribe(key=s.key, mail_id=s.mail_id, priorities=s.mask, queue=s.queue))
+                for by_key in self.subs.values() for s in by_key.values()]
+        self.store.discard()
+        self.mailboxes, self.groups, self.subs = {}, {}, {}
+        self.expiry, self.by_slot, self.importing = [], {}, {}
+        self.total_msgs = self.total_bytes = 0
+        self.dirty, self.out, self.write_error = set(), {}, None
+        self.fresh.clear()
+        self.load()
+        for gw, op in subs:
+            self._subscribe(gw, op)
 
     def take_op_counts(self) -> dict[tuple[str, str], int]:
         if self.sends_ok:
@@ -643,6 +685,8 @@ class Shard:
             by_key = self.subs[gw] = {}
         old = by_key.get(op.key)
         if old is not None:
+            if (old.mail_id, old.mask, old.queue) == (op.mail_id, mask, op.queue):
+                return  # re-registered after a reconnect: keep what is in flight to it
             self._drop_sub(old)
         if not mask or not subjects.valid_mail_id(op.mail_id):
             return

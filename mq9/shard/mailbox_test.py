@@ -475,3 +475,44 @@ def test_unreadable_metadata_is_left_alone(rig):
     keys = set(rig.store.db.keys())
     assert b"M\0weird" in keys and b"m\0weird\0" + (1).to_bytes(8, "big") in keys
     assert b"m\0ghost\0" + (1).to_bytes(8, "big") not in keys
+
+
+# ---- re-registration and storage failures ------------------------------------------------
+
+def test_identical_resubscribe_keeps_what_is_in_flight(rig):
+    """A gateway re-sends its subscriptions after a reconnect; if the shard still has them,
+    nothing may be pushed twice. A changed subscription under the same key is replaced."""
+    rig.create()
+    for _ in range(3):
+        rig.send_ok()
+    assert delivers(rig.run(wire.Subscribe(1, "box", ALL))) == [(1, "normal"), (2, "normal"), (3, "normal")]
+    assert delivers(rig.run(wire.Subscribe(1, "box", ALL))) == []
+    out = rig.run(wire.Subscribe(1, "box", BIT["normal"]))
+    assert delivers(out) == [(1, "normal"), (2, "normal"), (3, "normal")]
+
+
+def test_failed_write_reload_keeps_subscriptions_and_disk_truth(rig):
+    """What the server loop does when a batch's write fails: error replies, memory rebuilt
+    from RocksDB (the failed batch's send never happened), subscriptions kept; while
+    ``storage_error`` is set, sends are refused and queries still answered."""
+    rig.create()
+    rig.send_ok()
+    rig.send_ok()
+    rig.run(wire.Subscribe(7, "box", ALL))  # both in flight to key 7
+    shard = rig.shard
+    shard.begin()
+    shard.apply(b"g1", wire.Send(rig.next_rid(), "box", "urgent", "$mq9.AI.INBOX.box.urgent", b"lost"))
+    errs = shard.failed_outputs()  # instead of finish(): the write "failed"
+    assert [(r.code, "storage" in r.error) for r in errs[b"g1"]] == [("unavailable", True)]
+    shard.storage_error = "disk full"
+    shard.reload()
+    assert shard.mailboxes["box"].undelivered == 2 and shard.total_msgs == 2
+    out = rig.run()  # the kept subscription gets its (re-pending) messages again
+    assert delivers(out, key=7) == [(1, "normal"), (2, "normal")]
+    res = rig.send()[b"g1"][0]
+    assert res.code == "unavailable", res
+    assert rig.create("other").code == "unavailable"
+    q = rig.query()
+    assert q.code is None and q.data["unread"] == 2
+    shard.storage_error = None
+    assert rig.send_ok("urgent") == 3  # the refused and the failed sends used no msg_id

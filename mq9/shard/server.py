@@ -20,6 +20,7 @@ from mq9.shard.mailbox import Shard
 from mq9.shard.store import Store
 
 TICK = 0.25  # expiry checks at least this often (seconds)
+PROBE_EVERY = 1.0  # while writes fail, how often to test whether the disk takes them again
 MAX_FRAMES = 512  # frames drained into one batch; each frame already holds many ops
 
 
@@ -115,6 +116,35 @@ def _encode(items: list) -> bytes:
         return wire.encode(good)
 
 
+def tick_delay(now: float, next_expiry: float | None) -> float:
+    """Seconds until the next expiry check: at the latest after TICK, sooner if a mailbox's
+    wall-clock deadline comes first (never less than 10 ms)."""
+    if next_expiry is None:
+        return TICK
+    return min(TICK, max(next_expiry - now, 0.01))
+
+
+def _write_failed(shard: Shard, index: int, error: Exception, send) -> dict:
+    """A batch's RocksDB write failed (disk full, read-only dir, I/O error). Its requests
+    are answered ``unavailable`` (nothing of it was stored, so nothing may be acked or
+    pushed), memory is rebuilt from what RocksDB holds, and until a probe write succeeds
+    the shard refuses sends, creates and deletes but keeps serving reads and deliveries.
+    The process stays up: a restart would not make the disk writable, and a crash loop
+    would take the reads down too."""
+    log.error("shard_write_failed", shard=index, error=str(error))
+    for gw, items in shard.failed_outputs().items():
+        try:
+            send([gw, wire.encode(items)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+    shard.storage_error = str(error)
+    metrics.STORAGE_FAILING.set(1)
+    shard.reload()
+    log.info("shard_reloaded", shard=index, mailboxes=len(shard.mailboxes),
+             messages=shard.total_msgs)
+    return {}
+
+
 def run(cfg: Config, index: int) -> None:
     """Serve shard ``index`` until SIGTERM/SIGINT; then finish the batch, flush, close."""
     stopping = False
@@ -124,6 +154,9 @@ def run(cfg: Config, index: int) -> None:
         stopping = True
 
     signal.signal(signal.SIGTERM, _stop)
+    # A file-size limit (RLIMIT_FSIZE) must fail RocksDB's write with EFBIG, which the loop
+    # handles, not kill the process with the default action of SIGXFSZ.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # Under the supervisor SIGINT is ignored on purpose (Ctrl-C becomes an ordered stop by
     # SIGTERM, gateways before shards); only a shard run on its own stops on Ctrl-C.
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
@@ -148,17 +181,19 @@ def run(cfg: Config, index: int) -> None:
     recv = sock.recv_multipart
     send = sock.send_multipart
     decode = wire.decode_to_shard
-    encode = wire.encode
     apply = shard.apply
     NOBLOCK = zmq.NOBLOCK
+    # Ticks run on the monotonic clock; TTL deadlines are wall-clock instants compared with
+    # time.time() at each tick. A wall-clock step can then only move an expiry by the size
+    # of the step, never stop the ticks (as a deadline kept in wall-clock time would).
     next_tick = 0.0
+    next_probe = 0.0
     try:
         while not stopping:
-            now = time.time()
             if shard.dirty:
                 timeout = 0
             else:
-                timeout = max(0, int((next_tick - now) * 1000) + 1)
+                timeout = max(0, int((next_tick - time.monotonic()) * 1000) + 1)
             frames = []
             if sock.poll(timeout, zmq.POLLIN):
                 while len(frames) < MAX_FRAMES:
@@ -166,10 +201,17 @@ def run(cfg: Config, index: int) -> None:
                         frames.append(recv(NOBLOCK))
                     except zmq.Again:
                         break
-            now = time.time()
-            tick = now >= next_tick
+            mono = time.monotonic()
+            if shard.storage_error is not None and mono >= next_probe:
+                next_probe = mono + PROBE_EVERY
+                if store.writable():
+                    shard.storage_error = None
+                    metrics.STORAGE_FAILING.set(0)
+                    log.info("shard_storage_recovered", shard=index)
+            tick = mono >= next_tick
             if not frames and not tick and not shard.dirty:
                 continue
+            now = time.time()
             started = time.perf_counter()
             shard.begin(now)
             nops = 0
@@ -188,20 +230,16 @@ def run(cfg: Config, index: int) -> None:
                 nops += len(ops)
             if tick:
                 shard.expire()
-                nxt = shard.next_expiry()
-                next_tick = now + TICK if nxt is None else min(now + TICK, max(nxt, now + 0.01))
+                next_tick = mono + tick_delay(now, shard.next_expiry())
             try:
                 out = shard.finish()
-            except Exception:
-                # In-memory state is now ahead of the disk: answer errors for this batch and
-                # die, so the supervisor restarts us from what RocksDB really holds.
-                log.exception("shard_write_failed", shard=index)
-                for gw, items in shard.failed_outputs().items():
-                    try:
-                        send([gw, encode(items)], NOBLOCK)
-                    except zmq.ZMQError:
-                        pass
-                raise
+            except Exception as e:  # noqa: BLE001 - rocksdict raises plain Exception
+                metrics.STORAGE_ERRORS.inc()
+                if shard.storage_error is not None:
+                    out = shard.discard_failed_write()
+                else:
+                    out = _write_failed(shard, index, e, send)
+                    next_probe = time.monotonic() + PROBE_EVERY
             for gw, items in out.items():
                 try:
                     send([gw, _encode(items)], NOBLOCK)

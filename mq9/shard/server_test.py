@@ -306,3 +306,13 @@ def test_vanished_gateway_messages_go_to_the_other_queue_member(cfg, shard):
         assert sorted(d.msg_id for d in got) == list(range(1, 11))
     finally:
         b.close()
+
+
+def test_tick_delay_follows_deadlines_and_survives_wall_clock_steps():
+    """The expiry tick is scheduled on the monotonic clock from this delay: never longer
+    than TICK, so a wall clock stepped back (deadline far ahead) does not stop the ticks,
+    and never 0, so one stepped forward (deadline passed) does not spin."""
+    assert server.tick_delay(1000.0, None) == server.TICK
+    assert server.tick_delay(1000.0, 1000.1) == pytest.approx(0.1)
+    assert server.tick_delay(1000.0, 1000.0 + 3600) == server.TICK
+    assert server.tick_delay(1000.0, 10.0) == 0.01

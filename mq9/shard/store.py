@@ -46,6 +46,7 @@ META = b"M\0"
 MSG = b"m\0"
 UNDELIVERED = b"u\0"
 FROZEN = b"F\0"
+PROBE = b"P\0"  # written and deleted to test whether the disk takes writes again
 FAMILIES = (META, MSG, UNDELIVERED)  # key order, which is also export order
 
 
@@ -144,6 +145,7 @@ class Store:
         # tombstones early so the startup scan does not wade through them.
         opts.add_compact_on_deletion_collector_factory(4096, 2048, 0.5)
         self.path = path
+        self._opts = opts
         self.db = Rdict(path, opts)
         self._wopts = WriteOptions()
         self._wopts.sync = fsync
@@ -206,6 +208,35 @@ class Store:
         self._dirty = False
         self.db.write(batch, self._wopts)
         return True
+
+    def writable(self) -> bool:
+        """After a failed write: can RocksDB write again? A failed WAL append leaves RocksDB
+        refusing every later write (its "background error"), and rocksdict has no
+        ``Resume``, so the DB is closed and reopened (which replays the WAL up to the last
+        whole record). Then one small synced write proves the disk takes data again. On
+        False the store is still open and readable, or, if the reopen itself failed,
+        ``self.db`` is the closed handle and the next call tries again."""
+        probe = WriteBatch(raw_mode=True)
+        probe.put(PROBE, b"")
+        probe.delete(PROBE)
+        sync = WriteOptions()
+        sync.sync = True
+        try:
+            self.db.write(probe, sync)
+            return True
+        except Exception:  # noqa: BLE001 - rocksdict raises plain Exception for I/O errors
+            pass
+        try:
+            self.db.close()
+        except Exception:  # noqa: BLE001 - close reports the same error; the handle is closed
+            pass
+        try:
+            self.db = Rdict(self.path, self._opts)
+            self.db.write(probe, sync)
+            return True
+        except Exception as e:  # noqa: BLE001
+            log.warning("shard_storage_still_failing", path=self.path, error=str(e))
+            return False
 
     def discard(self) -> None:
         self.batch = WriteBatch(raw_mode=True)
@@ -315,7 +346,11 @@ class Store:
             batch = WriteBatch(raw_mode=True)
             for mail_id in dead | orphans:
                 self._delete_mailbox(batch, mail_id)
-            self.db.write(batch, self._wopts)
+            try:
+                self.db.write(batch, self._wopts)
+            except Exception as e:  # noqa: BLE001 - a full disk must not stop the start
+                # They are skipped in memory anyway and deleted at the next load.
+                log.error("shard_cleanup_write_failed", path=self.path, error=str(e))
         return list(boxes.values())
 
     # ---- slot moves ----------------------------------------------------------------------
