@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 
 from mq9.protocol import errors
@@ -68,6 +69,10 @@ class Client(asyncio.Protocol):
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
         self._auth_timer: asyncio.TimerHandle | None = None
         self.remote = ("", 0)
+        self.perms = None  # auth.ConnPerms when the user has permissions
+        self.deliver_check = None  # perms.deliverable when deliveries must be filtered
+        self.held_ops: list | None = None  # ops that arrived while a bcrypt check ran
+        self.handshaking = False  # TLS handshake under way: nothing may be written
 
     # ---- asyncio.Protocol -------------------------------------------------------------
 
@@ -82,10 +87,50 @@ class Client(asyncio.Protocol):
             self.transport.write(self.broker.info_line(self))
             self.close_with_error(errors.MAX_CONNECTIONS_EXCEEDED)
             return
+        if self.broker.tls is not None:
+            # Nothing may be read before start_tls owns the stream: the ClientHello is its.
+            transport.pause_reading()
+            if not self.cfg.tls_handshake_first:
+                transport.write(self.broker.info_line(self))
+            self.handshaking = True
+            asyncio.get_running_loop().create_task(self._start_tls(transport))
+            return
         self.transport.write(self.broker.info_line(self))
+        self._start_auth_timer()
+
+    def _start_auth_timer(self) -> None:
         if self.broker.auth_required:
             self._auth_timer = asyncio.get_running_loop().call_later(
                 self.cfg.auth_timeout, self._auth_timeout)
+
+    async def _start_tls(self, raw) -> None:
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                raw, self, self.broker.tls, server_side=True,
+                ssl_handshake_timeout=self.cfg.tls_timeout)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, EOFError) as e:
+            # Plain protocol instead of a ClientHello, a bad or missing client certificate,
+            # a timeout: nats-server closes without a word, and so do we.
+            self.broker.tls_failed(self, e)
+            raw.abort()
+            self._teardown()
+            return
+        except Exception:  # noqa: BLE001 - never let one handshake take the gateway down
+            self.broker.log.exception("tls_start_failure", cid=self.cid)
+            raw.abort()
+            self._teardown()
+            return
+        self.handshaking = False
+        if self.closed:
+            tls.abort()
+            return
+        self.transport = tls
+        tls.set_write_buffer_limits(high=self.cfg.max_pending)
+        if self.cfg.tls_handshake_first:
+            tls.write(self.broker.info_line(self))
+        self._start_auth_timer()
+        if self.out:
+            self.flush()
 
     def data_received(self, data: bytes) -> None:
         self.last_activity_wall = time.time()
@@ -118,7 +163,7 @@ class Client(asyncio.Protocol):
             self._slow_consumer()
 
     def flush(self) -> None:
-        if self.closed or not self.out:
+        if self.closed or not self.out or self.handshaking:
             return
         out = self.out
         self.out = []
@@ -137,6 +182,8 @@ class Client(asyncio.Protocol):
                 headers: bytes | None, payload: bytes) -> None:
         """Queue one MSG/HMSG for ``sub``. Headers are dropped for clients that did not
         declare header support, as nats-server does."""
+        if self.deliver_check is not None and not self.deliver_check(subject, reply):
+            return  # a subscribe deny pattern covers this subject (permissions)
         if headers is not None and self.headers:
             hl = len(headers)
             if reply:
@@ -176,6 +223,9 @@ class Client(asyncio.Protocol):
     def close_with_error(self, text: str) -> None:
         if self.closed:
             return
+        if self.handshaking:  # no TLS yet: nothing can be said
+            self.close()
+            return
         if self.out:
             self.flush()
         self.transport.write(errors.err_line(text))
@@ -184,7 +234,7 @@ class Client(asyncio.Protocol):
     def close(self) -> None:
         if self.closed:
             return
-        if self.out:
+        if self.out and not self.handshaking:
             self.flush()
         self._teardown()
         self.transport.close()
@@ -210,14 +260,20 @@ class Client(asyncio.Protocol):
     def protocol_error(self, text: str) -> None:
         self.close_with_error(text)
 
-    def _require_connect(self) -> bool:
+    def _require_connect(self, op, *args) -> bool:
         if self.connected or not self.broker.auth_required:
             return True
+        if self.held_ops is not None:  # CONNECT is being checked: the op waits for it
+            self.held_ops.append((op, args))
+            return False
         self.broker.auth_failed("no_connect")
         self.close_with_error(errors.AUTHORIZATION_VIOLATION)
         return False
 
     def op_connect(self, args: bytes) -> None:
+        if self.held_ops is not None:
+            self.held_ops.append((self.op_connect, (args,)))
+            return
         try:
             opts = json.loads(args)
             if not isinstance(opts, dict):
@@ -243,19 +299,49 @@ class Client(asyncio.Protocol):
         self.name = str(opts.get("name", "") or "")
         self.lang = str(opts.get("lang", "") or "")
         if self.broker.auth_required and not self.connected:
-            if not self.broker.check_auth(opts):
-                self.broker.auth_failed("credentials")
-                self.close_with_error(errors.AUTHORIZATION_VIOLATION)
+            ok = self.broker.check_auth(opts, self)
+            if ok is None:
+                # A bcrypt check runs in a thread; the ops after CONNECT wait for it
+                # (reading pauses, so they are at most what was read already).
+                self.held_ops = []
+                self.transport.pause_reading()
                 return
-            if self._auth_timer is not None:
-                self._auth_timer.cancel()
-                self._auth_timer = None
+            self._authorised(ok)
+            return
         self.connected = True
         if self.verbose:
             self.send(OK)
 
+    def _authorised(self, ok: bool) -> None:
+        if not ok:
+            self.broker.auth_failed("credentials")
+            self.close_with_error(errors.AUTHORIZATION_VIOLATION)
+            return
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
+        self.connected = True
+        if self.perms is not None:
+            self.deliver_check = self.perms.deliverable if self.perms.perms.checks_delivery else None
+        if self.verbose:
+            self.send(OK)
+
+    def auth_done(self, ok: bool) -> None:
+        """The answer of a bcrypt check that ``broker.check_auth`` started."""
+        held, self.held_ops = self.held_ops, None
+        if self.closed:
+            return
+        self._authorised(ok)
+        if self.closed:
+            return
+        self.transport.resume_reading()
+        for op, args in held or ():
+            if self.closed:
+                break
+            op(*args)
+
     def op_ping(self) -> None:
-        if not self._require_connect():
+        if not self.connected and not self._require_connect(self.op_ping):
             return
         self.broker.pong_when_routed(self)
 
@@ -273,19 +359,30 @@ class Client(asyncio.Protocol):
         self._publish(subject, reply, headers or None, payload)
 
     def _publish(self, subject, reply, headers, payload) -> None:
-        if not self.connected and not self._require_connect():
+        if not self.connected and not self._require_connect(self._publish, subject, reply, headers, payload):
             return
         if self.pedantic and not valid_publish_subject(subject):
             # nats-server complains and still delivers the message.
             self.send(errors.err_line(errors.INVALID_PUBLISH_SUBJECT))
-        if self.verbose:
-            self.send(OK)  # before any MSG this PUB produces on the same connection
         self.msgs_in += 1
         self.bytes_in += len(payload)
+        if self.perms is not None and not self.perms.may_publish(subject):
+            # nats-server: no +OK, the message is dropped, the connection stays.
+            self.send(errors.err_line(errors.permissions_violation_publish(subject)))
+            return
+        if self.verbose:
+            self.send(OK)  # before any MSG this PUB produces on the same connection
         self.broker.publish(subject, reply, headers, payload, self)
 
     def op_sub(self, subject: str, queue: str | None, sid: str) -> None:
-        if not self.connected and not self._require_connect():
+        if not self.connected and not self._require_connect(self.op_sub, subject, queue, sid):
+            return
+        # nats-server's order: permissions, the subscription limit, a reused sid, the subject.
+        if self.perms is not None and not self.perms.may_subscribe(subject, queue):
+            self.send(errors.err_line(errors.permissions_violation_subscribe(subject, queue)))
+            return
+        if self.cfg.max_subscriptions and len(self.subs) >= self.cfg.max_subscriptions:
+            self.send(errors.err_line(errors.MAX_SUBSCRIPTIONS_EXCEEDED))
             return
         if sid in self.subs:
             # nats-server keeps the first subscription for a reused sid, before any check.
@@ -302,7 +399,7 @@ class Client(asyncio.Protocol):
             self.send(OK)
 
     def op_unsub(self, sid: str, max_msgs: int | None) -> None:
-        if not self.connected and not self._require_connect():
+        if not self.connected and not self._require_connect(self.op_unsub, sid, max_msgs):
             return
         sub = self.subs.get(sid)
         if sub is not None:
