@@ -150,9 +150,40 @@ async def test_max_subscriptions_with_nats_py(tls_node, pki):
         await nc.close()
 
 
-def test_varz_shows_tls_and_limits(tls_node):
+async def test_varz_and_connz_show_tls(tls_node, pki):
     status, body = tls_node.http_get("/varz", timeout=3)
     assert status == 200
     v = json.loads(body)
     assert v["tls_required"] is True and v["tls_verify"] is True and v["tls_timeout"] == 1
     assert v["auth_required"] is True and v["max_subscriptions"] == 20
+    nc = await connect(tls_node, client_ctx(pki), name="tls-watcher")
+    try:
+        conns = []
+        for _ in range(60):  # gateways write their connection lists once a second
+            conns = [c for c in json.loads(tls_node.http_get("/connz", timeout=3)[1])["connections"]
+                     if c.get("name") == "tls-watcher"]
+            if conns:
+                break
+            await asyncio.sleep(0.1)
+        assert conns and conns[0]["tls_version"] in ("1.2", "1.3") and conns[0]["tls_cipher_suite"], conns
+    finally:
+        await nc.close()
+
+
+async def test_handshake_first(node_factory, pki):
+    """--tls-handshake-first (nats-server's handshake_first): nothing in clear text, INFO
+    is the first thing inside TLS; a plain client gets nothing at all."""
+    node = node_factory(tls_cert=pki["server"].cert, tls_key=pki["server"].key, tls_handshake_first=True,
+                        gateways=1, shards=1, tls_timeout=1)
+    with natsraw.RawConn(node.port, read_info=False) as raw:
+        raw.send(natsraw.connect_line() + b"PING\r\n")
+        assert raw.read_until_closed(3) == b"" and raw.closed
+    nc = await nats.connect(f"tls://127.0.0.1:{node.port}", tls=client_ctx(pki, None),
+                            tls_handshake_first=True, connect_timeout=T, allow_reconnect=False)
+    try:
+        sub = await nc.subscribe("hf")
+        await nc.publish("hf", b"inside")
+        assert (await sub.next_msg(T)).data == b"inside"
+        assert nc._server_info.get("tls_required") is True
+    finally:
+        await nc.close()

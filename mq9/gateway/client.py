@@ -13,6 +13,7 @@ import json
 import ssl
 import time
 
+from mq9.gateway.tls import NotTLS, ServerTLS
 from mq9.protocol import errors
 from mq9.protocol.parser import Parser
 from mq9.protocol.subjects import valid_publish_subject, valid_subject
@@ -72,7 +73,10 @@ class Client(asyncio.Protocol):
         self.perms = None  # auth.ConnPerms when the user has permissions
         self.deliver_check = None  # perms.deliverable when deliveries must be filtered
         self.held_ops: list | None = None  # ops that arrived while a bcrypt check ran
-        self.handshaking = False  # TLS handshake under way: nothing may be written
+        self.tls: ServerTLS | None = None
+        self.handshaking = False  # TLS handshake under way: nothing may be written yet
+        self._tls_timer: asyncio.TimerHandle | None = None
+        self._write = None  # transport.write, or tls.write once TLS is set up
 
     # ---- asyncio.Protocol -------------------------------------------------------------
 
@@ -83,17 +87,18 @@ class Client(asyncio.Protocol):
             self.remote = peer[:2]
         # Bounded kernel/uvloop buffering: past this, the pending-bytes check cuts the client.
         transport.set_write_buffer_limits(high=self.cfg.max_pending)
+        self._write = transport.write
         if not self.broker.admit(self):
             self.transport.write(self.broker.info_line(self))
             self.close_with_error(errors.MAX_CONNECTIONS_EXCEEDED)
             return
         if self.broker.tls is not None:
-            # Nothing may be read before start_tls owns the stream: the ClientHello is its.
-            transport.pause_reading()
+            self.tls = ServerTLS(self.broker.tls, transport)
             if not self.cfg.tls_handshake_first:
                 transport.write(self.broker.info_line(self))
             self.handshaking = True
-            asyncio.get_running_loop().create_task(self._start_tls(transport))
+            self._tls_timer = asyncio.get_running_loop().call_later(
+                self.cfg.tls_timeout, self._tls_failed, TimeoutError("TLS handshake timeout"))
             return
         self.transport.write(self.broker.info_line(self))
         self._start_auth_timer()
@@ -103,37 +108,49 @@ class Client(asyncio.Protocol):
             self._auth_timer = asyncio.get_running_loop().call_later(
                 self.cfg.auth_timeout, self._auth_timeout)
 
-    async def _start_tls(self, raw) -> None:
+    def _tls_data(self, data: bytes) -> bytes:
+        """Socket bytes in, plaintext out (b"" while the handshake goes on)."""
         try:
-            tls = await asyncio.get_running_loop().start_tls(
-                raw, self, self.broker.tls, server_side=True,
-                ssl_handshake_timeout=self.cfg.tls_timeout)
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, EOFError) as e:
-            # Plain protocol instead of a ClientHello, a bad or missing client certificate,
-            # a timeout: nats-server closes without a word, and so do we.
-            self.broker.tls_failed(self, e)
-            raw.abort()
-            self._teardown()
+            data = self.tls.feed(data)
+        except (NotTLS, ssl.SSLError, EOFError, ValueError) as e:
+            if self.handshaking:
+                self._tls_failed(e)
+            else:  # the client ended TLS (close_notify) or sent garbage: like an EOF
+                self.close()
+            return b""
+        except Exception:  # noqa: BLE001 - one connection's TLS must never take the gateway down
+            self.broker.log.exception("client_tls_failure", cid=self.cid)
+            self.handshaking = False
+            self.close()
+            return b""
+        if self.handshaking and self.tls.established:
+            self.handshaking = False
+            if self._tls_timer is not None:
+                self._tls_timer.cancel()
+                self._tls_timer = None
+            self._write = self.tls.write
+            if self.cfg.tls_handshake_first:
+                self._write(self.broker.info_line(self))
+            self._start_auth_timer()
+            if self.out:
+                self.flush()
+        return data
+
+    def _tls_failed(self, exc: BaseException) -> None:
+        """Plain protocol instead of a ClientHello, a certificate that does not verify, a
+        timeout: nats-server closes without a NATS word (OpenSSL's alert, if any, was sent)."""
+        if self.closed or not self.handshaking:
             return
-        except Exception:  # noqa: BLE001 - never let one handshake take the gateway down
-            self.broker.log.exception("tls_start_failure", cid=self.cid)
-            raw.abort()
-            self._teardown()
-            return
-        self.handshaking = False
-        if self.closed:
-            tls.abort()
-            return
-        self.transport = tls
-        tls.set_write_buffer_limits(high=self.cfg.max_pending)
-        if self.cfg.tls_handshake_first:
-            tls.write(self.broker.info_line(self))
-        self._start_auth_timer()
-        if self.out:
-            self.flush()
+        self.broker.tls_failed(self, exc)
+        self._teardown()
+        self.transport.close()  # close, not abort: the alert is still in the buffer
 
     def data_received(self, data: bytes) -> None:
         self.last_activity_wall = time.time()
+        if self.tls is not None:
+            data = self._tls_data(data)
+            if not data:
+                return
         try:
             self.parser.feed(data)
         except Exception:  # a bug must never reach the client as a traceback or kill the loop
@@ -168,7 +185,7 @@ class Client(asyncio.Protocol):
         out = self.out
         self.out = []
         self.out_size = 0
-        self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        self._write(b"".join(out) if len(out) > 1 else out[0])
         if self.transport.get_write_buffer_size() > self.cfg.max_pending:
             self._slow_consumer()
 
@@ -216,7 +233,14 @@ class Client(asyncio.Protocol):
                                                   if self.transport else 0),
                 "in_msgs": self.msgs_in, "out_msgs": self.msgs_out,
                 "in_bytes": self.bytes_in, "out_bytes": self.bytes_out,
-                "subscriptions": len(self.subs), "name": self.name, "lang": self.lang}
+                "subscriptions": len(self.subs), "name": self.name, "lang": self.lang,
+                **self._tls_description()}
+
+    def _tls_description(self) -> dict:
+        if self.tls is None or not self.tls.established:
+            return {}
+        version, cipher = self.tls.describe()
+        return {"tls_version": version, "tls_cipher_suite": cipher}
 
     # ---- closing ----------------------------------------------------------------------
 
@@ -228,7 +252,9 @@ class Client(asyncio.Protocol):
             return
         if self.out:
             self.flush()
-        self.transport.write(errors.err_line(text))
+        line = errors.err_line(text)
+        if line:
+            self._write(line)
         self.close()
 
     def close(self) -> None:
@@ -236,6 +262,8 @@ class Client(asyncio.Protocol):
             return
         if self.out and not self.handshaking:
             self.flush()
+        if self.tls is not None and not self.handshaking:
+            self.tls.close_notify()
         self._teardown()
         self.transport.close()
 
@@ -245,6 +273,8 @@ class Client(asyncio.Protocol):
         self.closed = True
         if self._auth_timer is not None:
             self._auth_timer.cancel()
+        if self._tls_timer is not None:
+            self._tls_timer.cancel()
         for sub in list(self.subs.values()):
             self.broker.unsubscribe(sub)
         self.subs.clear()
