@@ -253,3 +253,20 @@ def test_tls_plain_client_is_dropped_silently(tls_servers):
 
     got = both(tls_servers, run)
     assert got == [((True, True), b"", True), (b"", True, True)]
+
+
+def test_bcrypt_login_with_pipelined_ops(servers):
+    """The bcrypt check runs off the event loop; what the client sent after CONNECT waits
+    for it and is then processed in order, as nats-server does."""
+    def run(port):
+        out = []
+        for pw in ("hashed", "wrong"):
+            with RawConn(port) as c:
+                c.send(natsraw.connect_line(user="h", verbose=True, **{"pass": pw})
+                       + b"SUB h.x 1\r\nPUB h.x 2\r\nhi\r\nPUB g 0\r\n\r\nPING\r\n")
+                out.append((c.read_until(b"PONG\r\n", 3), c.check_closed(50)))
+        return out
+
+    got = both(servers, run)
+    assert got == [(OK + OK + OK + b"MSG h.x 1 2\r\nhi\r\n" + pub_denied("g") + PONG, False),
+                   (err("Authorization Violation"), True)]

@@ -167,10 +167,13 @@ class ConnPerms:
     """A connection's view of its user's permissions: adds the reply subjects it may
     answer (allow_responses), which are per connection."""
 
-    __slots__ = ("perms", "replies")
+    __slots__ = ("perms", "replies", "pub_cache")
 
     def __init__(self, perms: Permissions):
         self.perms = perms
+        # The user's verdicts (cleared in place, never replaced): the PUB hot path looks
+        # here first, without a call (see Client._publish).
+        self.pub_cache = perms.pub_cache
         self.replies: dict[str, list] | None = {} if perms.responses is not None else None
 
     def may_publish(self, subject: str) -> bool:

@@ -396,7 +396,8 @@ class Client(asyncio.Protocol):
             self.send(errors.err_line(errors.INVALID_PUBLISH_SUBJECT))
         self.msgs_in += 1
         self.bytes_in += len(payload)
-        if self.perms is not None and not self.perms.may_publish(subject):
+        perms = self.perms
+        if perms is not None and not perms.pub_cache.get(subject) and not perms.may_publish(subject):
             # nats-server: no +OK, the message is dropped, the connection stays.
             self.send(errors.err_line(errors.permissions_violation_publish(subject)))
             return
