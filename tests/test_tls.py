@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import ssl
 
@@ -115,6 +116,21 @@ async def test_refused_clients_do_not_disturb_the_gateways(tls_node, pki):
             assert raw.info["tls_required"] is True and raw.info["tls_verify"] is True
             raw.send(natsraw.connect_line(user="admin", **{"pass": "admin-pw"}) + b"PING\r\n")
             assert raw.read_until_closed(3) == b"" and raw.closed
+        # a handshake record header followed by garbage; TLS, then bytes that are not TLS records
+        with natsraw.RawConn(tls_node.port) as raw:
+            raw.send(b"\x16\x03\x01\x00\x05hello" + bytes(range(256)))
+            assert raw.read_until_closed(3).startswith(b"\x15") and raw.closed  # an alert record
+        s = socket.create_connection(("127.0.0.1", tls_node.port), timeout=3)
+        s.recv(4096)
+        t = client_ctx(pki).wrap_socket(s, server_hostname="localhost")
+        t.sendall(natsraw.connect_line(user="admin", **{"pass": "admin-pw"}) + b"PING\r\n")
+        assert b"PONG" in t.recv(4096)
+        os.write(t.fileno(), b"not a TLS record\r\n")  # under the TLS layer
+        with pytest.raises((ssl.SSLError, OSError)):
+            while t.recv(4096):
+                pass
+            raise OSError("closed")
+        t.close()
         # a client that connects and says nothing is dropped after --tls-timeout
         s = socket.create_connection(("127.0.0.1", tls_node.port), timeout=3)
         s.recv(4096)
