@@ -203,3 +203,24 @@ async def test_handshake_first(node_factory, pki):
         assert nc._server_info.get("tls_required") is True
     finally:
         await nc.close()
+
+
+def test_cli_tools_over_tls(tls_node, pki):
+    """`mq9 mailbox create` etc. with a tls:// URL and a client certificate."""
+    import subprocess
+    import sys
+
+    from nodeproc import REPO, child_env
+
+    def mq9(*extra):
+        return subprocess.run([sys.executable, "-m", "mq9", "mailbox", "create", "--json",
+                               "--server", f"tls://127.0.0.1:{tls_node.port}", "--timeout", "3",
+                               "--user", "agent", "--password", "agent-pw", *extra],
+                              env=child_env(), cwd=REPO, capture_output=True, timeout=30)
+
+    p = mq9("--tls-ca", pki["ca"].pem, "--tls-cert", pki["client"].cert, "--tls-key", pki["client"].key)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["mail_id"].startswith("m-")
+    p = mq9("--tls-ca", pki["ca"].pem)  # no client certificate: refused
+    assert p.returncode == 1 and p.stderr.decode().startswith("mq9: cannot connect to"), p.stderr
+    assert b"Traceback" not in p.stderr
