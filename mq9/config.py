@@ -56,6 +56,18 @@ class Config:
     auth_token: str | None = _opt(None, "require this token in CONNECT")
     user: str | None = _opt(None, "require this user in CONNECT (with --pass)")
     password: str | None = _opt(None, "password for --user", flag="--pass", env="MQ9_PASS")
+    auth_file: str | None = _opt(None, "users, passwords (plain or bcrypt $2a$...) and per-user publish/"
+                                       "subscribe permissions, as nats-server's authorization "
+                                       "block; TOML, or JSON when the name ends in .json (see README)")
+    max_subscriptions: int = _opt(0, "subscriptions one connection may hold (0 = unlimited)")
+    tls_cert: str | None = _opt(None, "PEM certificate (chain) of the server; with --tls-key, clients "
+                                      "must use TLS (INFO says tls_required)")
+    tls_key: str | None = _opt(None, "PEM private key for --tls-cert")
+    tls_ca: str | None = _opt(None, "PEM CA bundle that client certificates are verified against")
+    tls_verify: bool = _opt(False, "require a client certificate signed by --tls-ca")
+    tls_timeout: float = _opt(2.0, "seconds a client has to complete the TLS handshake")
+    tls_handshake_first: bool = _opt(False, "TLS handshake before INFO (nats-server's handshake_first; "
+                                            "clients must ask for it, e.g. nats-py tls_handshake_first)")
     server_name: str | None = _opt(None, "name in INFO (default: mq9-<hostname>)")
     log_level: str = _opt("info", "debug | info | warning | error",
                           choices=("debug", "info", "warning", "error"))
@@ -79,9 +91,21 @@ def _env(f) -> str:
     return f.metadata.get("env", "MQ9_" + f.name.upper())
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
 def _convert(f, raw):
     if raw is None:
         return None
+    if f.type in (bool, "bool"):
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in _TRUE:
+            return True
+        if str(raw).lower() in _FALSE:
+            return False
+        raise ValueError(raw)
     base = f.type if isinstance(f.type, type) else f.type.split("|")[0].strip()
     conv = {"int": int, "float": float, "str": str}.get(base if isinstance(base, str) else base.__name__, str)
     return conv(raw)
@@ -89,6 +113,10 @@ def _convert(f, raw):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Config):
+        if f.type in (bool, "bool"):  # a switch: --tls-verify, MQ9_TLS_VERIFY=1, tls_verify = true
+            parser.add_argument(_flag(f), dest=f.name, default=None, action="store_const", const=True,
+                                help=f"{f.metadata['help']} [env {_env(f)}=1; default off]")
+            continue
         parser.add_argument(
             _flag(f), dest=f.name, default=None, metavar=f.name.upper(),
             choices=f.metadata.get("choices"),
@@ -128,6 +156,7 @@ def from_args(ns: argparse.Namespace, environ: dict[str, str] | None = None) -> 
         raise ValueError("--user and --pass go together")
     cfg.cluster_secret = _cluster_secret(cfg)
     _check_ranges(cfg)
+    _check_security(cfg)
     return cfg
 
 
@@ -153,13 +182,33 @@ def _cluster_secret(cfg: Config) -> str | None:
     return secret
 
 
+def _check_security(cfg: Config) -> None:
+    """Read the auth file and build the TLS context once here, so that a bad file is a
+    one-line error at start, not a crash in every gateway process."""
+    if cfg.auth_file is not None:
+        if cfg.auth_token or cfg.user:
+            raise ValueError("--auth-file replaces --auth-token and --user/--pass; give one")
+        from mq9.gateway import auth
+        auth.load(cfg.auth_file)
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if cfg.tls_cert is None and (cfg.tls_ca or cfg.tls_verify or cfg.tls_handshake_first):
+        raise ValueError("--tls-ca, --tls-verify and --tls-handshake-first need --tls-cert and --tls-key")
+    if cfg.tls_verify and not cfg.tls_ca:
+        raise ValueError("--tls-verify needs --tls-ca (the CA that signs client certificates)")
+    if cfg.tls_cert is not None:
+        from mq9.gateway import tls
+        tls.server_context(cfg)
+
+
 # (setting, lowest, highest): values outside would only fail later, inside a child process
 _RANGES = (
     ("port", 1, 65535), ("metrics_port", 0, 65535), ("cluster_port", 0, 65535),
     ("gateways", 0, 1024), ("shards", 1, 1024), ("max_payload", 1, None),
     ("max_connections", 1, None), ("max_control_line", 1, None), ("max_pending", 1, None),
     ("max_msgs", 1, None), ("default_ttl", 0, None), ("ping_interval", 0.001, None),
-    ("max_pings_out", 1, None), ("auth_timeout", 0.001, None),
+    ("max_pings_out", 1, None), ("auth_timeout", 0.001, None), ("max_subscriptions", 0, None),
+    ("tls_timeout", 0.001, None),
 )
 
 

@@ -32,6 +32,13 @@ def _gateway_stats(cfg: Config) -> list[dict]:
     return out
 
 
+def _tls_fields(cfg: Config) -> dict:
+    """nats-server's /varz names for the TLS settings (present only when TLS is on)."""
+    if not cfg.tls_cert:
+        return {}
+    return {"tls_required": True, "tls_verify": bool(cfg.tls_verify), "tls_timeout": cfg.tls_timeout}
+
+
 def varz(cfg: Config, started: float, node_id: str | None) -> dict:
     gws = _gateway_stats(cfg)
 
@@ -54,7 +61,9 @@ def varz(cfg: Config, started: float, node_id: str | None) -> dict:
         "max_payload": cfg.max_payload,
         "max_control_line": cfg.max_control_line,
         "max_pending": cfg.max_pending,
-        "auth_required": bool(cfg.auth_token or cfg.user),
+        "auth_required": bool(cfg.auth_token or cfg.user or cfg.auth_file),
+        "max_subscriptions": cfg.max_subscriptions,
+        **_tls_fields(cfg),
         "start": _iso(started),
         "now": _iso(now),
         "uptime": f"{int(now - started)}s",

@@ -167,6 +167,10 @@ def test_help_shows_every_flag_with_env_and_default():
     text = " ".join(r.stdout.split())  # argparse wraps lines anywhere
     for f in fields(config.Config):
         flag, env = config._flag(f), config._env(f)
+        if f.type in (bool, "bool"):  # a switch: no value after the flag
+            assert f"{flag} " in text, flag
+            assert f"[env {env}=1; default off]" in text, (flag, env)
+            continue
         assert re.search(rf"{re.escape(flag)} [A-Z_]+ ", text), flag
         assert f"[env {env}; default {f.default}]" in text, (flag, env)
 

@@ -140,10 +140,10 @@ class Node:
     def argv(self) -> list[str]:
         args = list(self.command)
         for name, value in self.flags.items():
-            if value is None:
+            if value is None or value is False:
                 continue
             flag = "--pass" if name == "password" else "--" + name.replace("_", "-")
-            args += [flag, str(value)]
+            args += [flag] if value is True else [flag, str(value)]  # True: a switch (--tls-verify)
         return args
 
     # ---- lifecycle ----------------------------------------------------------------------

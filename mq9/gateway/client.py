@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 
+from mq9.gateway.tls import NotTLS, ServerTLS
 from mq9.protocol import errors
 from mq9.protocol.parser import Parser
 from mq9.protocol.subjects import valid_publish_subject, valid_subject
@@ -74,6 +76,13 @@ class Client(asyncio.Protocol):
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
         self._auth_timer: asyncio.TimerHandle | None = None
         self.remote = ("", 0)
+        self.perms = None  # auth.ConnPerms when the user has permissions
+        self.deliver_check = None  # perms.deliverable when deliveries must be filtered
+        self.held_ops: list | None = None  # ops that arrived while a bcrypt check ran
+        self.tls: ServerTLS | None = None
+        self.handshaking = False  # TLS handshake under way: nothing may be written yet
+        self._tls_timer: asyncio.TimerHandle | None = None
+        self._write = None  # transport.write, or tls.write once TLS is set up
 
     # ---- asyncio.Protocol -------------------------------------------------------------
 
@@ -84,17 +93,70 @@ class Client(asyncio.Protocol):
             self.remote = peer[:2]
         # Bounded kernel/uvloop buffering: past this, the pending-bytes check cuts the client.
         transport.set_write_buffer_limits(high=self.cfg.max_pending)
+        self._write = transport.write
         if not self.broker.admit(self):
             self.transport.write(self.broker.info_line(self))
             self.close_with_error(errors.MAX_CONNECTIONS_EXCEEDED)
             return
+        if self.broker.tls is not None:
+            self.tls = ServerTLS(self.broker.tls, transport)
+            if not self.cfg.tls_handshake_first:
+                transport.write(self.broker.info_line(self))
+            self.handshaking = True
+            self._tls_timer = asyncio.get_running_loop().call_later(
+                self.cfg.tls_timeout, self._tls_failed, TimeoutError("TLS handshake timeout"))
+            return
         self.transport.write(self.broker.info_line(self))
+        self._start_auth_timer()
+
+    def _start_auth_timer(self) -> None:
         if self.broker.auth_required:
             self._auth_timer = asyncio.get_running_loop().call_later(
                 self.cfg.auth_timeout, self._auth_timeout)
 
+    def _tls_data(self, data: bytes) -> bytes:
+        """Socket bytes in, plaintext out (b"" while the handshake goes on)."""
+        try:
+            data = self.tls.feed(data)
+        except (NotTLS, ssl.SSLError, EOFError, ValueError) as e:
+            if self.handshaking:
+                self._tls_failed(e)
+            else:  # the client ended TLS (close_notify) or sent garbage: like an EOF
+                self.close()
+            return b""
+        except Exception:  # noqa: BLE001 - one connection's TLS must never take the gateway down
+            self.broker.log.exception("client_tls_failure", cid=self.cid)
+            self.handshaking = False
+            self.close()
+            return b""
+        if self.handshaking and self.tls.established:
+            self.handshaking = False
+            if self._tls_timer is not None:
+                self._tls_timer.cancel()
+                self._tls_timer = None
+            self._write = self.tls.write
+            if self.cfg.tls_handshake_first:
+                self._write(self.broker.info_line(self))
+            self._start_auth_timer()
+            if self.out:
+                self.flush()
+        return data
+
+    def _tls_failed(self, exc: BaseException) -> None:
+        """Plain protocol instead of a ClientHello, a certificate that does not verify, a
+        timeout: nats-server closes without a NATS word (OpenSSL's alert, if any, was sent)."""
+        if self.closed or not self.handshaking:
+            return
+        self.broker.tls_failed(self, exc)
+        self._teardown()
+        self.transport.close()  # close, not abort: the alert is still in the buffer
+
     def data_received(self, data: bytes) -> None:
         self.last_activity_wall = time.time()
+        if self.tls is not None:
+            data = self._tls_data(data)
+            if not data:
+                return
         try:
             self.parser.feed(data)
         except Exception:  # a bug must never reach the client as a traceback or kill the loop
@@ -124,12 +186,12 @@ class Client(asyncio.Protocol):
             self._slow_consumer()
 
     def flush(self) -> None:
-        if self.closed or not self.out:
+        if self.closed or not self.out or self.handshaking:
             return
         out = self.out
         self.out = []
         self.out_size = 0
-        self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        self._write(b"".join(out) if len(out) > 1 else out[0])
         if self.transport.get_write_buffer_size() > self.cfg.max_pending:
             self._slow_consumer()
 
@@ -148,6 +210,8 @@ class Client(asyncio.Protocol):
                 headers: bytes | None, payload: bytes) -> None:
         """Queue one MSG/HMSG for ``sub``. Headers are dropped for clients that did not
         declare header support, as nats-server does."""
+        if self.deliver_check is not None and not self.deliver_check(subject, reply):
+            return  # a subscribe deny pattern covers this subject (permissions)
         if subject != sub.last_subject:
             self._head(sub, subject)
         size = len(payload)
@@ -176,7 +240,8 @@ class Client(asyncio.Protocol):
     def deliver_run(self, sub: Subscription, subject: str, reply: str | None,
                     payloads: list[bytes]) -> None:
         """``deliver`` for several header-less messages: one formatted block, one send."""
-        if sub.max_msgs:  # may run out part way (UNSUB <sid> <max>)
+        if sub.max_msgs or self.deliver_check is not None:
+            # may run out part way (UNSUB <sid> <max>), or be filtered (permissions)
             for p in payloads:
                 if self.closed or self.subs.get(sub.sid) is not sub:
                     return
@@ -207,23 +272,37 @@ class Client(asyncio.Protocol):
                                                   if self.transport else 0),
                 "in_msgs": self.msgs_in, "out_msgs": self.msgs_out,
                 "in_bytes": self.bytes_in, "out_bytes": self.bytes_out,
-                "subscriptions": len(self.subs), "name": self.name, "lang": self.lang}
+                "subscriptions": len(self.subs), "name": self.name, "lang": self.lang,
+                **self._tls_description()}
+
+    def _tls_description(self) -> dict:
+        if self.tls is None or not self.tls.established:
+            return {}
+        version, cipher = self.tls.describe()
+        return {"tls_version": version, "tls_cipher_suite": cipher}
 
     # ---- closing ----------------------------------------------------------------------
 
     def close_with_error(self, text: str) -> None:
         if self.closed:
             return
+        if self.handshaking:  # no TLS yet: nothing can be said
+            self.close()
+            return
         if self.out:
             self.flush()
-        self.transport.write(errors.err_line(text))
+        line = errors.err_line(text)
+        if line:
+            self._write(line)
         self.close()
 
     def close(self) -> None:
         if self.closed:
             return
-        if self.out:
+        if self.out and not self.handshaking:
             self.flush()
+        if self.tls is not None and not self.handshaking:
+            self.tls.close_notify()
         self._teardown()
         self.transport.close()
 
@@ -233,6 +312,8 @@ class Client(asyncio.Protocol):
         self.closed = True
         if self._auth_timer is not None:
             self._auth_timer.cancel()
+        if self._tls_timer is not None:
+            self._tls_timer.cancel()
         for sub in list(self.subs.values()):
             self.broker.unsubscribe(sub)
         self.subs.clear()
@@ -248,14 +329,20 @@ class Client(asyncio.Protocol):
     def protocol_error(self, text: str) -> None:
         self.close_with_error(text)
 
-    def _require_connect(self) -> bool:
+    def _require_connect(self, op, *args) -> bool:
         if self.connected or not self.broker.auth_required:
             return True
+        if self.held_ops is not None:  # CONNECT is being checked: the op waits for it
+            self.held_ops.append((op, args))
+            return False
         self.broker.auth_failed("no_connect")
         self.close_with_error(errors.AUTHORIZATION_VIOLATION)
         return False
 
     def op_connect(self, args: bytes) -> None:
+        if self.held_ops is not None:
+            self.held_ops.append((self.op_connect, (args,)))
+            return
         try:
             opts = json.loads(args)
             if not isinstance(opts, dict):
@@ -281,19 +368,49 @@ class Client(asyncio.Protocol):
         self.name = str(opts.get("name", "") or "")
         self.lang = str(opts.get("lang", "") or "")
         if self.broker.auth_required and not self.connected:
-            if not self.broker.check_auth(opts):
-                self.broker.auth_failed("credentials")
-                self.close_with_error(errors.AUTHORIZATION_VIOLATION)
+            ok = self.broker.check_auth(opts, self)
+            if ok is None:
+                # A bcrypt check runs in a thread; the ops after CONNECT wait for it
+                # (reading pauses, so they are at most what was read already).
+                self.held_ops = []
+                self.transport.pause_reading()
                 return
-            if self._auth_timer is not None:
-                self._auth_timer.cancel()
-                self._auth_timer = None
+            self._authorised(ok)
+            return
         self.connected = True
         if self.verbose:
             self.send(OK)
 
+    def _authorised(self, ok: bool) -> None:
+        if not ok:
+            self.broker.auth_failed("credentials")
+            self.close_with_error(errors.AUTHORIZATION_VIOLATION)
+            return
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
+        self.connected = True
+        if self.perms is not None:
+            self.deliver_check = self.perms.deliverable if self.perms.perms.checks_delivery else None
+        if self.verbose:
+            self.send(OK)
+
+    def auth_done(self, ok: bool) -> None:
+        """The answer of a bcrypt check that ``broker.check_auth`` started."""
+        held, self.held_ops = self.held_ops, None
+        if self.closed:
+            return
+        self._authorised(ok)
+        if self.closed:
+            return
+        self.transport.resume_reading()
+        for op, args in held or ():
+            if self.closed:
+                break
+            op(*args)
+
     def op_ping(self) -> None:
-        if not self._require_connect():
+        if not self.connected and not self._require_connect(self.op_ping):
             return
         self.broker.pong_when_routed(self)
 
@@ -305,9 +422,13 @@ class Client(asyncio.Protocol):
 
     def op_pubs(self, subject: str, replies: list | None, payloads: list[bytes]) -> None:
         """A run of PUBs to one subject (see ``Parser``); ``replies`` None or one each."""
+        perms = self.perms
         if self.verbose or not self.connected or (
-                self.pedantic and not valid_publish_subject(subject)):
-            # +OK or -ERR per message, each before what that message produces
+                self.pedantic and not valid_publish_subject(subject)) or (
+                perms is not None and not perms.pub_cache.get(subject)
+                and not perms.perms.publish_allowed(subject)):
+            # +OK or -ERR per message, each before what that message produces (a reply
+            # the user may only send as a response is checked message by message too)
             for i, p in enumerate(payloads):
                 if self.closed:
                     return
@@ -326,19 +447,31 @@ class Client(asyncio.Protocol):
         self._publish(subject, reply, headers or None, payload)
 
     def _publish(self, subject, reply, headers, payload) -> None:
-        if not self.connected and not self._require_connect():
+        if not self.connected and not self._require_connect(self._publish, subject, reply, headers, payload):
             return
         if self.pedantic and not valid_publish_subject(subject):
             # nats-server complains and still delivers the message.
             self.send(errors.err_line(errors.INVALID_PUBLISH_SUBJECT))
-        if self.verbose:
-            self.send(OK)  # before any MSG this PUB produces on the same connection
         self.msgs_in += 1
         self.bytes_in += len(payload)
+        perms = self.perms
+        if perms is not None and not perms.pub_cache.get(subject) and not perms.may_publish(subject):
+            # nats-server: no +OK, the message is dropped, the connection stays.
+            self.send(errors.err_line(errors.permissions_violation_publish(subject)))
+            return
+        if self.verbose:
+            self.send(OK)  # before any MSG this PUB produces on the same connection
         self.broker.publish(subject, reply, headers, payload, self)
 
     def op_sub(self, subject: str, queue: str | None, sid: str) -> None:
-        if not self.connected and not self._require_connect():
+        if not self.connected and not self._require_connect(self.op_sub, subject, queue, sid):
+            return
+        # nats-server's order: permissions, the subscription limit, a reused sid, the subject.
+        if self.perms is not None and not self.perms.may_subscribe(subject, queue):
+            self.send(errors.err_line(errors.permissions_violation_subscribe(subject, queue)))
+            return
+        if self.cfg.max_subscriptions and len(self.subs) >= self.cfg.max_subscriptions:
+            self.send(errors.err_line(errors.MAX_SUBSCRIPTIONS_EXCEEDED))
             return
         if sid in self.subs:
             # nats-server keeps the first subscription for a reused sid, before any check.
@@ -355,7 +488,7 @@ class Client(asyncio.Protocol):
             self.send(OK)
 
     def op_unsub(self, sid: str, max_msgs: int | None) -> None:
-        if not self.connected and not self._require_connect():
+        if not self.connected and not self._require_connect(self.op_unsub, sid, max_msgs):
             return
         sub = self.subs.get(sid)
         if sub is not None:

@@ -21,6 +21,7 @@ import zmq
 
 from mq9 import __version__, log, metrics, process, subjects
 from mq9.config import Config
+from mq9.gateway import auth, tls
 from mq9.gateway.client import PING, PONG, Client, Subscription
 from mq9.gateway.conncount import ConnCounter
 from mq9.gateway.mailboxes import Mailboxes
@@ -56,7 +57,9 @@ class Gateway:
         self._key = 0
         self._dirty: list[Client] = []
         self._flush_scheduled = False
-        self.auth_required = bool(cfg.auth_token or cfg.user)
+        self.users = auth.load(cfg.auth_file) if cfg.auth_file else None
+        self.auth_required = bool(cfg.auth_token or cfg.user or self.users)
+        self.tls = tls.server_context(cfg) if cfg.tls_cert else None
         self.server_id = uuid.uuid4().hex.upper()[:22]
         self.server_name = cfg.server_name or f"mq9-{socket.gethostname()}"
         self._info_base = {
@@ -68,6 +71,7 @@ class Gateway:
             "host": cfg.host,
             "port": cfg.port,
             "headers": True,
+            **tls.info_fields(cfg),
             "max_payload": cfg.max_payload,
         }
         if self.auth_required:
@@ -146,8 +150,12 @@ class Gateway:
             t["in_bytes"] += client.bytes_in
             t["out_bytes"] += client.bytes_out
 
-    def check_auth(self, opts: dict) -> bool:
+    def check_auth(self, opts: dict, client: Client) -> bool | None:
+        """True or False; None when a bcrypt check was started in a thread, whose answer
+        goes to ``client.auth_done``. Sets ``client.perms`` for a user with permissions."""
         cfg = self.cfg
+        if self.users is not None:
+            return self._check_user(opts, client)
         if cfg.auth_token:
             tok = opts.get("auth_token")
             return isinstance(tok, str) and hmac.compare_digest(tok.encode(), cfg.auth_token.encode())
@@ -157,8 +165,35 @@ class Gateway:
         return (hmac.compare_digest(user.encode(), (cfg.user or "").encode())
                 & hmac.compare_digest(pw.encode(), (cfg.password or "").encode())) == 1
 
+    def _check_user(self, opts: dict, client: Client) -> bool | None:
+        name, pw = opts.get("user"), opts.get("pass")
+        if not isinstance(name, str) or not isinstance(pw, str):
+            return False
+        user = self.users.get(name)
+        if user is None:
+            return False
+        ok = user.check_fast(pw)
+        if ok is None:
+            def done(fut: asyncio.Future) -> None:
+                ok = not fut.cancelled() and fut.exception() is None and fut.result()
+                if ok:
+                    client.perms = user.conn_perms()
+                client.auth_done(ok)
+
+            self.loop.run_in_executor(None, user.check_slow, pw).add_done_callback(done)
+            return None
+        if ok:
+            client.perms = user.conn_perms()
+        return ok
+
     def auth_failed(self, kind: str) -> None:
         metrics.AUTH_FAILURES.labels(kind).inc()
+
+    def tls_failed(self, client: Client, exc: BaseException) -> None:
+        # Debug only: port scanners and plain-text clients would otherwise flood the log.
+        metrics.AUTH_FAILURES.labels("tls").inc()
+        self.log.debug("tls_handshake_failed", cid=client.cid, ip=client.remote[0],
+                       error=f"{type(exc).__name__}: {exc}")
 
     def slow_consumer(self, client: Client) -> None:
         metrics.SLOW_CONSUMERS.inc()

@@ -74,4 +74,6 @@ def err_line(text: str) -> bytes:
     """The ``-ERR '...'`` line for ``text``; ``b""`` for the silent (close-only) cases."""
     if not text:
         return b""
-    return b"-ERR '" + text.encode() + b"'\r\n"
+    # surrogateescape: a permission error quotes the client's subject, which may hold
+    # bytes that are not UTF-8 (see parser._dec)
+    return b"-ERR '" + text.encode("utf-8", "surrogateescape") + b"'\r\n"

@@ -44,6 +44,14 @@ def add_connection_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--user", default=argparse.SUPPRESS, help="server user (env MQ9_USER)")
     g.add_argument("--password", "--pass", dest="password", default=argparse.SUPPRESS,
                    help="server password (env MQ9_PASS)")
+    g.add_argument("--tls-ca", default=argparse.SUPPRESS, metavar="FILE",
+                   help="CA that signed the broker's certificate, for a broker started with "
+                        "--tls-cert (env MQ9_CLIENT_TLS_CA; a tls:// URL alone uses the system CAs)")
+    g.add_argument("--tls-cert", default=argparse.SUPPRESS, metavar="FILE",
+                   help="client certificate, for a broker started with --tls-verify "
+                        "(env MQ9_CLIENT_TLS_CERT)")
+    g.add_argument("--tls-key", default=argparse.SUPPRESS, metavar="FILE",
+                   help="key of --tls-cert (env MQ9_CLIENT_TLS_KEY)")
     g.add_argument("--timeout", type=_positive_float, default=argparse.SUPPRESS,
                    metavar="SECONDS",
                    help=f"connect and reply timeout (default {DEFAULT_TIMEOUT:g}; for sub: "
@@ -86,7 +94,27 @@ def settings(ns: argparse.Namespace) -> dict:
         "password": getattr(ns, "password", None) or env.get("MQ9_PASS") or None,
         "timeout": timeout if timeout is not None else DEFAULT_TIMEOUT,
         "timeout_given": timeout is not None,
+        # MQ9_CLIENT_*: MQ9_TLS_CERT etc. are the node's own (server) files
+        "tls_ca": getattr(ns, "tls_ca", None) or env.get("MQ9_CLIENT_TLS_CA") or None,
+        "tls_cert": getattr(ns, "tls_cert", None) or env.get("MQ9_CLIENT_TLS_CERT") or None,
+        "tls_key": getattr(ns, "tls_key", None) or env.get("MQ9_CLIENT_TLS_KEY") or None,
     }
+
+
+def tls_context(cfg: dict):
+    """An SSLContext when TLS is asked for (a tls:// URL or any --tls-* file), else None."""
+    import ssl
+
+    if not (cfg.get("tls_ca") or cfg.get("tls_cert")
+            or any(s.startswith("tls://") for s in cfg["servers"])):
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=cfg.get("tls_ca"))
+        if cfg.get("tls_cert"):
+            ctx.load_cert_chain(cfg["tls_cert"], cfg.get("tls_key"))
+    except (OSError, ssl.SSLError) as e:
+        raise ToolError(f"TLS files: {getattr(e, 'strerror', None) or e}") from None
+    return ctx
 
 
 def normalize_servers(text: str) -> list[str]:
@@ -180,6 +208,9 @@ async def connect(cfg: dict, *, subject_checks: bool = True, quiet_reconnects: b
     if cfg["user"]:
         opts["user"] = cfg["user"]
         opts["password"] = cfg["password"] or ""
+    ctx = tls_context(cfg)
+    if ctx is not None:
+        opts["tls"] = ctx
     if not subject_checks and _connect_supports("skip_subject_validation"):
         opts["skip_subject_validation"] = True
 
