@@ -105,7 +105,10 @@ class ShardLink:
             return
         now = time.monotonic()
         self.pending[op.rid] = [now + self.timeout, callback, op, now + MOVE_PATIENCE, arg]
-        sh.out.put(op)
+        if op.__class__ is wire.SendRun:
+            sh.out.put_now(op)
+        else:
+            sh.out.put(op)
 
     def _on_frame(self, frame: bytes) -> None:
         try:

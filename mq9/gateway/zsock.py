@@ -31,6 +31,13 @@ class Outbox:
             self.loop.call_soon(self.flush)
         self.items.append(msg)
 
+    def put_now(self, msg) -> None:
+        """Queue ``msg`` and send what is queued at once, without waiting for the end of
+        the loop turn: for a big piece of work, so that the receiver starts on it while
+        this process goes on parsing (the two processes overlap instead of taking turns)."""
+        self.items.append(msg)
+        self.flush()
+
     def flush(self) -> None:
         if not self.items:
             return

@@ -82,6 +82,11 @@ _FAST_HPUB = re.compile(
     rb"HPUB ([^ \t\r\n]+) (?:([^ \t\r\n]+) )?([0-9]{1,9}) ([0-9]{1,9})\r?\n")
 _BLANKS = re.compile(rb"[ \t]*")
 
+# Longest run handed over at once: long enough to pay the per-call costs once for many
+# messages, short enough that the shard starts storing the first run of a large read
+# while the gateway is still parsing the rest.
+RUN_MAX = 128
+
 
 def _lookup(head: bytes) -> tuple[bytes, int, int] | bool:
     """``head`` is the upper-cased start of a line (at most 8 bytes, longer than any op).
@@ -244,7 +249,7 @@ class Parser:
                     if stop + 2 > n or data[stop] != 13 or data[stop + 1] != 10:
                         self._no_payload_end(data, pos, stop, run, subject, replies)
                         return
-                    if run is None or sb != run_sb:
+                    if run is None or sb != run_sb or len(run) >= RUN_MAX:
                         if run is not None:
                             self._flush_run(run, subject, replies)
                             if self._dead:
