@@ -380,8 +380,8 @@ async def test_owner_disconnects_in_the_middle_of_a_replay(node, conns):
     must get all the rest. Where the cut lands is a race; it is retried until it falls in
     the middle of the replay."""
     reports = []
-    for _ in range(3):
-        r = await _replay_cut_once(node, conns, n=2000, cut_after=20)
+    for n in (2000, 5000, 10000):  # replay got faster; a bigger backlog keeps the race open
+        r = await _replay_cut_once(node, conns, n=n, cut_after=20)
         reports.append(r["report"])
         if r["middle"]:
             break

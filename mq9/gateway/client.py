@@ -58,6 +58,7 @@ class Client(asyncio.Protocol):
         self.out: list[bytes] = []
         self.out_size = 0
         self.closed = False
+        self.lost_output = False  # set at teardown: queued output was never written
         self.connected = False  # CONNECT received (and authorised)
         # nats-server's defaults for a client that never sends CONNECT.
         self.verbose = True
@@ -165,6 +166,13 @@ class Client(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self._teardown()
+
+    def eof_received(self) -> bool:
+        # The client shut its side: nothing more will come, and the transport closes once
+        # its buffer is written. Tear down now, output first, so that nothing is queued
+        # (and reported delivered) to a transport that would silently drop it.
+        self.close()
+        return False
 
     def pause_writing(self) -> None:
         # The socket buffer is full; data keeps accumulating in ``out`` until max_pending.
@@ -314,6 +322,9 @@ class Client(asyncio.Protocol):
             self._auth_timer.cancel()
         if self._tls_timer is not None:
             self._tls_timer.cancel()
+        # The peer went away before this loop turn's output was written: what sits in
+        # ``out`` never reached the connection (owner subscriptions give it back).
+        self.lost_output = bool(self.out)
         for sub in list(self.subs.values()):
             self.broker.unsubscribe(sub)
         self.subs.clear()

@@ -340,6 +340,13 @@ class Mailboxes:
             return
         mail_id = sub.owner[0]
         shard = self.sub_target.pop(sub.key)
+        if sub.client.lost_output:
+            # Queued to the connection this turn but never written (the peer closed first):
+            # not delivered, whatever the pending report says. Possibly some of them were
+            # written earlier in the turn: then they come again (a duplicate, never a loss).
+            ids = self._acks.pop((shard, sub.key, mail_id), None)
+            if ids:
+                self.link.post(shard, wire.Undelivered(key=sub.key, mail_id=mail_id, msg_ids=ids))
         self.flush_acks()  # Delivered before Unsubscribe, so the shard counts them first
         self.link.post(shard, wire.Unsubscribe(key=sub.key, mail_id=mail_id))
 

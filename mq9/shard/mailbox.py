@@ -1006,6 +1006,10 @@ class Shard:
         per subscription and priority."""
         runs: dict[tuple, wire.DeliverRun] = {}
         self._fill_runs(mb, runs)
+        if runs and len(mb.inflight) < self.window:
+            g = self.groups.get(mb.mail_id)
+            if any(mb.pending[p] for p in range(3) if g.mask & PRIO_BITS[p]):
+                self.dirty.add(mb)  # more to push: the next batch comes at once
         out = self.out
         for (s, _, _), run in runs.items():  # in insertion order: urgent before normal
             lst = out.get(s.gw)
@@ -1020,6 +1024,10 @@ class Shard:
         room = self.window - len(mb.inflight)
         if room <= 0:
             return
+        # A quantum per batch, the rest in the next batch (see _pump): the gateway then
+        # writes one part to the client while this shard reads the next, instead of the
+        # two taking turns over a whole window.
+        room = min(room, PUMP_READ)
         msgs = mb.msgs
         inflight = mb.inflight
         mail_id = mb.mail_id
