@@ -297,3 +297,17 @@ def tally(acked: dict[int, tuple[str, int]], got) -> tuple[list[int], dict[int, 
     dups = {s: c for s, c in counts.items() if c > 1}
     wrong = [(s, acked[s], first[s]) for s in acked if s in first and first[s] != acked[s]]
     return lost, dups, wrong
+
+
+def tally_boxes(sender, got: dict) -> tuple[list, int, list, dict]:
+    """``tally`` over every mailbox of ``got`` ({mail_id: messages}): (lost as (mail_id,
+    seq), duplicate copies beyond the first, wrongly numbered, {mail_id: (acked, pushed,
+    duplicated)})."""
+    lost_all, dup_extra, wrong_all, per_box = [], 0, [], {}
+    for m, msgs in got.items():
+        lost, dups, wrong = tally(sender.acked_for(m), msgs)
+        lost_all += [(m, s) for s in lost]
+        wrong_all += wrong
+        dup_extra += sum(dups.values()) - len(dups)
+        per_box[m] = (len(sender.acked_for(m)), len(msgs), len(dups))
+    return lost_all, dup_extra, wrong_all, per_box

@@ -380,7 +380,7 @@ async def test_chaos_kill_9_raft_leader_repeatedly_under_acked_load(tmp_path, co
     once it is back."""
     import random
 
-    from acked import Sender, collect, kill_whole_node, tally
+    from acked import Sender, collect, kill_whole_node, tally_boxes
     from test_faults import LiveOwner, chaos_seed
 
     seed = chaos_seed()
@@ -472,13 +472,10 @@ async def test_chaos_kill_9_raft_leader_repeatedly_under_acked_load(tmp_path, co
                  for m in ids if m not in live_ids}
         await owner.quiet(1.0, timeout=20)
         got = {**owner.got, **later}
-        lost_all, dup_extra, per_box = [], 0, {}
-        for m in ids:
-            lost, dups, wrong = tally(sender.acked_for(m), got[m])
-            assert not wrong, wrong[:5]
-            lost_all += [(m, owners[m], s) for s in lost]
-            dup_extra += sum(dups.values()) - len(dups)
-            per_box[m] = (owners[m], len(sender.acked_for(m)), len(got[m]), len(dups))
+        lost_all, dup_extra, wrong, per_box = tally_boxes(sender, {m: got[m] for m in ids})
+        assert not wrong, wrong[:5]
+        lost_all = [(m, owners[m], s) for m, s in lost_all]
+        per_box = {m: (owners[m], *v) for m, v in per_box.items()}
         summary = (f"seed {seed}; {elapsed:.1f}s; {len(events)} leader kills: "
                    f"{'; '.join(events)}; {sender.summary()}; "
                    f"{sum(map(len, got.values()))} pushed, {dup_extra} duplicate copies; "

@@ -40,7 +40,7 @@ from acked import (
     collect,
     decode,
     kill_whole_node,
-    tally,
+    tally_boxes,
     wait_restarted,
     wait_until,
 )
@@ -337,13 +337,7 @@ async def test_chaos_kill_9_shards_gateways_supervisor_under_acked_load(node, co
     got = dict(owner.got)
     got.update(zip([m for m in ids if m not in live_ids], later))
 
-    lost_all, dup_extra, wrong_all, per_box = [], 0, [], {}
-    for m in ids:
-        lost, dups, wrong = tally(sender.acked_for(m), got[m])
-        lost_all += [(m, s) for s in lost]
-        wrong_all += wrong
-        dup_extra += sum(dups.values()) - len(dups)
-        per_box[m] = (len(sender.acked_for(m)), len(got[m]), len(dups))
+    lost_all, dup_extra, wrong_all, per_box = tally_boxes(sender, {m: got[m] for m in ids})
     delivered = sum(len(g) for g in got.values())
     summary = (f"seed {seed}; {elapsed:.1f}s; kills {dict(kills)}: {', '.join(log)}; "
                f"{sender.summary()}; {delivered} pushed, {dup_extra} duplicate copies; "

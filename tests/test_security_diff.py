@@ -11,6 +11,7 @@ compare what every connection saw.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -48,6 +49,19 @@ def users_doc() -> dict:
     ]}
 
 
+@contextlib.contextmanager
+def side_by_side(node: Node, ns: "natsraw.NatsServer"):
+    """Both servers up (mq9 starting while nats-server does): (nats port, mq9 port)."""
+    node.start(wait=False)
+    ns.start()
+    try:
+        node.wait_ready()
+        yield ns.port, node.port
+    finally:
+        ns.stop()
+        node.close()
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """(nats-server port, mq9 port) with the same users and max_subscriptions."""
@@ -60,15 +74,10 @@ def servers(tmp_path_factory):
     users.write_text(json.dumps(doc))
     node = Node(base / "mq9", auth_file=str(users), max_subscriptions=MAX_SUBS, gateways=1, shards=1,
                 auth_timeout=0.5)
-    node.start(wait=False)
     ns = natsraw.NatsServer(opts={"extra": f"max_subscriptions: {MAX_SUBS}\n"
-                                           f"authorization: {json.dumps(dict(doc, timeout=0.5))}\n"}).start()
-    try:
-        node.wait_ready()
-        yield ns.port, node.port
-    finally:
-        ns.stop()
-        node.close()
+                                           f"authorization: {json.dumps(dict(doc, timeout=0.5))}\n"})
+    with side_by_side(node, ns) as ports:
+        yield ports
 
 
 def login(port: int, user: str, password: str, **opts) -> RawConn:
@@ -222,17 +231,12 @@ def tls_servers(tmp_path_factory):
     srv = ca.issue("server", server=True)
     node = Node(base / "mq9", tls_cert=srv.cert, tls_key=srv.key, tls_ca=ca.pem, tls_verify=True,
                 tls_timeout=0.5, gateways=1, shards=1)
-    node.start(wait=False)
     ns = natsraw.NatsServer(opts={"extra": "tls {\n" + f"  cert_file: {json.dumps(srv.cert)}\n"
                                            f"  key_file: {json.dumps(srv.key)}\n"
                                            f"  ca_file: {json.dumps(ca.pem)}\n"
-                                           "  verify: true\n  timeout: 0.5\n}\n"}).start()
-    try:
-        node.wait_ready()
-        yield ns.port, node.port
-    finally:
-        ns.stop()
-        node.close()
+                                           "  verify: true\n  timeout: 0.5\n}\n"})
+    with side_by_side(node, ns) as ports:
+        yield ports
 
 
 def test_tls_plain_client_is_dropped_silently(tls_servers):
