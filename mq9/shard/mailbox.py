@@ -726,19 +726,8 @@ class Shard:
         if mb is None or not sub.inflight:
             sub.inflight.clear()
             return
-        back = []
-        for mid in sub.inflight:
-            holders = mb.inflight.get(mid)
-            if holders is None:
-                continue
-            holders.discard(sub)
-            if not holders:
-                del mb.inflight[mid]
-                back.append(mid)
+        self._give_back(mb, sub, list(sub.inflight))
         sub.inflight.clear()
-        if back:
-            mb.requeue(back)
-            self.dirty.add(mb)
 
     def _delivered(self, gw: bytes, op: wire.Delivered) -> None:
         mb = self.mailboxes.get(op.mail_id)
@@ -777,11 +766,14 @@ class Shard:
         mb = self.mailboxes.get(op.mail_id)
         if sub is None or mb is None or sub.mail_id != op.mail_id:
             return
+        mine = [mid for mid in op.msg_ids if mid in sub.inflight]
+        sub.inflight.difference_update(mine)
+        self._give_back(mb, sub, mine)
+
+    def _give_back(self, mb: Mailbox, sub: Sub, mids) -> None:
+        """``sub`` no longer holds ``mids``: those nobody else holds go back to pending."""
         back = []
-        for mid in op.msg_ids:
-            if mid not in sub.inflight:
-                continue
-            sub.inflight.discard(mid)
+        for mid in mids:
             holders = mb.inflight.get(mid)
             if holders is None:
                 continue
