@@ -572,6 +572,15 @@ async def wl_acked(srv: Server, sz: Sizes, deadline: float) -> dict:
     return out
 
 
+async def _replay_rate(done, st: dict, n: int, t0: float, deadline: float) -> float | Failed:
+    """Messages/s once ``done`` fires (``st``: "n" received, "last" receipt time)."""
+    try:
+        await asyncio.wait_for(done, max(0.1, deadline - time.monotonic()))
+    except TimeoutError:
+        return Failed(f"{st['n']}/{n} replayed before the deadline")
+    return n / (st["last"] - t0)
+
+
 async def _js_replay_push(srv: Server, n: int, deadline: float) -> float | Failed:
     """Ordered push consumer (what client libraries' ordered consumers create)."""
     nc = await connect(srv, "replay-push")
@@ -602,11 +611,7 @@ async def _js_replay_push(srv: Server, n: int, deadline: float) -> float | Faile
         r = await nc.request("$JS.API.CONSUMER.CREATE.REPLAY", json.dumps(cfg).encode(), 5.0)
         if b'"error"' in r.payload:
             return Failed(f"consumer create: {r.payload[:200]!r}")
-        try:
-            await asyncio.wait_for(done, max(0.1, deadline - time.monotonic()))
-        except TimeoutError:
-            return Failed(f"{st['n']}/{n} replayed before the deadline")
-        return n / (st["last"] - t0)
+        return await _replay_rate(done, st, n, t0, deadline)
     finally:
         await nc.close()
 
@@ -652,11 +657,7 @@ async def _js_replay_pull(srv: Server, n: int, deadline: float, batch: int = 5_0
         pull()
         if st["requested"] < n:
             pull()
-        try:
-            await asyncio.wait_for(done, max(0.1, deadline - time.monotonic()))
-        except TimeoutError:
-            return Failed(f"{st['n']}/{n} replayed before the deadline")
-        return n / (st["last"] - t0)
+        return await _replay_rate(done, st, n, t0, deadline)
     finally:
         await nc.close()
 
