@@ -53,7 +53,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest import rawnats as rn
+from mq9.bench import rawnats as rn
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = ("idle", "rr", "broadcast", "acked", "replay", "mailboxes")
