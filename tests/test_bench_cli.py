@@ -165,3 +165,21 @@ def test_tls_and_a_user(tmp_path):
         p = bench("--server", f"tls://127.0.0.1:{node.port}", "--tls-ca", ca.pem,
                   "--auth-token", "wrong", *args)
         assert p.returncode == 1 and "authorization violation" in p.err, p.err
+
+
+def test_a_failed_workload_is_reported_and_still_cleaned_up(tmp_path):
+    node = Node(tmp_path / "node", max_msgs=50, gateways=1, shards=1)
+    with node.start():
+        p = bench("--server", node.url, "--workload", "acked,rr", "--messages", "200",
+                  "--samples", "20", "--json")
+        assert p.returncode == 1, p.out + p.err
+        report = json.loads(p.out)
+        acked, rr = report["results"]
+        assert acked["workload"] == "acked" and "max_msgs" in acked["error"], acked
+        assert rr["workload"] == "rr" and rr["rate"] > 0, rr     # the others still run
+        assert report["cleanup"]["left"] == 0 and report["cleanup"]["created"] >= 2, report
+        assert wait_mailboxes(node, 0) == 0, "mailboxes left on the node"
+        p = bench("--server", node.url, "--workload", "acked", "--messages", "200")
+        assert p.returncode == 1
+        assert re.search(r"^acked\s+FAILED: warm-up: 50/200 answered, 150 errors", p.out,
+                         re.M), p.out
