@@ -181,5 +181,6 @@ def test_a_failed_workload_is_reported_and_still_cleaned_up(tmp_path):
         assert wait_mailboxes(node, 0) == 0, "mailboxes left on the node"
         p = bench("--server", node.url, "--workload", "acked", "--messages", "200")
         assert p.returncode == 1
-        assert re.search(r"^acked\s+FAILED: warm-up: 50/200 answered, 150 errors", p.out,
-                         re.M), p.out
+        assert re.search(r"^acked\s+FAILED", p.out, re.M), p.out
+        assert re.search(r"^  acked: warm-up: 50/200 answered, 150 errors, the first: mailbox "
+                         r"'\S+' is full .*max_msgs", p.out, re.M), p.out

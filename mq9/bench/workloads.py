@@ -320,10 +320,22 @@ def failure(what: str, st: dict, n: int) -> str:
     """Why a pipelined run fell short, in one line."""
     why = f"{what}: {st.get('ok', st.get('made', st.get('deleted', 0)))}/{n} answered"
     if st.get("err"):
-        why += f", {st['err']} errors, first {st['first_err'][:160].decode(errors='replace')!r}"
-    if b"full" in st.get("first_err", b""):
+        why += f", {st['err']} errors, the first: {_answer_text(st['first_err'])}"
+    if st.get("timeout") and not st.get("err"):
+        why += " before the time limit"
+    if b'"code":"full"' in st.get("first_err", b"").replace(b" ", b""):
         why += " (the server's max_msgs is lower than --messages)"
     return why
+
+
+def _answer_text(raw: bytes) -> str:
+    """An error answer for people: an mq9 error's text, else the bytes, shortened."""
+    try:
+        text = json.loads(raw)["error"]
+    except (ValueError, KeyError, TypeError):
+        text = raw.decode(errors="replace")
+    text = " ".join(str(text).split())
+    return text if len(text) <= 160 else text[:159] + "…"
 
 
 # ---------------------------------------------------------------------------- workloads

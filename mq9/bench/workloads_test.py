@@ -18,7 +18,8 @@ def test_answers_are_told_apart():
 def test_a_full_mailbox_names_max_msgs():
     st = {"ok": 10, "err": 2, "first_err": b'{"error": "mailbox full", "code": "full"}'}
     why = failure("acked sends", st, 12)
-    assert why.startswith("acked sends: 10/12 answered, 2 errors") and "max_msgs" in why
+    assert why.startswith("acked sends: 10/12 answered, 2 errors, the first: mailbox full")
+    assert why.endswith("(the server's max_msgs is lower than --messages)")
 
 
 def test_meter_reads_a_probe_when_given_one():

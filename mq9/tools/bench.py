@@ -198,11 +198,13 @@ def _rows_text(results: list[dict]) -> list[str]:
     rows = [("WORKLOAD", "TEST", "OPERATIONS", "TIME", "RATE", "P50", "P99")]
     for r in results:
         if r.get("error"):
-            rows.append((r["workload"], f"FAILED: {r['error']}", "", "", "", "", ""))
+            rows.append((r["workload"], "FAILED (below)", "", "", "", "", ""))
             continue
         rows.append((r["workload"], r["name"], f"{r['operations']:,}", f"{r['seconds']:.2f}s",
                      f"{r['rate']:,.0f} {r['unit']}", _us(r["p50_us"]), _us(r["p99_us"])))
-    return table(rows)
+    lines = table(rows)
+    failed = [f"{r['workload']}: {r['error']}" for r in results if r.get("error")]
+    return lines + (["", "failed:"] + ["  " + f for f in failed] if failed else [])
 
 
 # ---- running -------------------------------------------------------------------------------
