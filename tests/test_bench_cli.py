@@ -148,23 +148,36 @@ def test_bad_input_is_one_line(bench_node):
     assert p.returncode == 1 and p.err.startswith("mq9: cannot connect to "), p.err
 
 
-def test_tls_and_a_user(tmp_path):
+def test_tls_and_users(tmp_path):
     ca = certs.CA(tmp_path / "ca")
     server = ca.issue("server", server=True)
+    users = tmp_path / "users.toml"
+    # the permissions docs/OPERATIONS.md gives for the mailbox workloads
+    users.write_text('[[users]]\nuser = "agent"\npassword = "agent-pw"\n'
+                     '[users.permissions]\npublish = ["$mq9.AI.>"]\n'
+                     'subscribe = ["_INBOX.>", "$mq9.AI.INBOX.>"]\n'
+                     '[[users]]\nuser = "admin"\npassword = "admin-pw"\n')
     node = Node(tmp_path / "node", tls_cert=server.cert, tls_key=server.key,
-                auth_token="s3cret", gateways=1, shards=1)
+                auth_file=str(users), gateways=1, shards=1)
+    url = f"tls://127.0.0.1:{node.port}"
+    small = ["--mailboxes", "50", "--messages", "100", "--samples", "20", "--json"]
     with node.start():
-        args = ["--workload", "mailboxes,rr", "--mailboxes", "50", "--samples", "20", "--json"]
-        p = bench("--server", f"tls://127.0.0.1:{node.port}", "--tls-ca", ca.pem,
-                  "--auth-token", "s3cret", *args)
+        p = bench("--server", url, "--tls-ca", ca.pem, "--user", "agent", "--password",
+                  "agent-pw", "--workload", "mailboxes,acked,replay", *small)
         assert p.returncode == 0, p.out + p.err
         report = json.loads(p.out)
-        assert report["server"] == f"tls://127.0.0.1:{node.port}"
-        assert [r["workload"] for r in report["results"]] == ["mailboxes", "mailboxes", "rr"]
+        assert report["server"] == url
+        assert [r["workload"] for r in report["results"]] == ["mailboxes"] * 2 + [
+            "acked"] * 2 + ["replay"] * 2, report["results"]
         assert report["cleanup"]["left"] == 0
-        p = bench("--server", f"tls://127.0.0.1:{node.port}", "--tls-ca", ca.pem,
-                  "--auth-token", "wrong", *args)
+        p = bench("--server", f"tls://admin:admin-pw@127.0.0.1:{node.port}", "--tls-ca", ca.pem,
+                  "--workload", "rr", *small)
+        assert p.returncode == 0, p.out + p.err
+        p = bench("--server", url, "--tls-ca", ca.pem, "--user", "agent", "--password",
+                  "wrong", *small)
         assert p.returncode == 1 and "authorization violation" in p.err, p.err
+        p = bench("--server", url, *small)    # the system CAs do not know this one
+        assert p.returncode == 1 and p.err.startswith(f"mq9: cannot connect to {url}: TLS"), p.err
 
 
 def test_a_failed_workload_is_reported_and_still_cleaned_up(tmp_path):
