@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -197,3 +198,25 @@ def test_a_failed_workload_is_reported_and_still_cleaned_up(tmp_path):
         assert re.search(r"^acked\s+FAILED", p.out, re.M), p.out
         assert re.search(r"^  acked: warm-up: 50/200 answered, 150 errors, the first: mailbox "
                          r"'\S+' is full .*max_msgs", p.out, re.M), p.out
+
+
+def test_interrupted_run_still_deletes_its_mailboxes(bench_node):
+    before = mailboxes(bench_node)
+    proc = subprocess.Popen([sys.executable, "-m", "mq9", "bench", "--server", bench_node.url,
+                             "--workload", "mailboxes", "--mailboxes", "200000", "--json"],
+                            env=child_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while mailboxes(bench_node) < before + 1000 and time.monotonic() < deadline:
+            time.sleep(0.05)   # Ctrl-C once it is creating
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert b"Traceback" not in err, err.decode()
+    assert proc.returncode == 130, (out + err).decode()
+    c = json.loads(out)["cleanup"]
+    assert c["created"] >= 1000 and c["deleted"] == c["created"] and c["left"] == 0, c
+    assert wait_mailboxes(bench_node, before, timeout=30) == before, ("mailboxes left", c, before)

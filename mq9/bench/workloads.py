@@ -18,6 +18,7 @@ long, and latency percentiles where they apply. A workload that cannot finish ra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -57,6 +58,17 @@ class Meter:
     @property
     def done(self) -> int:
         return self._read() if self._read is not None else self.count
+
+
+async def gather_all(aws) -> list:
+    """``asyncio.gather`` that, when cancelled, returns only once every one has finished
+    (plain gather gives up at the first one that ends cancelled, while the others may still
+    be collecting answers for cleanup); the first failure is raised."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
 
 
 def pct(sorted_ns: list[int], q: float) -> float:
@@ -99,7 +111,8 @@ async def pipelined(nc: rn.Client, n: int, inflight: int, deadline: float,
     connection cut it short."""
     loop = asyncio.get_running_loop()
     done_fut = loop.create_future()
-    st = {"sent": 0, "done": 0, "ok": 0, "err": 0, "first_err": b"", "t_end": 0.0}
+    # "n" may drop to what was sent: a cancelled run stops sending but waits for its answers
+    st = {"n": n, "sent": 0, "done": 0, "ok": 0, "err": 0, "first_err": b"", "t_end": 0.0}
     subj = subject if isinstance(subject, bytes) else subject.encode()
 
     def on_reply(headers, body) -> None:
@@ -114,9 +127,9 @@ async def pipelined(nc: rn.Client, n: int, inflight: int, deadline: float,
             st["err"] += 1
             if not st["first_err"]:
                 st["first_err"] = (headers or b"") + body[:300]
-        if st["sent"] < n:
+        if st["sent"] < st["n"]:
             send_one()
-        if st["done"] >= n:
+        if st["done"] >= st["n"]:
             st["t_end"] = time.perf_counter()
             if not done_fut.done():
                 done_fut.set_result(None)
@@ -137,8 +150,17 @@ async def pipelined(nc: rn.Client, n: int, inflight: int, deadline: float,
     if n <= 0:
         done_fut.set_result(None)
     remaining = deadline - time.monotonic()
-    done, _ = await asyncio.wait([done_fut, nc._closed], timeout=max(0.1, remaining),
-                                 return_when=asyncio.FIRST_COMPLETED)
+    try:
+        done, _ = await asyncio.wait([done_fut, nc._closed], timeout=max(0.1, remaining),
+                                     return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # What is in flight still gets its answer: a CREATE's answer is the only place
+        # its mailbox's token exists, so leaving now would leave mailboxes nobody can delete.
+        st["n"] = st["sent"]
+        if st["done"] < st["n"]:
+            await asyncio.wait([done_fut, nc._closed], timeout=10.0,
+                               return_when=asyncio.FIRST_COMPLETED)
+        raise
     if done_fut not in done:
         st["t_end"] = time.perf_counter()
         st["timeout"] = True
@@ -236,10 +258,10 @@ async def create_mailboxes(conns: list[rn.Client], n: int, inflight: int, deadli
     ``err``, ``first_err``, ``secs`` (first send to last answer)."""
     body = json.dumps({"ttl": ttl}).encode()
     per = [n // len(conns) + (i < n % len(conns)) for i in range(len(conns))]
-    sts = await asyncio.gather(*(
+    sts = await gather_all(
         pipelined(nc, k, inflight, deadline, is_created, subject=CREATE, payload=body,
                   keep=keep, meter=meter)
-        for nc, k in zip(conns, per)))
+        for nc, k in zip(conns, per))
     return {"made": sum(st["ok"] for st in sts), "err": sum(st["err"] for st in sts),
             "first_err": next((st["first_err"] for st in sts if st["first_err"]), b""),
             "secs": max(st["t_end"] for st in sts) - min(st["t0"] for st in sts)}
@@ -269,7 +291,8 @@ async def delete_mailboxes(conns: list[rn.Client], boxes: list[tuple[str, str]],
                 st["live"] -= 1
                 if meter is not None:
                     meter.count += 1
-                if is_ok(body):
+                # not_found: gone already (a run interrupted after the DELETE went out)
+                if is_ok(body) or b'"not_found"' in body:
                     st["ok"] += 1
                     gone.append(mail_id.encode())
                 else:
@@ -284,16 +307,19 @@ async def delete_mailboxes(conns: list[rn.Client], boxes: list[tuple[str, str]],
             nc.publish(b"$mq9.AI.MAILBOX.DELETE." + mail_id.encode(),
                        json.dumps({"token": token}).encode(), nc.new_reply(on_reply))
 
-        for _ in range(min(inflight, len(share))):
-            send_one()
-        if share:
-            await asyncio.wait([fut, nc._closed], timeout=max(0.1, deadline - time.monotonic()),
-                               return_when=asyncio.FIRST_COMPLETED)
-        if deleted is not None:
-            deleted.extend(gone)
+        try:
+            for _ in range(min(inflight, len(share))):
+                send_one()
+            if share:
+                await asyncio.wait([fut, nc._closed],
+                                   timeout=max(0.1, deadline - time.monotonic()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when cancelled: what is gone is gone
+            if deleted is not None:
+                deleted.extend(gone)
         return st
 
-    sts = await asyncio.gather(*(one(nc, share) for nc, share in zip(conns, shares)))
+    sts = await gather_all(one(nc, share) for nc, share in zip(conns, shares))
     return {"deleted": sum(st["ok"] for st in sts), "err": sum(st["err"] for st in sts),
             "first_err": next((st["first_err"] for st in sts if st["first_err"]), b""),
             "secs": max(st["t_end"] for st in sts) - min(st["t0"] for st in sts)}
@@ -406,7 +432,16 @@ class Session:
         return list(await asyncio.gather(*(self.connect(n) for n in names)))
 
     async def _mailbox(self, nc: rn.Client) -> str:
-        mail_id, token = await create_mailbox(nc, self.plan.ttl)
+        task = asyncio.ensure_future(create_mailbox(nc, self.plan.ttl))
+        try:
+            mail_id, token = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # the CREATE is out: keep its answer (the token) so that cleanup can delete it
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                mail_id, token = await asyncio.wait_for(task, 10.0)
+                self.alive[mail_id] = token
+                self.created += 1
+            raise
         self.alive[mail_id] = token
         self.created += 1
         return mail_id
@@ -415,12 +450,13 @@ class Session:
                       deadline: float) -> dict:
         boxes = [(m, self.alive[m]) for m in mail_ids if m in self.alive]
         gone: list[bytes] = []
-        st = await delete_mailboxes(conns, boxes, self.plan.inflight, deadline, self.meter,
-                                    gone)
-        for m in gone:
-            if self.alive.pop(m.decode(), None) is not None:
-                self.deleted += 1
-        return st
+        try:
+            return await delete_mailboxes(conns, boxes, self.plan.inflight, deadline,
+                                          self.meter, gone)
+        finally:
+            for m in gone:
+                if self.alive.pop(m.decode(), None) is not None:
+                    self.deleted += 1
 
     async def cleanup(self, timeout: float = 30.0) -> int:
         """Delete every mailbox still alive; how many could not be deleted."""
@@ -444,15 +480,17 @@ class Session:
         conns = await self._conns([f"bench-mkbox{i}" for i in range(min(MAILBOX_CONNS, n))])
         try:
             bodies: list[bytes] = []
-            self.meter.stage("create mailboxes", n)
-            st = await create_mailboxes(conns, n, self.plan.inflight, deadline, self.plan.ttl,
-                                        keep=bodies, meter=self.meter)
             ids = []
-            for b in bodies:
-                body = json.loads(b)
-                self.alive[body["mail_id"]] = body["token"]
-                ids.append(body["mail_id"])
-            self.created += len(ids)
+            self.meter.stage("create mailboxes", n)
+            try:
+                st = await create_mailboxes(conns, n, self.plan.inflight, deadline,
+                                            self.plan.ttl, keep=bodies, meter=self.meter)
+            finally:  # also when cancelled, so that cleanup finds them
+                for b in bodies:
+                    body = json.loads(b)
+                    self.alive[body["mail_id"]] = body["token"]
+                    ids.append(body["mail_id"])
+                self.created += len(ids)
             if st["made"] < n:
                 raise WorkloadError(failure("create", st, n))
             self.meter.stage("delete mailboxes", n)
