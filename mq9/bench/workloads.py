@@ -458,6 +458,11 @@ class Session:
                 if self.alive.pop(m.decode(), None) is not None:
                     self.deleted += 1
 
+    async def check_mq9(self, nc: rn.Client) -> None:
+        """Create and delete a mailbox: ``NotMq9`` if nobody answers."""
+        mail_id = await self._mailbox(nc)
+        await self._delete([nc], [mail_id], time.monotonic() + 10.0)
+
     async def cleanup(self, timeout: float = 30.0) -> int:
         """Delete every mailbox still alive; how many could not be deleted."""
         if not self.alive:

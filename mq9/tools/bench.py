@@ -216,8 +216,8 @@ async def _bench(ns: argparse.Namespace, names: list[str]) -> tuple[dict, int]:
     cfg = settings(ns)
     tls = tls_context(cfg)
     kw, probe = await _first_server(cfg, tls)
-    where = f"{'tls' if tls is not None or probe.info.get('tls_required') else 'nats'}://" \
-            f"{kw['host']}:{kw['port']}"
+    scheme = "tls" if tls is not None or probe.info.get("tls_required") else "nats"
+    where = f"{scheme}://{kw['host']}:{kw['port']}"
     plan = wl.Plan(messages=ns.messages, size=ns.size, inflight=ns.in_flight,
                    mailboxes=ns.mailboxes, samples=ns.samples, time_limit=ns.time_limit)
 
@@ -236,14 +236,12 @@ async def _bench(ns: argparse.Namespace, names: list[str]) -> tuple[dict, int]:
     interrupted = False
     failed = 0
     try:
-        # Is it mq9? A mailbox of our own answers that, and is deleted like the others.
         try:
-            await session._mailbox(probe)
+            await session.check_mq9(probe)
         except wl.NotMq9 as e:
             raise ToolError(f"{where} is not an mq9 server: {e} (a plain NATS server?)")
         except wl.WorkloadError as e:
             raise ToolError(f"{where}: {e}")
-        await session._delete([probe], list(session.alive), time.monotonic() + 10)
         if isinstance(info.get("max_payload"), int) and plan.size > info["max_payload"]:
             raise ToolError(f"--size {plan.size} is more than the server's max_payload "
                             f"({info['max_payload']})")
