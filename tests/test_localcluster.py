@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import nats
 
 from loadtest.cluster_hop import free_port_block
 from nodeproc import REPO, _stat, child_env
+from test_readme import blocks, section
 
 
 def descendants(root: int) -> dict[int, int]:
@@ -44,6 +47,29 @@ def wait_for(what: str, check, timeout: float, log: Path):
         if time.monotonic() > deadline:
             raise AssertionError(f"no {what} after {timeout}s\n" + log.read_text()[-6000:])
         time.sleep(0.3)
+
+
+def readme_commands(cdir: Path, nats_port: int, cluster_port: int) -> None:
+    """The README's `make cluster` example, with this test's ports and directory."""
+    moved = {"127.0.0.1:4222": f"127.0.0.1:{nats_port}",
+             "127.0.0.1:4223": f"127.0.0.1:{nats_port + 1}",
+             "127.0.0.1:4224": f"127.0.0.1:{nats_port + 2}",
+             "127.0.0.1:6222": f"127.0.0.1:{cluster_port}",
+             "mq9-cluster/cluster-secret": str(cdir / "cluster-secret")}
+    lines = [line for line in blocks(section("A cluster on your machine"), "sh")[1].splitlines()
+             if line.startswith(".venv/bin/mq9 ")]
+    assert len(lines) == 4
+    outputs = []
+    for line in lines:
+        for old, new in moved.items():
+            line = line.replace(old, new)
+        args = shlex.split(line)[1:]
+        r = subprocess.run([sys.executable, "-m", "mq9", *args], cwd=REPO, env=child_env(),
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (line, r.stderr)
+        outputs.append(r.stdout)
+    assert all(re.search(rf"^n{i}\s.*\sactive\s", outputs[0], re.M) for i in (1, 2, 3)), outputs[0]
+    assert outputs[3].rstrip().endswith("via n2"), outputs[3]
 
 
 async def test_three_nodes_one_mailbox_ctrl_c_stops_all(tmp_path):
@@ -99,6 +125,8 @@ async def test_three_nodes_one_mailbox_ctrl_c_stops_all(tmp_path):
         finally:
             await one.close()
             await three.close()
+
+        readme_commands(cdir, nats_port, cluster_port)
 
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends it (the nodes have their own sessions)
         assert proc.wait(90) == 0, out.read_text()[-6000:]
