@@ -13,7 +13,7 @@
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY mq9 ./mq9
 COPY cluster ./cluster
 RUN pip wheel --wheel-dir /wheels .

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from nodeproc import Node, child_env, free_port, real_node_missing  # noqa: E402
 
-from mq9 import config  # noqa: E402
+from mq9 import __version__, config  # noqa: E402
 
 # ---- stand-ins, run inside spawned children ----------------------------------------------
 
@@ -158,7 +158,7 @@ def _wait(cond, timeout, what, node=None):
 def test_version():
     r = _mq9("--version")
     assert r.returncode == 0
-    assert r.stdout.strip() == "mq9 0.1.0"
+    assert r.stdout.strip() == f"mq9 {__version__}"
 
 
 def test_help_shows_every_flag_with_env_and_default():

@@ -10,7 +10,8 @@ There is no Docker engine and no helm binary on the build machines, so:
 - the Dockerfile's instructions are parsed and checked, and what its entrypoint runs is run:
   a wheel built from exactly the files the Dockerfile copies, installed into a fresh venv,
   ``mq9 node --data-dir ...`` started from it; /healthz, the Dockerfile's HEALTHCHECK command,
-  a NATS client and the chart's ``helm test`` script are all pointed at that node.
+  a NATS client and the chart's ``helm test`` script are all pointed at that node, and the
+  fresh venv's own ``mq9 mailbox create``, ``send`` and ``sub`` (no extras installed) use it.
 """
 
 from __future__ import annotations
@@ -569,6 +570,43 @@ def test_helm_test_script_against_a_node(clean_node):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("request/reply ok: ")
+
+
+def clean_mq9(clean_node, *args: str) -> subprocess.CompletedProcess:
+    """``mq9 ARGS`` from the fresh venv (no extras installed), against the clean node."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MQ9_", "PYTHON", "NATS_"))}
+    argv = [str(clean_node["tmp"] / "venv" / "bin" / "mq9"), *args]
+    if args[0] != "--version":
+        argv += ["--server", f"nats://127.0.0.1:{clean_node['port']}"]
+    out = subprocess.run(argv, env=env, cwd=clean_node["tmp"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, (args, out.stderr)
+    return out
+
+
+def test_client_commands_from_clean_install(clean_node):
+    """`pip install mq9` alone is enough for the client commands (they need nats-py)."""
+    created = clean_mq9(clean_node, "mailbox", "create", "--ttl", "60")
+    mail_id = re.search(r"mail_id\s+(\S+)", created.stdout).group(1)
+    sent = clean_mq9(clean_node, "send", mail_id, "--ack", '{"task": "from a clean install"}')
+    assert sent.stdout.startswith("Stored msg_id "), sent.stdout
+    # the owner subscription replays what is stored, so sending first is not a race
+    got = clean_mq9(clean_node, "sub", f"$mq9.AI.INBOX.{mail_id}.*", "--count", "1", "--raw")
+    assert got.stdout.strip() == '{"task": "from a clean install"}'
+
+
+def test_clean_install_metadata(clean_node):
+    """The wheel's version is mq9.__version__ and it carries the license."""
+    version = clean_mq9(clean_node, "--version").stdout.strip()
+    out = subprocess.run(
+        [str(clean_node["python"]), "-c",
+         "import importlib.metadata as m, mq9; d = m.distribution('mq9'); "
+         "print(d.version, mq9.__version__, d.metadata['License-Expression'], "
+         "any(str(f).endswith('LICENSE') for f in d.files))"],
+        capture_output=True, text=True, check=True, cwd=clean_node["tmp"])
+    dist_version, module_version, license_, has_file = out.stdout.split()
+    assert version == f"mq9 {module_version}" and dist_version == module_version
+    assert (license_, has_file) == ("Apache-2.0", "True")
 
 
 def test_sigterm_stops_cleanly(clean_node):
