@@ -48,7 +48,10 @@ from mq9.config import Config
 from mq9.protocol import NATS_VERSION
 from mq9.wire import NodeInfo
 
-SHARD_READY_TIMEOUT = 60.0  # opening a big RocksDB replays its WAL
+# A shard rebuilds its memory from every key at start: 1M mailboxes over 2 shards took
+# 23-50 s on a busy 2-CPU machine (docs/OPERATIONS.md). A shard that dies is seen at once;
+# this only catches one that hangs, so it is generous rather than a limit on data size.
+SHARD_READY_TIMEOUT = 600.0
 # 10 + 10 s stays inside Kubernetes' default 30 s termination grace period.
 GATEWAY_STOP_TIMEOUT = 10.0
 SHARD_STOP_TIMEOUT = 10.0
