@@ -202,3 +202,27 @@ def test_mq9_health_follows_the_node_s_ports(node_factory, metrics_port):
     assert "unhealthy" in line and "not running" in line, line
     (line,) = health(os.path.join(node.dir, "nowhere")).stderr.strip().splitlines()
     assert "no node has started" in line
+
+
+def test_cluster_member_varz_and_slots_unavailable(tmp_path):
+    """In cluster mode the slots come from the metadata group: a member that owns all 4096
+    (the first one) misses half of them while one of its two shards is down."""
+    from loadtest.cluster_hop import free_port_block
+    from nodeproc import Node
+
+    cport = free_port_block(1 + 2 + 2)
+    node = Node(tmp_path / "n1", env={"MQ9_CLUSTER_SECRET": "test-cluster-secret-0123456789"},
+                cluster_port=cport, node_id="n1", advertise="127.0.0.1", ready_timeout=60)
+    try:
+        node.start()
+        varz = json.loads(node.http_get("/varz")[1])
+        assert varz["cluster"] == {"addr": "127.0.0.1", "cluster_port": cport, "name": "n1"}
+        assert node.metric("mq9_slots_unavailable") == 0
+
+        def see():
+            n = node.metric("mq9_slots_unavailable")
+            return n if n else None
+
+        assert _poll_while_down(node, "shard", 0, see) == 2048
+    finally:
+        node.close()
