@@ -10,7 +10,6 @@ answer with INFO.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -75,7 +74,10 @@ def check(data_dir: str, timeout: float) -> tuple[bool, str]:
 
 
 def main(argv: list[str] | None = None, prog: str = "mq9 health") -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    from mq9.cli import _Parser  # one-line usage errors, like every mq9 command
+
+    p = _Parser(prog=prog, description="Exit 0 if the node running on a data dir is healthy, "
+                                       "1 if not, with one line saying why.")
     p.add_argument("--data-dir", default=os.environ.get("MQ9_DATA_DIR") or DEFAULT_DATA_DIR,
                    help=f"the node's data dir [env MQ9_DATA_DIR; default {DEFAULT_DATA_DIR}]")
     p.add_argument("--timeout", type=float, default=4.0, help="seconds to wait for an answer")
