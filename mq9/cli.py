@@ -1,6 +1,7 @@
 """The ``mq9`` command: ``mq9 node [flags]`` runs a node, ``mq9 cluster status|remove``
-talks to a cluster's metadata group, ``mq9 --version``; ``mq9 mailbox|send|pub|sub|query|
-request`` are client commands for people (``mq9.tools``).
+talks to a cluster's metadata group, ``mq9 health`` checks a local node (for container
+health checks), ``mq9 --version``; ``mq9 mailbox|send|pub|sub|query|request`` are client
+commands for people (``mq9.tools``).
 
 Every setting of ``mq9.config`` is a flag of ``mq9 node``; ``--help`` shows each one's
 ``MQ9_*`` variable and default. A bad setting is a one-line error and exit status 2, the
@@ -39,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     config.add_arguments(node)
     commands.add_parser("cluster", help="cluster status / remove a node (see mq9 cluster --help)",
                         add_help=False)
+    commands.add_parser("health", help="exit 0 if the node on a data dir is healthy, 1 if not "
+                                       "(see mq9 health --help)", add_help=False)
     tools.add_parsers(commands)
     return parser
 
@@ -49,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         from cluster import admin
 
         return admin.main(argv[1:], prog="mq9 cluster")
+    if argv[:1] == ["health"]:
+        from mq9 import health
+
+        return health.main(argv[1:])
     parser = _parser()
     ns = parser.parse_args(argv)
     from mq9 import tools

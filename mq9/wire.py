@@ -303,3 +303,20 @@ def decode_from_shard(frame: bytes) -> list:
 
 def decode_peer(frame: bytes) -> list:
     return _peer_dec.decode(frame)
+
+
+# ---- supervisor -> gateways and `mq9 health` (run_dir/node.json) ------------------------
+
+class NodeInfo(msgspec.Struct):
+    """What a running node says about itself in ``run_dir/node.json``, written by the
+    supervisor before it spawns anything: gateways take the node's one server_id from it
+    (INFO and /varz agree), and ``mq9 health`` finds the ports and pid to check."""
+
+    pid: int
+    host: str
+    port: int
+    metrics_port: int  # 0: off
+    server_id: str
+    server_name: str
+    version: str  # mq9's own
+    started: float  # wall clock

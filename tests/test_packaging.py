@@ -405,8 +405,9 @@ def test_dockerfile_instructions():
 
     (hc,) = d["HEALTHCHECK"]
     assert "curl" not in hc and "wget" not in hc
-    probe = healthcheck_command()
-    assert probe[0] == "python" and "/healthz" in probe[-1]
+    # `mq9 health` on the entrypoint's data dir: it reads the node's ports from there, so a
+    # `docker run mq9 --metrics-port 9191` (or MQ9_METRICS_PORT) is checked on its own port
+    assert healthcheck_command() == ["mq9", "health", "--data-dir", command[command.index("--data-dir") + 1]]
 
     # the user exists and owns /data before VOLUME, so a new named volume is writable
     install = " ".join(d["RUN"])
@@ -515,7 +516,7 @@ def clean_node(tmp_path_factory):
 
 
 def test_clean_install_serves_healthz(clean_node):
-    assert http_get(clean_node["metrics"], "/healthz") == (200, "ok")
+    assert http_get(clean_node["metrics"], "/healthz") == (200, '{"status":"ok"}')
     status, body = http_get(clean_node["metrics"], "/metrics")
     assert status == 200 and "mq9_connections" in body
     # where it runs from: the fresh venv, not this repository
@@ -524,16 +525,20 @@ def test_clean_install_serves_healthz(clean_node):
     assert out.stdout.startswith(str(clean_node["tmp"] / "venv"))
 
 
-def test_dockerfile_healthcheck_command(clean_node):
-    """The HEALTHCHECK's command, with the image's python swapped for the fresh venv's."""
+def test_dockerfile_healthcheck_command(clean_node, tmp_path):
+    """The HEALTHCHECK's command from the fresh venv, the image's /data swapped for the node's."""
     probe = healthcheck_command()
-    env = {"PATH": os.environ["PATH"], "MQ9_METRICS_PORT": str(clean_node["metrics"])}
-    ok = subprocess.run([str(clean_node["python"])] + probe[1:], env=env, timeout=10)
-    assert ok.returncode == 0
-    env["MQ9_METRICS_PORT"] = str(free_port())  # nothing there: unhealthy
-    bad = subprocess.run([str(clean_node["python"])] + probe[1:], env=env, timeout=10,
-                         capture_output=True)
-    assert bad.returncode != 0
+    mq9 = str(Path(clean_node["python"]).parent / "mq9")
+
+    def run(data_dir):
+        args = [str(data_dir) if a == "/data" else a for a in probe[1:]]
+        return subprocess.run([mq9] + args, env={"PATH": os.environ["PATH"]}, timeout=30,
+                              capture_output=True, text=True)
+
+    ok = run(clean_node["tmp"] / "data")
+    assert ok.returncode == 0, ok.stderr
+    bad = run(tmp_path)  # no node there: unhealthy, one line why
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
 def test_nats_client_connects(clean_node):

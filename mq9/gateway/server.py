@@ -19,7 +19,7 @@ import uuid
 
 import zmq
 
-from mq9 import __version__, log, metrics, process, subjects
+from mq9 import __version__, log, metrics, nodefile, process, subjects
 from mq9.config import Config
 from mq9.gateway import auth, tls
 from mq9.gateway.client import PING, PONG, Client, Subscription
@@ -29,7 +29,7 @@ from mq9.gateway.peers import Peers
 from mq9.gateway.router import Router
 from mq9.gateway.shardlink import ShardLink
 from mq9.gateway.topology import Topology, gateway_id
-from mq9.protocol import errors
+from mq9.protocol import NATS_VERSION, errors
 
 NO_RESPONDERS_GRACE = 0.005  # seconds
 MAX_CONNZ = 5000  # above this many connections, /connz is refreshed every 10 s, not every second
@@ -60,12 +60,17 @@ class Gateway:
         self.users = auth.load(cfg.auth_file) if cfg.auth_file else None
         self.auth_required = bool(cfg.auth_token or cfg.user or self.users)
         self.tls = tls.server_context(cfg) if cfg.tls_cert else None
-        self.server_id = uuid.uuid4().hex.upper()[:22]
-        self.server_name = cfg.server_name or f"mq9-{socket.gethostname()}"
+        # One server_id and name per node, chosen by the supervisor: INFO and /varz agree
+        # whichever gateway a client reaches.
+        node = nodefile.read(cfg.run_dir)
+        self.server_id = node.server_id if node else uuid.uuid4().hex.upper()[:22]
+        self.server_name = node.server_name if node else (cfg.server_name
+                                                          or f"mq9-{socket.gethostname()}")
         self._info_base = {
             "server_id": self.server_id,
             "server_name": self.server_name,
-            "version": __version__,
+            "version": NATS_VERSION,
+            "mq9_version": __version__,
             "proto": 1,
             "go": "mq9 (python)",
             "host": cfg.host,
