@@ -63,7 +63,7 @@ def _child_main(kind: str, cfg: Config, index: int, target: str | None = None) -
     process.die_with_parent()
     process.set_name(f"mq9-{kind}-{index}")
     process.ignore_terminal_interrupt()
-    log.setup(cfg.log_level, f"{kind}-{index}")
+    log.setup(cfg.log_level, f"{kind}-{index}", fmt=cfg.log_format)
     try:
         if target is not None:
             run = _resolve(target)
@@ -636,7 +636,7 @@ def run_node(cfg: Config, targets: dict[str, str] | None = None) -> int:
     Must be called from the main thread (signals, and the death signal of the children).
     ``targets`` maps "gateway"/"shard" to "module:function" stand-ins, for tests only.
     """
-    log.setup(cfg.log_level, "supervisor")
+    log.setup(cfg.log_level, "supervisor", fmt=cfg.log_format)
     # Children all see the same numbers even if they computed them on their own: an absolute
     # data dir (independent of cwd) and a fixed gateway count (independent of CPU affinity).
     cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir),
