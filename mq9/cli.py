@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                     "the --config TOML file; a flag wins over the variable, the variable over "
                     "the file.")
     config.add_arguments(node)
+    from mq9 import signals
+
+    node.add_argument("--signal", metavar="SIGNAL[=PID]", help=signals.HELP)
     commands.add_parser("cluster", help="cluster status / remove a node (see mq9 cluster --help)",
                         add_help=False)
     tools.add_parsers(commands)
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command != "node":
         parser.print_help(sys.stderr)
         return 2
+    if ns.signal is not None:
+        return _send_signal(ns)
     try:
         cfg = config.from_args(ns)
     except ValueError as e:
@@ -71,6 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     from mq9 import supervisor
 
     try:
-        return supervisor.run_node(cfg)
+        return supervisor.run_node(cfg, args=ns)
     except KeyboardInterrupt:  # Ctrl-C before the supervisor took over SIGINT
         return 130
+
+
+def _send_signal(ns) -> int:
+    from mq9 import signals
+
+    try:
+        sig, pid = signals.send(ns.signal, signals.data_dir(ns.data_dir, ns.config))
+    except signals.SignalError as e:
+        print(f"mq9 node: error: {e}", file=sys.stderr)
+        return 1
+    print(f"mq9 node: sent {sig.name} to {pid}", file=sys.stderr)
+    return 0

@@ -9,6 +9,7 @@ whether it is a mailbox owner subscription (sent to the shard) or a plain one (s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import os
@@ -20,6 +21,7 @@ import uuid
 import zmq
 
 from mq9 import __version__, log, metrics, process, subjects
+from mq9 import reload as reloading
 from mq9.config import Config
 from mq9.gateway import auth, tls
 from mq9.gateway.client import PING, PONG, Client, Subscription
@@ -76,6 +78,7 @@ class Gateway:
         }
         if self.auth_required:
             self._info_base["auth_required"] = True
+        self.reloaded = 0  # the generation of the last config reload applied
         self.server: asyncio.AbstractServer | None = None
         self._pinger: asyncio.TimerHandle | None = None
         self._topology_timer: asyncio.TimerHandle | None = None
@@ -331,6 +334,33 @@ class Gateway:
         self.log.info("shard_connected", shard=shard)
         self.mailboxes.on_shard_connected(shard)
 
+    def reload(self) -> None:
+        """SIGHUP from the supervisor: new users, TLS context and INFO for new connections;
+        a client keeps what it authenticated (and handshook) with."""
+        try:
+            doc = reloading.read(self.cfg.run_dir)
+            if doc is None:
+                return
+            cfg = reloading.apply(self.cfg, doc)
+            # The supervisor checked these files; one that changed since is caught here.
+            users = auth.load(cfg.auth_file) if cfg.auth_file else None
+            ctx = tls.server_context(cfg) if cfg.tls_cert else None
+        except Exception as e:  # noqa: BLE001 - a bad reload must never take the gateway down
+            self.log.error("reload_failed", error=str(e), hint="this gateway keeps its configuration")
+            return
+        log.set_level(cfg.log_level)
+        self.cfg, self.users, self.tls = cfg, users, ctx
+        self.auth_required = bool(cfg.auth_token or cfg.user or users)
+        info = {k: v for k, v in self._info_base.items()
+                if k not in ("tls_required", "tls_verify", "auth_required")}
+        info.update(tls.info_fields(cfg))
+        if self.auth_required:
+            info["auth_required"] = True
+        self._info_base = info
+        self.reloaded = doc.generation
+        self.log.info("config_reloaded", generation=doc.generation, users=len(users or ()),
+                      tls=ctx is not None, log_level=cfg.log_level)
+
     def log_state(self) -> None:
         """SIGUSR1: one line with what this gateway knows of its peers (for operators)."""
         self.log.info("gateway_state", gw=self.gw_id, topology=self.topology.version,
@@ -415,6 +445,8 @@ async def _main(cfg: Config, index: int) -> None:
     # gateways before the shards, in order.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, gw.log_state)
+    loop.add_signal_handler(signal.SIGHUP, gw.reload)
+    reloading.accept()
     await gw.start()
     process.settle_heap()
     await stop.wait()
