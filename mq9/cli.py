@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="mq9", description="A message broker for AI agents that speaks NATS.",
                      epilog="The client commands (mailbox ... request) take --server URL "
-                            "(env MQ9_SERVER, default nats://127.0.0.1:4222) after the command. "
+                            "(else MQ9_SERVER, else NATS_URL, else nats://127.0.0.1:4222) after the command. "
                             "`mq9 COMMAND --help` for more.")
     parser.add_argument("--version", action="version", version=f"mq9 {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -39,10 +39,17 @@ def _parser() -> argparse.ArgumentParser:
     config.add_arguments(node)
     from mq9 import signals
 
-    node.add_argument("--signal", metavar="SIGNAL[=PID]", help=signals.HELP)
+    node.add_argument("--signal", metavar="SIGNAL[=PID]", help=signals.HELP).completions = [
+        f"{name}" for name in signals.SIGNALS]
     commands.add_parser("cluster", help="cluster status / remove a node (see mq9 cluster --help)",
                         add_help=False)
     tools.add_parsers(commands)
+    from mq9 import completion
+
+    comp = commands.add_parser("completion", help="print a shell completion script",
+                               description="Print a completion script for SHELL; load it with "
+                                           "`source <(mq9 completion bash)` (or zsh).")
+    comp.add_argument("shell", metavar="SHELL", choices=completion.SHELLS, help="bash | zsh")
     return parser
 
 
@@ -58,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if ns.command in tools.COMMANDS:
         return tools.run(ns)
+    if ns.command == "completion":
+        from mq9 import completion
+
+        sys.stdout.write(completion.script(ns.shell, parser))
+        return 0
     if ns.command != "node":
         parser.print_help(sys.stderr)
         return 2
