@@ -235,3 +235,23 @@ def test_signal_finds_the_data_dir_in_the_environment_and_config_file(node_facto
     reloaded_everywhere(node, 1)
     wait_for(lambda: "event=log_reopen_ignored" in node.log_text(), "SIGUSR1 logged", node)
     assert node.running
+
+
+def test_reloads_while_children_start_kill_none_of_them(node_factory):
+    # A child spawned a moment ago is still importing, with no SIGHUP handler yet: the
+    # supervisor spawns it with SIGHUP blocked, so a reload waits for it instead of killing it.
+    node = node_factory(start=False)
+    node.start(wait=False)
+    wait_for(lambda: "event=node_starting" in node.log_text(), "node_starting", node)
+    sent = 0
+    deadline = time.monotonic() + 30
+    while "event=node_ready" not in node.log_text() and time.monotonic() < deadline:
+        node.signal(signal.SIGHUP)
+        sent += 1
+        time.sleep(0.02)
+    node.wait_ready()
+    node.signal(signal.SIGHUP)
+    text = node.log_text()
+    assert sent > 5
+    assert "event=child_died" not in text and "event=child_restarting" not in text, node.log_tail()
+    assert len(node.pids("gateway")) == GATEWAYS and len(node.pids("shard")) == SHARDS
