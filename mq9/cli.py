@@ -39,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     config.add_arguments(node)
     from mq9 import signals
 
-    node.add_argument("--signal", metavar="SIGNAL[=PID]", help=signals.HELP).completions = [
-        f"{name}" for name in signals.SIGNALS]
+    node.add_argument("--signal", metavar="SIGNAL[=PID]",
+                      help=signals.HELP).completions = list(signals.SIGNALS)  # mq9/completion.py
     commands.add_parser("cluster", help="cluster status / remove a node (see mq9 cluster --help)",
                         add_help=False)
     tools.add_parsers(commands)

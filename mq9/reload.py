@@ -37,6 +37,22 @@ RELOADABLE = tuple(f for f in Reloaded.__struct_fields__ if f != "generation")
 _SAME_FILE = ("config",)
 
 
+def load(source, environ: dict, running: Config) -> Config:
+    """The configuration as flags (``source``), ``environ`` and the config file give it now,
+    checked as at start; ValueError says in one line what is wrong. Without ``source`` (a
+    node started from code, not ``mq9 node``) the files named in ``running`` are re-read."""
+    from mq9 import config
+
+    try:
+        if source is None:
+            new = dataclasses.replace(running)
+            config._check_security(new)
+            return new
+        return config.from_args(source, environ)
+    except OSError as e:  # the --config file
+        raise ValueError(f"{e.filename}: {e.strerror}" if e.filename else str(e)) from None
+
+
 def needs_restart(running: Config, new: Config) -> list[str]:
     """The settings ``new`` changes that a reload cannot apply."""
     return [f.name for f in dataclasses.fields(Config)

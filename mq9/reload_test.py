@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import signal
 
+import pytest
+
 from mq9 import reload
 from mq9.config import Config
 from mq9.wire import Reloaded
@@ -39,3 +41,26 @@ def test_hup_blocked_restores_the_mask():
     with reload.hup_blocked():
         assert signal.SIGHUP in signal.pthread_sigmask(signal.SIG_BLOCK, [])
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+
+def test_load_reads_the_config_file_again_and_says_what_is_wrong(tmp_path):
+    from mq9 import cli
+
+    conf = tmp_path / "mq9.toml"
+    conf.write_text('log_level = "info"\n')
+    ns = cli._parser().parse_args(["node", "--config", str(conf), "--max-msgs", "7"])
+    running = reload.load(ns, {}, Config())
+    conf.write_text('log_level = "debug"\nmax_msgs = 9\n')
+    new = reload.load(ns, {"MQ9_LOG_LEVEL": "warning"}, running)
+    # the flag still wins over the file, the environment given over the file
+    assert (new.log_level, new.max_msgs) == ("warning", 7)
+    conf.write_text('log_level = "loud"\n')
+    with pytest.raises(ValueError, match="log_level must be one of"):
+        reload.load(ns, {}, running)
+    conf.unlink()
+    with pytest.raises(ValueError, match=f"^{conf}: No such file or directory$"):
+        reload.load(ns, {}, running)
+    users = tmp_path / "users.toml"
+    users.write_text("[[users]]\nuser = \n")
+    with pytest.raises(ValueError, match="--auth-file"):
+        reload.load(None, {}, Config(auth_file=str(users)))

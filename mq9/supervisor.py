@@ -364,9 +364,12 @@ class _Supervisor:
                 pass
         while self.signals:
             signum = self.signals.pop(0)
-            if signum in (signal.SIGHUP, signal.SIGUSR1):
-                self._reload() if signum == signal.SIGHUP else log.info(
-                    "log_reopen_ignored", signal="SIGUSR1", reason="no log file: the node logs to stderr")
+            if signum == signal.SIGHUP:
+                self._reload()
+                continue
+            if signum == signal.SIGUSR1:
+                log.info("log_reopen_ignored", signal="SIGUSR1",
+                         reason="no log file: the node logs to stderr")
                 continue
             name = signal.Signals(signum).name
             if self.stop_signal is None:
@@ -378,20 +381,13 @@ class _Supervisor:
 
     def _reload(self) -> None:
         """SIGHUP: validate everything once, then apply it here and in every child."""
-        from mq9 import config
-
         if self.phase == "stopping" or self.stop_signal is not None:
             log.info("reload_ignored", reason="stopping")
             return
         try:
-            if self.source is None:  # started without flags to read again: the files only
-                new = dataclasses.replace(self.cfg)
-                config._check_security(new)
-            else:
-                new = config.from_args(self.source, self.environ)
-        except (ValueError, OSError) as e:
-            error = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
-            log.error("reload_failed", error=error, hint="the running configuration stays")
+            new = reloading.load(self.source, self.environ, self.cfg)
+        except ValueError as e:
+            log.error("reload_failed", error=str(e), hint="the running configuration stays")
             return
         fixed = reloading.needs_restart(self.started_cfg, new)
         if fixed:

@@ -9,7 +9,6 @@ whether it is a mailbox owner subscription (sent to the shard) or a plain one (s
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import json
 import os
@@ -78,7 +77,6 @@ class Gateway:
         }
         if self.auth_required:
             self._info_base["auth_required"] = True
-        self.reloaded = 0  # the generation of the last config reload applied
         self.server: asyncio.AbstractServer | None = None
         self._pinger: asyncio.TimerHandle | None = None
         self._topology_timer: asyncio.TimerHandle | None = None
@@ -357,7 +355,6 @@ class Gateway:
         if self.auth_required:
             info["auth_required"] = True
         self._info_base = info
-        self.reloaded = doc.generation
         self.log.info("config_reloaded", generation=doc.generation, users=len(users or ()),
                       tls=ctx is not None, log_level=cfg.log_level)
 
