@@ -87,19 +87,21 @@ def bash(parser: argparse.ArgumentParser) -> str:
     return f"""# mq9 shell completion for bash, made by `mq9 completion bash`.
 # Load it with: source <(mq9 completion bash)
 _mq9() {{
-    local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="" path="mq9" i w opts=""
+    # zsh (bashcompinit): arrays indexed from 0 as in bash; `path` would be zsh's $PATH
+    [[ -n "${{ZSH_VERSION-}}" ]] && setopt localoptions ksharrays
+    local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="" cmd="mq9" i w opts=""
     (( COMP_CWORD > 0 )) && prev="${{COMP_WORDS[COMP_CWORD-1]}}"
     # the command path so far: the words before the cursor that name a subcommand
     for (( i = 1; i < COMP_CWORD; i++ )); do
         w="${{COMP_WORDS[i]}}"
-        case "$path $w" in
-        {walk}) path="$path $w" ;;
+        case "$cmd $w" in
+        {walk}) cmd="$cmd $w" ;;
         esac
     done
-    case "$path $prev" in
+    case "$cmd $prev" in
 {chr(10).join(value_cases)}
     esac
-    case "$path" in
+    case "$cmd" in
 {chr(10).join(word_cases)}
     esac
     COMPREPLY=($(compgen -W "$opts" -- "$cur"))

@@ -95,3 +95,51 @@ def test_zsh_script_wraps_the_same_table():
     z = completion.script("zsh", parser)
     assert "bashcompinit" in z and "complete -o default -F _mq9 mq9" in z
     assert completion.script("bash", parser).split("\n", 2)[2] in z
+
+
+def _zsh_completes(script: str, typed: str, expect: str) -> str:
+    """Type ``typed`` and TAB into an interactive zsh (on a pty) that loaded ``script``;
+    returns what the line shows once ``expect`` is on it (or all it got by the deadline)."""
+    import os
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a clean interactive zsh, no user rc files
+        os.execvpe("zsh", ["zsh", "-f", "-i"], {"PATH": os.environ["PATH"], "TERM": "dumb",
+                                                 "HOME": os.environ.get("HOME", "/tmp")})
+    out = b""
+
+    def read_until(mark: bytes, timeout: float = 20.0) -> None:
+        nonlocal out
+        deadline = time.monotonic() + timeout
+        while mark not in out and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    out += os.read(fd, 65536)
+                except OSError:
+                    return
+
+    try:
+        os.write(fd, f"source {script}; PS1='ready> '; echo loaded\n".encode())
+        read_until(b"ready> ")
+        out = b""
+        os.write(fd, typed.encode() + b"\t")
+        read_until(expect.encode())
+        return out.decode(errors="replace")
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(fd)
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="no zsh")
+def test_zsh_completes_through_bashcompinit(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mq9", "completion", "zsh"], capture_output=True,
+                       text=True, timeout=60)
+    path = tmp_path / "mq9.zsh"
+    path.write_text(r.stdout)
+    assert "mq9 mailbox " in _zsh_completes(str(path), "mq9 mai", "mq9 mailbox ")
+    assert "mq9 node --data-dir " in _zsh_completes(str(path), "mq9 node --da", "--data-dir ")
+    assert "--priority urgent " in _zsh_completes(str(path), "mq9 send m --priority u", "urgent ")
