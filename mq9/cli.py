@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="mq9", description="A message broker for AI agents that speaks NATS.",
                      epilog="The client commands (mailbox ... request) take --server URL "
-                            "(env MQ9_SERVER, default nats://127.0.0.1:4222) after the command. "
+                            "(else MQ9_SERVER, else NATS_URL, else nats://127.0.0.1:4222) after the command. "
                             "`mq9 COMMAND --help` for more.")
     parser.add_argument("--version", action="version", version=f"mq9 {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -38,11 +38,21 @@ def _parser() -> argparse.ArgumentParser:
                     "the --config TOML file; a flag wins over the variable, the variable over "
                     "the file.")
     config.add_arguments(node)
+    from mq9 import signals
+
+    node.add_argument("--signal", metavar="SIGNAL[=PID]",
+                      help=signals.HELP).completions = list(signals.SIGNALS)  # mq9/completion.py
     commands.add_parser("cluster", help="cluster status / remove a node (see mq9 cluster --help)",
                         add_help=False)
     commands.add_parser("health", help="exit 0 if the node on a data dir is healthy, 1 if not "
                                        "(see mq9 health --help)", add_help=False)
     tools.add_parsers(commands)
+    from mq9 import completion
+
+    comp = commands.add_parser("completion", help="print a shell completion script",
+                               description="Print a completion script for SHELL; load it with "
+                                           "`source <(mq9 completion bash)` (or zsh).")
+    comp.add_argument("shell", metavar="SHELL", choices=completion.SHELLS, help="bash | zsh")
     return parser
 
 
@@ -62,9 +72,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if ns.command in tools.COMMANDS:
         return tools.run(ns)
+    if ns.command == "completion":
+        from mq9 import completion
+
+        sys.stdout.write(completion.script(ns.shell, parser))
+        return 0
     if ns.command != "node":
         parser.print_help(sys.stderr)
         return 2
+    if ns.signal is not None:
+        return _send_signal(ns)
     try:
         cfg = config.from_args(ns)
     except ValueError as e:
@@ -78,6 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     from mq9 import supervisor
 
     try:
-        return supervisor.run_node(cfg)
+        return supervisor.run_node(cfg, args=ns)
     except KeyboardInterrupt:  # Ctrl-C before the supervisor took over SIGINT
         return 130
+
+
+def _send_signal(ns) -> int:
+    from mq9 import signals
+
+    try:
+        sig, pid = signals.send(ns.signal, signals.data_dir(ns.data_dir, ns.config))
+    except signals.SignalError as e:
+        print(f"mq9 node: error: {e}", file=sys.stderr)
+        return 1
+    print(f"mq9 node: sent {sig.name} to {pid}", file=sys.stderr)
+    return 0

@@ -71,6 +71,8 @@ class Config:
     server_name: str | None = _opt(None, "name in INFO (default: mq9-<hostname>)")
     log_level: str = _opt("info", "debug | info | warning | error",
                           choices=("debug", "info", "warning", "error"))
+    log_format: str = _opt("logfmt", "log lines as logfmt or as one JSON object each: logfmt | json",
+                           choices=("logfmt", "json"))
     config: str | None = _opt(None, "TOML file with any of these settings")
 
     @property

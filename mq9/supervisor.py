@@ -24,7 +24,9 @@ thread, which matters for ``PR_SET_PDEATHSIG``: the kernel sends it when the thr
 created the child exits. A child that dies is restarted after a backoff that grows while it
 keeps dying young. SIGTERM/SIGINT stop the gateways first (they stop accepting and flush),
 then the shards (they finish their batch and close RocksDB), each group within a bounded
-time, then SIGKILL; a second signal skips the waiting.
+time, then SIGKILL; a second signal skips the waiting. SIGHUP reloads the configuration
+(``mq9/reload.py``); SIGUSR1 (reopen the log file) is logged and ignored: the node logs to
+its standard error, there is no file to reopen.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.connection import wait as wait_any
 
 from mq9 import __version__, endpoints, log, nodefile, process, procstats
+from mq9 import reload as reloading
 from mq9.config import Config
 from mq9.protocol import NATS_VERSION
 from mq9.wire import NodeInfo
@@ -73,7 +76,7 @@ def _child_main(kind: str, cfg: Config, index: int, target: str | None = None) -
     process.die_with_parent()
     process.set_name(f"mq9-{kind}-{index}")
     process.ignore_terminal_interrupt()
-    log.setup(cfg.log_level, f"{kind}-{index}")
+    log.setup(cfg.log_level, f"{kind}-{index}", fmt=cfg.log_format)
     try:
         if target is not None:
             run = _resolve(target)
@@ -152,8 +155,15 @@ def _ipc_path(endpoint: str) -> str:
 
 
 class _Supervisor:
-    def __init__(self, cfg: Config, targets: dict[str, str] | None):
+    def __init__(self, cfg: Config, targets: dict[str, str] | None, source=None,
+                 started: Config | None = None):
         self.cfg = cfg
+        # What a reload reads again: the parsed flags and the environment of the start, and
+        # the config they gave then (to name the settings a reload cannot change).
+        self.source = source
+        self.environ = dict(os.environ)
+        self.started_cfg = started or cfg
+        self.reloads = 0
         self.targets = targets or {}
         self.ctx = multiprocessing.get_context("spawn")
         self.shards = [_Child("shard", i) for i in range(cfg.shards)]
@@ -377,7 +387,7 @@ class _Supervisor:
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
         self.old_wakeup_fd = signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             self.old_handlers[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
@@ -391,13 +401,57 @@ class _Supervisor:
             except (BlockingIOError, InterruptedError):
                 pass
         while self.signals:
-            name = signal.Signals(self.signals.pop(0)).name
+            signum = self.signals.pop(0)
+            if signum == signal.SIGHUP:
+                self._reload()
+                continue
+            if signum == signal.SIGUSR1:
+                log.info("log_reopen_ignored", signal="SIGUSR1",
+                         reason="no log file: the node logs to stderr")
+                continue
+            name = signal.Signals(signum).name
             if self.stop_signal is None:
                 self.stop_signal = name
                 log.info("node_stopping", signal=name)
             elif not self.hurry:
                 self.hurry = True
                 log.warning("node_stop_hurried", signal=name, hint="children are killed now")
+
+    def _reload(self) -> None:
+        """SIGHUP: validate everything once, then apply it here and in every child."""
+        if self.phase == "stopping" or self.stop_signal is not None:
+            log.info("reload_ignored", reason="stopping")
+            return
+        try:
+            new = reloading.load(self.source, self.environ, self.cfg)
+        except ValueError as e:
+            log.error("reload_failed", error=str(e), hint="the running configuration stays")
+            return
+        fixed = reloading.needs_restart(self.started_cfg, new)
+        if fixed:
+            log.warning("reload_needs_restart", settings=",".join(fixed),
+                        hint="these keep their running values until the node restarts")
+        changed = reloading.changed(self.cfg, new)
+        self.cfg = dataclasses.replace(self.cfg, **reloading.settings(new))
+        log.set_level(new.log_level)
+        self.reloads += 1
+        doc = reloading.Reloaded(generation=self.reloads, **reloading.settings(new))
+        try:
+            reloading.write(self.cfg.run_dir, doc)
+        except OSError as e:
+            log.error("reload_failed", error=str(e), hint="children keep their configuration; "
+                      "a child restarted from now on starts with the new one")
+            return
+        told = 0
+        for c in self.children:
+            if c.pid is not None:
+                try:
+                    os.kill(c.pid, signal.SIGHUP)
+                    told += 1
+                except ProcessLookupError:  # died just now: it restarts with self.cfg
+                    pass
+        log.info("reload_done", generation=self.reloads, changed=",".join(changed) or "none",
+                 children=told)
 
     def _wait(self, timeout: float, children: list[_Child] | None = None) -> None:
         """Until a signal, the death of one of ``children`` (default all), or the timeout."""
@@ -439,7 +493,8 @@ class _Supervisor:
         p = self.ctx.Process(target=_child_main, name=f"mq9-{c.name}",
                              args=(c.kind, self.cfg, c.index, self.targets.get(c.kind)))
         try:
-            p.start()
+            with reloading.hup_blocked():
+                p.start()
         except OSError as e:
             log.error("child_spawn_failed", child=c.name, error=str(e))
             self._schedule_restart(c, 0.0)
@@ -710,18 +765,21 @@ def _make_handler(sup: _Supervisor, registry):
     return Handler
 
 
-def run_node(cfg: Config, targets: dict[str, str] | None = None) -> int:
+def run_node(cfg: Config, targets: dict[str, str] | None = None, args=None) -> int:
     """Run a node until SIGTERM/SIGINT; returns the process exit code.
 
     Must be called from the main thread (signals, and the death signal of the children).
     ``targets`` maps "gateway"/"shard" to "module:function" stand-ins, for tests only.
+    ``args``: the parsed flags ``cfg`` came from, read again (with the environment and the
+    config file) on SIGHUP; without them a reload re-reads the auth and TLS files only.
     """
-    log.setup(cfg.log_level, "supervisor")
+    log.setup(cfg.log_level, "supervisor", fmt=cfg.log_format)
+    started = cfg
     # Children all see the same numbers even if they computed them on their own: an absolute
     # data dir (independent of cwd) and a fixed gateway count (independent of CPU affinity).
     cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir),
                               gateways=cfg.gateway_count)
-    sup = _Supervisor(cfg, targets)
+    sup = _Supervisor(cfg, targets, source=args, started=started)
     try:
         return sup.run()
     except Exception:

@@ -11,6 +11,8 @@ Shard -> gateway:
     DeliverRun (messages for an owner subscription; Deliver is one message)
 Gateway <-> gateway (PUSH -> PULL, one pipe per ordered pair, so order is kept):
     PeerHello, Interest, Routed, RoutedRun, Mark, Ack
+Supervisor -> children (a file in run_dir, then SIGHUP; ``mq9/reload.py``):
+    Reloaded
 """
 
 from __future__ import annotations
@@ -277,6 +279,26 @@ class RoutedRun(_Msg):
     subject: str
     reply: str | None
     payloads: list[bytes]
+
+
+# ---- supervisor -> children ----------------------------------------------------------------
+
+class Reloaded(msgspec.Struct):
+    """The settings a config reload may change, all of them, as the supervisor validated
+    them; ``generation`` counts reloads so a log line can say which one a child applied."""
+    generation: int
+    log_level: str
+    auth_token: str | None
+    user: str | None
+    password: str | None
+    auth_file: str | None
+    auth_timeout: float
+    tls_cert: str | None
+    tls_key: str | None
+    tls_ca: str | None
+    tls_verify: bool
+    tls_timeout: float
+    tls_handshake_first: bool
 
 
 ToShard = Union[Hello, Create, Send, SendRun, Query, Delete, Subscribe, Unsubscribe, Delivered, Undelivered,

@@ -20,6 +20,7 @@ import uuid
 import zmq
 
 from mq9 import __version__, log, metrics, nodefile, process, subjects
+from mq9 import reload as reloading
 from mq9.config import Config
 from mq9.gateway import auth, tls
 from mq9.gateway.client import PING, PONG, Client, Subscription
@@ -336,6 +337,32 @@ class Gateway:
         self.log.info("shard_connected", shard=shard)
         self.mailboxes.on_shard_connected(shard)
 
+    def reload(self) -> None:
+        """SIGHUP from the supervisor: new users, TLS context and INFO for new connections;
+        a client keeps what it authenticated (and handshook) with."""
+        try:
+            doc = reloading.read(self.cfg.run_dir)
+            if doc is None:
+                return
+            cfg = reloading.apply(self.cfg, doc)
+            # The supervisor checked these files; one that changed since is caught here.
+            users = auth.load(cfg.auth_file) if cfg.auth_file else None
+            ctx = tls.server_context(cfg) if cfg.tls_cert else None
+        except Exception as e:  # noqa: BLE001 - a bad reload must never take the gateway down
+            self.log.error("reload_failed", error=str(e), hint="this gateway keeps its configuration")
+            return
+        log.set_level(cfg.log_level)
+        self.cfg, self.users, self.tls = cfg, users, ctx
+        self.auth_required = bool(cfg.auth_token or cfg.user or users)
+        info = {k: v for k, v in self._info_base.items()
+                if k not in ("tls_required", "tls_verify", "auth_required")}
+        info.update(tls.info_fields(cfg))
+        if self.auth_required:
+            info["auth_required"] = True
+        self._info_base = info
+        self.log.info("config_reloaded", generation=doc.generation, users=len(users or ()),
+                      tls=ctx is not None, log_level=cfg.log_level)
+
     def log_state(self) -> None:
         """SIGUSR1: one line with what this gateway knows of its peers (for operators)."""
         self.log.info("gateway_state", gw=self.gw_id, topology=self.topology.version,
@@ -420,6 +447,8 @@ async def _main(cfg: Config, index: int) -> None:
     # gateways before the shards, in order.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, gw.log_state)
+    loop.add_signal_handler(signal.SIGHUP, gw.reload)
+    reloading.accept()
     await gw.start()
     process.settle_heap()
     await stop.wait()

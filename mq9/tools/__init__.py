@@ -8,7 +8,7 @@
     mq9 query MAIL_ID --token T [--limit N] [--mark-read] [--json]
     mq9 request SUBJECT BODY|-
 
-Every one takes ``--server`` (env ``MQ9_SERVER``), ``--auth-token`` / ``--user`` /
+Every one takes ``--server`` (else ``MQ9_SERVER``, else ``NATS_URL``), ``--auth-token`` / ``--user`` /
 ``--password`` for a broker started with auth, and ``--timeout``. ``--token`` is always the
 *mailbox* token (the one ``mailbox create`` prints). Failures are one line on stderr,
 ``mq9: ...``, and exit status 1.
