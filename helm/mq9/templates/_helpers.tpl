@@ -63,3 +63,29 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "mq9.clusterSecretName" -}}
 {{- .Values.mq9.clusterSecret.existingSecret | default (printf "%s-cluster" (include "mq9.fullname" .)) }}
 {{- end }}
+
+{{/* Seconds a lame-duck stop takes before mq9 shuts down: grace period, then the duration
+over which clients are closed, plus a few seconds for the last ones. */}}
+{{- define "mq9.lameDuckSeconds" -}}
+{{- add (int .Values.lameDuck.gracePeriodSeconds) (int .Values.lameDuck.durationSeconds) 5 }}
+{{- end }}
+
+{{/* Settings mq9 would refuse at start, or a pod the kubelet would kill mid-stop: refused
+here, when the chart is rendered, with the value to change. */}}
+{{- define "mq9.checkValues" -}}
+{{- if and .Values.tls.verify (not .Values.tls.caKey) }}
+{{- fail "tls.verify needs tls.caKey (the CA that signs client certificates)" }}
+{{- end }}
+{{- if and .Values.tls.verify (not .Values.tls.enabled) }}
+{{- fail "tls.verify needs tls.enabled" }}
+{{- end }}
+{{- $stop := int .Values.shutdownSeconds }}
+{{- if .Values.lameDuck.enabled }}
+{{- $stop = add $stop (include "mq9.lameDuckSeconds" . | int) }}
+{{- else }}
+{{- $stop = add $stop (int .Values.preStopSleepSeconds) }}
+{{- end }}
+{{- if le (int .Values.terminationGracePeriodSeconds) $stop }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed %d: the preStop hook (lame duck or sleep) plus shutdownSeconds" (int .Values.terminationGracePeriodSeconds) $stop) }}
+{{- end }}
+{{- end }}
