@@ -483,6 +483,7 @@ def test_chart_settings_are_mq9_settings(tmp_path):
     ({"terminationGracePeriodSeconds": 60},
      "terminationGracePeriodSeconds (60) must exceed 65"),
     ({"lameDuck": {"durationSeconds": 120}}, "terminationGracePeriodSeconds (75) must exceed 155"),
+    ({"lameDuck": {"durationSeconds": 10}}, "gracePeriodSeconds must be less than"),
     ({"lameDuck": {"enabled": False}, "terminationGracePeriodSeconds": 25},
      "terminationGracePeriodSeconds (25) must exceed 25"),
 ])

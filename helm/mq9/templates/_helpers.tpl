@@ -64,8 +64,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- .Values.mq9.clusterSecret.existingSecret | default (printf "%s-cluster" (include "mq9.fullname" .)) }}
 {{- end }}
 
-{{/* Seconds a lame-duck stop takes before mq9 shuts down: grace period, then the duration
-over which clients are closed, plus a few seconds for the last ones. */}}
+{{/* Seconds the preStop hook waits for a lame-duck stop. mq9 (like nats-server) counts the
+grace period inside the duration; adding both, plus a few seconds, stays on the safe side
+whichever way a release counts. The node ends the hook by exiting when it is done. */}}
 {{- define "mq9.lameDuckSeconds" -}}
 {{- add (int .Values.lameDuck.gracePeriodSeconds) (int .Values.lameDuck.durationSeconds) 5 }}
 {{- end }}
@@ -78,6 +79,9 @@ here, when the chart is rendered, with the value to change. */}}
 {{- end }}
 {{- if and .Values.tls.verify (not .Values.tls.enabled) }}
 {{- fail "tls.verify needs tls.enabled" }}
+{{- end }}
+{{- if and .Values.lameDuck.enabled (ge (int .Values.lameDuck.gracePeriodSeconds) (int .Values.lameDuck.durationSeconds)) }}
+{{- fail "lameDuck.gracePeriodSeconds must be less than lameDuck.durationSeconds (the grace period is the start of the duration; mq9 refuses it, as nats-server does)" }}
 {{- end }}
 {{- $stop := int .Values.shutdownSeconds }}
 {{- if .Values.lameDuck.enabled }}
