@@ -606,6 +606,11 @@ def _make_handler(sup: _Supervisor, registry):
                 doc = (monitor.varz(sup.cfg, sup.started_wall, sup.cfg.node_id) if path == "/varz"
                        else monitor.connz(sup.cfg, query))
                 body, ctype, code = json.dumps(doc, indent=2).encode(), "application/json", 200
+            elif path == "/mailboxz":
+                from mq9 import mailbox_list
+
+                code, body = mailbox_list.serve(sup.cfg, sup.group, self.path.partition("?")[2])
+                ctype = "application/json"
             elif path in ("/healthz", "/readyz"):
                 bad = sup.down() if path == "/healthz" else sup.not_ready()
                 if sup.group is not None and not sup.group.is_ready():
