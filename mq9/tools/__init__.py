@@ -71,7 +71,7 @@ def add_parsers(commands, parser_class=None) -> None:
     p.add_argument("--after", default="", metavar="MAIL_ID",
                    help="start after this mail_id (the 'next' of an earlier page)")
     p.add_argument("--limit", type=positive_int, metavar="N",
-                   help="mailboxes per page (default 100, max 1000)")
+                   help="mailboxes per page (default 100, with --all 1000; max 1000)")
     p.add_argument("--all", action="store_true", help="follow the pages to the end of the list")
     p.add_argument("--json", action="store_true", help="print JSON (the node's page document)")
     p.add_argument("--timeout", type=_positive_float, metavar="SECONDS",

@@ -22,6 +22,7 @@ from mq9.tools.common import ToolError, fmt_time, out, status
 
 DEFAULT_URL = "http://127.0.0.1:9090"
 HTTP_TIMEOUT = 15.0  # the node gives up on a silent shard after 3 s
+ALL_PAGE = 1000  # --all without --limit: the largest page, fewest round trips
 
 
 def base_url(ns) -> str:
@@ -125,6 +126,8 @@ def main(ns) -> int:
 def run(ns) -> int:
     url = base_url(ns)
     timeout = ns.timeout or HTTP_TIMEOUT
+    if ns.all and ns.limit is None:
+        ns.limit = ALL_PAGE
     prefix, after = ns.prefix or "", ns.after or ""
     warned: set[str] = set()
     doc = fetch(url, prefix, after, ns.limit, timeout)
