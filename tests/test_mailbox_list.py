@@ -256,6 +256,13 @@ async def test_any_cluster_node_lists_every_mailbox(tmp_path, conns):
             assert [m["mail_id"] for m in items] == names and pages >= 8
         out = cli("--url", nodes[2].metrics_url, "--all", "--limit", "5").stdout
         assert [line.split()[0] for line in out.splitlines() if line.startswith("fleet.")] == names
+        # A member down: the others still answer, naming its shards as missing.
+        on_c3 = {m["mail_id"] for m in mailboxz(n1)["mailboxes"] if m["node"] == "c3"}
+        nodes[2].kill()
+        doc = mailboxz(n1)
+        assert doc["partial"] and doc["total"] is None
+        assert sorted((x["node"], x["shard"]) for x in doc["missing"]) == [("c3", i) for i in range(SHARDS)]
+        assert [m["mail_id"] for m in doc["mailboxes"]] == [n for n in names if n not in on_c3]
     finally:
         for n in reversed(nodes):
             n.close()
