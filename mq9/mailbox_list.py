@@ -92,7 +92,8 @@ def ask(cfg: Config, targets: list[tuple[Owner, str]], make_op, timeout: float =
     ctx = _context()
     answers: dict[Owner, object] = {}
     failed: dict[Owner, str] = {}
-    waiting: dict[zmq.Socket, tuple[Owner, int]] = {}
+    waiting: dict[zmq.Socket, tuple[Owner, int]] = {}  # every socket made, to close
+    pending = 0  # sockets registered with the poller, not answered yet
     poller = zmq.Poller()
     try:
         for owner, address in targets:
@@ -110,24 +111,28 @@ def ask(cfg: Config, targets: list[tuple[Owner, str]], make_op, timeout: float =
                 failed[owner] = f"cannot send: {e}"
                 continue
             poller.register(s, zmq.POLLIN)
+            pending += 1
         deadline = time.monotonic() + timeout
-        while len(answers) + len(failed) < len(waiting):
+        while pending:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             for s, _ in poller.poll(int(left * 1000) + 1):
                 owner, rid = waiting[s]
                 try:
-                    m = shardclient.answer_in(s.recv(zmq.NOBLOCK), rid)
+                    frame = s.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     continue
+                try:
+                    m = shardclient.answer_in(frame, rid)
                 except Exception as e:  # noqa: BLE001 - an undecodable frame: that shard failed
                     failed[owner] = f"bad answer: {type(e).__name__}"
-                    poller.unregister(s)
-                    continue
-                if m is not None:
+                else:
+                    if m is None:
+                        continue  # not the answer to this request
                     answers[owner] = m
-                    poller.unregister(s)
+                poller.unregister(s)
+                pending -= 1
         for owner, _rid in waiting.values():
             if owner not in answers and owner not in failed:
                 failed[owner] = f"no answer within {timeout:g}s"

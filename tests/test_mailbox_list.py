@@ -228,6 +228,23 @@ def test_bad_queries_are_one_line_errors(shared_node):
     assert "has no /mailboxz" in cli_error("--url", shared_node.metrics_url + "/nothing-here")
 
 
+def test_a_shard_that_cannot_be_dialled_does_not_cut_the_wait_for_the_others(shared_node):
+    from mq9 import wire
+    from mq9.config import Config
+    from mq9.mailbox_list import ask, shards
+
+    cfg = Config(data_dir=str(shared_node.data_dir), shards=2)
+    _, targets = shards(cfg, None)
+    # A TCP endpoint without the cluster secret cannot even be dialled: it fails at once,
+    # and the real shards' answers are still waited for.
+    bad = [(("elsewhere", i), f"tcp://127.0.0.1:{i + 1}") for i in range(2)]
+    answers, failed = ask(cfg, bad + targets, lambda rid: wire.ListMailboxes(rid), timeout=20)
+    assert set(answers) == {("mq9", 0), ("mq9", 1)}
+    assert all(type(a) is wire.MailboxList for a in answers.values())
+    assert sorted(failed) == [o for o, _ in bad]
+    assert all("cannot connect" in why for why in failed.values())
+
+
 async def test_any_cluster_node_lists_every_mailbox(tmp_path, conns):
     n1 = cluster_node(tmp_path, "c1").start()
     nodes = [n1]
