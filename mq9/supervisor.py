@@ -745,6 +745,11 @@ def _make_handler(sup: _Supervisor, registry):
                 else:
                     doc = monitor.connz(sup.cfg, query)
                 body, ctype, code = json.dumps(doc, indent=2).encode(), "application/json", 200
+            elif path == "/mailboxz":
+                from mq9 import mailbox_list
+
+                code, body = mailbox_list.serve(sup.cfg, sup.group, self.path.partition("?")[2])
+                ctype = "application/json"
             elif path in ("/healthz", "/readyz"):
                 # nats-server's shapes: {"status":"ok"}, or 503 {"status":"unavailable","error":..}
                 bad = sup.health(path)
