@@ -13,7 +13,7 @@
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY mq9 ./mq9
 COPY cluster ./cluster
 RUN pip wheel --wheel-dir /wheels .
@@ -33,9 +33,11 @@ USER 10001:10001
 WORKDIR /data
 VOLUME /data
 EXPOSE 4222 9090 6222
-# No curl in a slim image: python asks /healthz (503 while a child process is down).
+# `mq9 health` finds the node's ports in /data/run/node.json, so it follows --metrics-port
+# and --port however they were set, and asks /healthz (or, with --metrics-port 0, checks
+# the NATS port sends INFO). Exit 0 healthy, 1 not, one line why (`docker inspect`).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('MQ9_METRICS_PORT') or '9090'; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:' + port + '/healthz', timeout=4).status == 200 else 1)"]
+    CMD ["mq9", "health", "--data-dir", "/data"]
 # Exec form: mq9 is PID 1 and gets SIGTERM from `docker stop`; it drains and stops its
 # children in order (give it time: `docker stop -t 30`).
 ENTRYPOINT ["mq9", "node", "--data-dir", "/data"]

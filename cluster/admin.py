@@ -181,7 +181,8 @@ def _secret(a) -> str:
     return secret
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m cluster.admin") -> int:
+def build_parser(prog: str = "python -m cluster.admin") -> argparse.ArgumentParser:
+    """The command's flags (also read by ``mq9 completion``)."""
     p = argparse.ArgumentParser(prog=prog)
     sub = p.add_subparsers(dest="cmd", required=True)
     ps = sub.add_parser("status", help="members, leader, term, slots per node, moves")
@@ -196,7 +197,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m cluster.admin") -
         q.add_argument("--cluster-secret", "--password", dest="password",
                        help="the cluster's secret (env MQ9_CLUSTER_SECRET)")
         q.add_argument("--cluster-secret-file", help="file whose first line is the secret")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m cluster.admin") -> int:
+    a = build_parser(prog).parse_args(argv)
     try:
         a.password = _secret(a)
         if a.cmd == "status":

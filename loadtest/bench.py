@@ -383,10 +383,10 @@ async def wl_rr(srv: Server, sz: Sizes, deadline: float) -> dict:
 
 
 def same_process(a: rn.Client, others: list[rn.Client]) -> int:
-    """How many of ``others`` are served by the same server process as ``a`` (an mq9 node's
-    gateway processes each have their own server_id in INFO)."""
-    sid = a.info.get("server_id")
-    return sum(o.info.get("server_id") == sid for o in others)
+    """How many of ``others`` are served by the same server process as ``a``. An mq9 node has
+    one server_id; its gateway index is in the high bits of INFO's client_id (index << 40)."""
+    gw = a.info.get("client_id", 0) >> 40
+    return sum(o.info.get("client_id", 0) >> 40 == gw for o in others)
 
 
 async def _broadcast(srv: Server, n: int, nsubs: int, deadline: float,

@@ -1,6 +1,7 @@
 """The ``mq9`` command: ``mq9 node [flags]`` runs a node, ``mq9 cluster status|remove``
-talks to a cluster's metadata group, ``mq9 --version``; ``mq9 mailbox|send|pub|sub|query|
-request`` are client commands for people (``mq9.tools``).
+talks to a cluster's metadata group, ``mq9 health`` checks a local node (for container
+health checks), ``mq9 --version``; ``mq9 mailbox|send|pub|sub|query|request`` are client
+commands for people (``mq9.tools``).
 
 Every setting of ``mq9.config`` is a flag of ``mq9 node``; ``--help`` shows each one's
 ``MQ9_*`` variable and default. A bad setting is a one-line error and exit status 2, the
@@ -27,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="mq9", description="A message broker for AI agents that speaks NATS.",
                      epilog="The client commands (mailbox ... request, bench) take --server URL "
-                            "(env MQ9_SERVER, default nats://127.0.0.1:4222) after the command. "
+                            "(else MQ9_SERVER, else NATS_URL, else nats://127.0.0.1:4222) after the command. "
                             "`mq9 COMMAND --help` for more.")
     parser.add_argument("--version", action="version", version=f"mq9 {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -37,9 +38,21 @@ def _parser() -> argparse.ArgumentParser:
                     "the --config TOML file; a flag wins over the variable, the variable over "
                     "the file.")
     config.add_arguments(node)
+    from mq9 import signals
+
+    node.add_argument("--signal", metavar="SIGNAL[=PID]",
+                      help=signals.HELP).completions = list(signals.SIGNALS)  # mq9/completion.py
     commands.add_parser("cluster", help="cluster status / remove a node (see mq9 cluster --help)",
                         add_help=False)
+    commands.add_parser("health", help="exit 0 if the node on a data dir is healthy, 1 if not "
+                                       "(see mq9 health --help)", add_help=False)
     tools.add_parsers(commands)
+    from mq9 import completion
+
+    comp = commands.add_parser("completion", help="print a shell completion script",
+                               description="Print a completion script for SHELL; load it with "
+                                           "`source <(mq9 completion bash)` (or zsh).")
+    comp.add_argument("shell", metavar="SHELL", choices=completion.SHELLS, help="bash | zsh")
     return parser
 
 
@@ -49,15 +62,26 @@ def main(argv: list[str] | None = None) -> int:
         from cluster import admin
 
         return admin.main(argv[1:], prog="mq9 cluster")
+    if argv[:1] == ["health"]:
+        from mq9 import health
+
+        return health.main(argv[1:])
     parser = _parser()
     ns = parser.parse_args(argv)
     from mq9 import tools
 
     if ns.command in tools.COMMANDS:
         return tools.run(ns)
+    if ns.command == "completion":
+        from mq9 import completion
+
+        sys.stdout.write(completion.script(ns.shell, parser))
+        return 0
     if ns.command != "node":
         parser.print_help(sys.stderr)
         return 2
+    if ns.signal is not None:
+        return _send_signal(ns)
     try:
         cfg = config.from_args(ns)
     except ValueError as e:
@@ -71,6 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     from mq9 import supervisor
 
     try:
-        return supervisor.run_node(cfg)
+        return supervisor.run_node(cfg, args=ns)
     except KeyboardInterrupt:  # Ctrl-C before the supervisor took over SIGINT
         return 130
+
+
+def _send_signal(ns) -> int:
+    from mq9 import signals
+
+    try:
+        sig, pid = signals.send(ns.signal, signals.data_dir(ns.data_dir, ns.config))
+    except signals.SignalError as e:
+        print(f"mq9 node: error: {e}", file=sys.stderr)
+        return 1
+    print(f"mq9 node: sent {sig.name} to {pid}", file=sys.stderr)
+    return 0

@@ -71,11 +71,15 @@ class Config:
     server_name: str | None = _opt(None, "name in INFO (default: mq9-<hostname>)")
     log_level: str = _opt("info", "debug | info | warning | error",
                           choices=("debug", "info", "warning", "error"))
+    log_format: str = _opt("logfmt", "log lines as logfmt or as one JSON object each: logfmt | json",
+                           choices=("logfmt", "json"))
     config: str | None = _opt(None, "TOML file with any of these settings")
 
     @property
     def gateway_count(self) -> int:
-        return self.gateways or (os.cpu_count() or 1)
+        from mq9 import cpus
+
+        return self.gateways or cpus.usable()
 
     @property
     def run_dir(self) -> str:
@@ -141,6 +145,8 @@ def from_args(ns: argparse.Namespace, environ: dict[str, str] | None = None) -> 
                    (from_file.get(f.name), f"{f.name} in {config_path}"))
         for raw, where in sources:
             if raw is not None:
+                if where == _env(f):
+                    _refuse_service_link(where, raw)
                 try:
                     values[f.name] = _convert(f, raw)
                 except (TypeError, ValueError):
@@ -158,6 +164,16 @@ def from_args(ns: argparse.Namespace, environ: dict[str, str] | None = None) -> 
     _check_ranges(cfg)
     _check_security(cfg)
     return cfg
+
+
+def _refuse_service_link(name: str, raw: str) -> None:
+    """Kubernetes gives every pod ``{SERVICE}_PORT=tcp://IP:PORT`` for each Service in its
+    namespace (service links); for a Service named ``mq9`` that is ``MQ9_PORT``, which would
+    otherwise fail as "not a valid int" without saying where it came from."""
+    if isinstance(raw, str) and raw.lower().startswith(("tcp://", "udp://", "sctp://")):
+        raise ValueError(f"{name}={raw} is not an mq9 setting but a Kubernetes service link (a "
+                         "Service named like the variable's prefix); set enableServiceLinks: false "
+                         "in the pod spec, or give the setting as a flag")
 
 
 MIN_SECRET = 16

@@ -65,3 +65,17 @@ def test_verify_needs_a_ca_and_auth_file_excludes_other_auth(tmp_path, pems):
     assert cfg(["--auth-file", str(users)]).auth_file == str(users)
     with pytest.raises(ValueError, match="replaces --auth-token"):
         cfg(["--auth-file", str(users), "--auth-token", "t"])
+
+
+@pytest.mark.parametrize("name", ["MQ9_PORT", "MQ9_METRICS_PORT", "MQ9_HOST"])
+def test_kubernetes_service_link_is_named(name):
+    with pytest.raises(ValueError) as e:
+        cfg(env={name: "tcp://10.0.0.1:4222"})
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{name}=tcp://10.0.0.1:4222 ")
+    assert "Kubernetes service link" in msg and "enableServiceLinks: false" in msg
+
+
+def test_a_flag_wins_over_a_service_link():
+    assert cfg(["--port", "4333"], {"MQ9_PORT": "tcp://10.0.0.1:4222"}).port == 4333

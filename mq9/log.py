@@ -1,6 +1,10 @@
-"""Structured logging: one logfmt line per event.
+"""Structured logging: one line per event, logfmt (default) or JSON (``--log-format json``).
 
     ts=2025-01-02T03:04:05.678Z level=info proc=gateway-1 event=client_connected cid=7 addr=127.0.0.1:50312
+    {"ts":"2025-01-02T03:04:05.678Z","level":"info","proc":"gateway-1","event":"client_connected","cid":7,...}
+
+Both formats carry the same fields in the same order; JSON is for log shippers that would
+otherwise need a logfmt parser.
 
 Every process of a node writes to the same inherited stderr, so each line names its process
 (``proc``); one line per event (tracebacks included, escaped) keeps lines from different
@@ -91,6 +95,44 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(parts)
 
 
+class JsonFormatter(LogfmtFormatter):
+    """The same fields as ``LogfmtFormatter``, as one JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        doc = {"ts": f"{ts}.{int(record.msecs):03d}Z",
+               "level": _NAMES.get(record.levelno, str(record.levelno).lower()),
+               "proc": self.proc}
+        fields = getattr(record, "mq9_fields", None)
+        if fields is None:
+            doc.update(event="log", logger=record.name, msg=record.getMessage())
+        else:
+            doc["event"] = str(record.msg)
+            for k, v in fields.items():
+                # the fixed keys come first and stay what they say, as in logfmt
+                doc.setdefault(_key(k), _json_value(v))
+        if record.exc_info and record.exc_info[0] is not None:
+            etype, evalue, tb = record.exc_info
+            doc["error"] = f"{etype.__name__}: {evalue}"
+            doc["traceback"] = "".join(traceback.format_exception(etype, evalue, tb)).rstrip()
+        elif record.stack_info:
+            doc["stack"] = record.stack_info
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+
+
+def _json_value(v):
+    if v is None or v is True or v is False or type(v) is int:
+        return v
+    if type(v) is float:
+        return v if v == v and v not in (float("inf"), float("-inf")) else repr(v)
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v).decode("utf-8", "backslashreplace")
+    return v if isinstance(v, str) else str(v)
+
+
+FORMATS = {"logfmt": LogfmtFormatter, "json": JsonFormatter}
+
+
 class Logger:
     """Emits events; ``bind`` returns a logger that adds fixed fields to each line."""
 
@@ -148,8 +190,9 @@ def proc() -> str:
     return _proc
 
 
-def setup(level: str = "info", proc: str = "mq9", stream=None) -> None:
-    """Send every log record of this process to ``stream`` (stderr) as logfmt.
+def setup(level: str = "info", proc: str = "mq9", stream=None, fmt: str = "logfmt") -> None:
+    """Send every log record of this process to ``stream`` (stderr) as ``fmt`` (logfmt |
+    json).
 
     Call once per process, first thing; calling again replaces the previous setup (only
     ours: handlers others installed, such as pytest's capture, are kept).
@@ -157,6 +200,8 @@ def setup(level: str = "info", proc: str = "mq9", stream=None) -> None:
     global _proc
     if level not in _LEVELS:
         raise ValueError(f"log level must be one of {', '.join(_LEVELS)}, got {level!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     _proc = proc
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -164,8 +209,19 @@ def setup(level: str = "info", proc: str = "mq9", stream=None) -> None:
             root.removeHandler(h)
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler._mq9 = True
-    handler.setFormatter(LogfmtFormatter(proc))
+    handler.setFormatter(FORMATS[fmt](proc))
     root.addHandler(handler)
     root.setLevel(_LEVELS[level])
     # Without this, a record from a warnings.warn() would bypass the format.
     logging.captureWarnings(True)
+
+
+def set_level(level: str) -> None:
+    """Change this process's level in place (config reload)."""
+    if level not in _LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(_LEVELS)}, got {level!r}")
+    logging.getLogger().setLevel(_LEVELS[level])
+
+
+def level() -> str:
+    return _NAMES.get(logging.getLogger().level, "info")

@@ -8,9 +8,11 @@ in bulk (``inc(n)`` once per batch), never once per message.
 
 from __future__ import annotations
 
+import platform
 from bisect import bisect_left
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # Gauges are summed over live processes; a dead process's values are dropped by the
 # supervisor (mark_process_dead) when it restarts the child.
@@ -56,6 +58,61 @@ RAFT_COMMIT_INDEX = Gauge("mq9_raft_commit_index", "Raft commit index seen by th
 SLOTS_OWNED = Gauge("mq9_slots_owned", "Slots owned by this node's shards", multiprocess_mode="max")
 SLOT_MOVES = Gauge("mq9_slot_moves_in_progress", "Slot moves recorded in the metadata group",
                    multiprocess_mode="max")
+
+
+# Label values known in advance, set to 0 at start so that a rate() or an alert on them
+# works before the first event (a series that appears only at its first increment hides
+# that increment from rate()).
+KNOWN_LABELS = {
+    PROCESS_RESTARTS: (("gateway",), ("shard",)),
+    AUTH_FAILURES: (("credentials",), ("no_connect",), ("tls",)),
+    DROPS: tuple((r,) for r in ("slow_consumer", "bad_frame", "bad_subject", "ipc_backlog",
+                                "unencodable", "gateway_unreachable", "corrupt_record")),
+}
+
+
+def zero_known_labels() -> None:
+    from mq9.subjects import KINDS
+
+    for counter in (MESSAGES_IN, MESSAGES_OUT, BYTES_IN, BYTES_OUT):
+        for kind in KINDS:
+            counter.labels(kind)
+    for counter, values in KNOWN_LABELS.items():
+        for v in values:
+            counter.labels(*v)
+
+
+class NodeCollector:
+    """What the supervisor adds to /metrics at scrape time: the standard process metrics
+    summed over every process of the node (``mq9.procstats``), ``mq9_build_info`` and
+    ``mq9_slots_unavailable``. Registered in the supervisor's registry only."""
+
+    def __init__(self, started: float, slots_unavailable, versions: dict[str, str]):
+        self.started = started
+        self.slots_unavailable = slots_unavailable
+        self.versions = dict(versions, python=platform.python_version())
+
+    def collect(self):
+        from mq9 import procstats
+
+        u = procstats.usage()
+        yield GaugeMetricFamily("process_resident_memory_bytes",
+                                "Resident memory of the node's processes, summed", value=u.rss_bytes)
+        yield CounterMetricFamily("process_cpu_seconds",
+                                  "CPU time (user + system) of the node's processes, the restarted "
+                                  "ones' included", value=u.cpu_seconds)
+        yield GaugeMetricFamily("process_open_fds", "Open file descriptors of the node's processes, "
+                                "summed", value=u.open_fds)
+        yield GaugeMetricFamily("process_start_time_seconds",
+                                "Start of the node's supervisor, seconds since the epoch",
+                                value=self.started)
+        info = GaugeMetricFamily("mq9_build_info", "Always 1; the labels say what runs",
+                                 labels=list(self.versions))
+        info.add_metric(list(self.versions.values()), 1)
+        yield info
+        yield GaugeMetricFamily("mq9_slots_unavailable",
+                                "Slots owned by this node whose shard process is not running",
+                                value=self.slots_unavailable())
 
 
 def observe_many(hist: Histogram, amounts: list[float]) -> None:

@@ -13,9 +13,11 @@ import glob
 import json
 import os
 import time
+from dataclasses import dataclass
 
-from mq9 import __version__, metrics
+from mq9 import __version__, cpus, metrics, procstats
 from mq9.config import Config
+from mq9.protocol import NATS_VERSION
 
 _SORTS = {"cid", "start", "pending_bytes", "in_msgs", "out_msgs", "in_bytes", "out_bytes",
           "subscriptions", "uptime", "last_activity"}
@@ -36,49 +38,82 @@ def _tls_fields(cfg: Config) -> dict:
     """nats-server's /varz names for the TLS settings (present only when TLS is on)."""
     if not cfg.tls_cert:
         return {}
-    return {"tls_required": True, "tls_verify": bool(cfg.tls_verify), "tls_timeout": cfg.tls_timeout}
+    return {"tls_required": True, "tls_verify": bool(cfg.tls_verify)}
 
 
-def varz(cfg: Config, started: float, node_id: str | None) -> dict:
+@dataclass
+class NodeView:
+    """What the supervisor knows of its node, for /varz."""
+
+    server_id: str
+    server_name: str
+    started: float
+    usage: procstats.Usage
+    cpu_percent: float
+    gateways: int
+
+
+def varz(cfg: Config, node: NodeView) -> dict:
+    """nats-server's /varz: its names, types and units (durations in nanoseconds, mem in
+    bytes, cpu in percent of one core) for everything it has; mq9's own fields after."""
     gws = _gateway_stats(cfg)
 
     def total(key: str) -> int:
         return sum(int(g.get(key, 0)) for g in gws)
 
     now = time.time()
-    return {
-        "server_id": node_id or "mq9",
-        "server_name": cfg.server_name or node_id or "mq9",
-        "version": __version__,
+    cluster = {}
+    if cfg.cluster_port:  # the supervisor sets it to 0 on a single node
+        cluster = {"addr": cfg.host, "cluster_port": cfg.cluster_port}
+        if cfg.node_id:
+            cluster["name"] = cfg.node_id
+    doc = {
+        "server_id": node.server_id,
+        "server_name": node.server_name,
+        "version": NATS_VERSION,
         "proto": 1,
         "host": cfg.host,
         "port": cfg.port,
-        "http_port": cfg.metrics_port,
-        "cluster_port": cfg.cluster_port,
         "max_connections": cfg.max_connections,
-        "ping_interval": cfg.ping_interval,
+        "ping_interval": int(cfg.ping_interval * 1e9),
         "ping_max": cfg.max_pings_out,
-        "max_payload": cfg.max_payload,
+        "http_host": cfg.host,
+        "http_port": cfg.metrics_port,
+        "auth_timeout": cfg.auth_timeout,
         "max_control_line": cfg.max_control_line,
+        "max_payload": cfg.max_payload,
         "max_pending": cfg.max_pending,
-        "auth_required": bool(cfg.auth_token or cfg.user or cfg.auth_file),
-        "max_subscriptions": cfg.max_subscriptions,
+        "cluster": cluster,
+        "tls_timeout": cfg.tls_timeout,
         **_tls_fields(cfg),
-        "start": _iso(started),
+        "start": _iso(node.started),
         "now": _iso(now),
-        "uptime": f"{int(now - started)}s",
-        "cores": os.cpu_count(),
-        "gateways": len(gws),
-        "shards": cfg.shards,
+        "uptime": _uptime(now - node.started),
+        "mem": node.usage.rss_bytes,
+        "cores": cpus.usable(),
+        "cpu": node.cpu_percent,
         "connections": total("connections"),
         "total_connections": total("total_connections"),
-        "subscriptions": total("subscriptions"),
-        "slow_consumers": total("slow_consumers"),
         "in_msgs": total("in_msgs"),
-        "out_msgs": total("out_msgs"),
         "in_bytes": total("in_bytes"),
+        "in_client_msgs": total("in_msgs"),
+        "in_client_bytes": total("in_bytes"),
+        "out_msgs": total("out_msgs"),
         "out_bytes": total("out_bytes"),
+        "out_client_msgs": total("out_msgs"),
+        "out_client_bytes": total("out_bytes"),
+        "slow_consumers": total("slow_consumers"),
+        "subscriptions": total("subscriptions"),
+        # mq9's own
+        "mq9_version": __version__,
+        "gateways": node.gateways,
+        "shards": cfg.shards,
+        "processes": node.usage.processes,
+        "max_subscriptions": cfg.max_subscriptions,
     }
+    if cfg.auth_token or cfg.user or cfg.auth_file:
+        doc["auth_required"] = True
+    return doc
 
 
 def connz(cfg: Config, query: dict[str, str]) -> dict:
@@ -94,7 +129,7 @@ def connz(cfg: Config, query: dict[str, str]) -> dict:
     for c in page:
         c["start"] = _iso(c["start"])
         c["last_activity"] = _iso(c["last_activity"])
-        c["uptime"] = f"{int(c['uptime'])}s"
+        c["uptime"] = _uptime(c["uptime"])
     return {"now": _iso(time.time()), "num_connections": len(page), "total": len(conns),
             "offset": offset, "limit": limit, "connections": page}
 
@@ -118,3 +153,18 @@ def _int(v, default: int) -> int:
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1e6):06d}Z"
+
+
+def _uptime(seconds: float) -> str:
+    """nats-server's spelling: 45s, 3m5s, 2h3m5s, 1d2h3m5s."""
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d{h}h{m}m{s}s"
+    if h:
+        return f"{h}h{m}m{s}s"
+    if m:
+        return f"{m}m{s}s"
+    return f"{s}s"

@@ -22,10 +22,9 @@ from collections import defaultdict
 
 import zmq
 
-from mq9 import curve, endpoints, log, wire
+from mq9 import log, shardclient, wire
 from mq9.config import Config
-
-Owner = tuple[str, int]
+from mq9.shardclient import Owner, name as _name
 
 
 class MoveError(Exception):
@@ -93,20 +92,13 @@ class ShardMover:
             if last:
                 return count
 
-    def _endpoint(self, owner: Owner) -> str:
-        node, shard = owner
-        if node == self.group.node_id:
-            return endpoints.shard_endpoint(self.cfg, shard)
-        info = self.group.snapshot().members[node]
-        return endpoints.shard_tcp(info["advertise"], info["cluster_port"], shard)
-
     def _sock(self, owner: Owner) -> zmq.Socket:
         s = self.socks.get(owner)
         if s is None:
-            s = self.ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.IDENTITY, f"mover-{self.group.node_id}".encode())
-            s.setsockopt(zmq.LINGER, 0)
-            curve.connect(s, self._endpoint(owner), self.cfg.cluster_secret)
+            address = shardclient.endpoint(self.cfg, self.group.node_id,
+                                           self.group.snapshot().members, owner)
+            s = shardclient.dealer(self.ctx, self.cfg, address,
+                                   identity=f"mover-{self.group.node_id}".encode())
             self.socks[owner] = s
         return s
 
@@ -118,11 +110,11 @@ class ShardMover:
                 # The socket may hold a late answer now: start afresh next time.
                 self.socks.pop(owner).close(linger=0)
                 raise MoveError(f"shard {_name(owner)} did not answer {type(op).__name__}")
-            for m in wire.decode_from_shard(s.recv()):
-                if type(m) in wire.ANSWERS and m.rid == op.rid:
-                    if m.code:
-                        raise MoveError(f"shard {_name(owner)}: {type(op).__name__}: {m.code}: {m.error}")
-                    return m.data or {}
+            m = shardclient.answer_in(s.recv(), op.rid)
+            if m is not None:
+                if m.code:
+                    raise MoveError(f"shard {_name(owner)}: {type(op).__name__}: {m.code}: {m.error}")
+                return m.data or {}
 
     def close(self) -> None:
         for s in self.socks.values():
@@ -135,7 +127,3 @@ def _by_pair(moves: list[dict]) -> dict[tuple[Owner, Owner], list[int]]:
     for m in moves:
         out[(tuple(m["from"]), tuple(m["to"]))].append(int(m["slot"]))
     return out
-
-
-def _name(owner: Owner) -> str:
-    return f"{owner[0]}/shard-{owner[1]}"

@@ -37,8 +37,9 @@ def _expected_parent() -> int | None:
     return parent.pid if parent is not None else None
 
 
-def die_with_parent(parent_pid: int | None = None) -> None:
-    """Have the kernel SIGKILL this process when its parent dies (``kill -9`` included).
+def die_with_parent(parent_pid: int | None = None, sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send ``sig`` (SIGKILL) to this process when its parent dies
+    (``kill -9`` included).
 
     ``parent_pid`` defaults to the multiprocessing parent. The parent may already have died
     between our start and the prctl call; the signal would then never come, so in that case
@@ -47,7 +48,7 @@ def die_with_parent(parent_pid: int | None = None) -> None:
     """
     if not sys.platform.startswith("linux"):
         return
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _prctl(_PR_SET_PDEATHSIG, sig)
     expected = parent_pid if parent_pid is not None else _expected_parent()
     ppid = os.getppid()
     if (expected is not None and ppid != expected) or (expected is None and ppid == 1):

@@ -25,8 +25,16 @@ MAX_MAIL_ID = 128
 _MAIL_ID = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
+_MAIL_ID_CHARS = re.compile(r"[A-Za-z0-9_.-]*")
+
+
 def valid_mail_id(mail_id: str) -> bool:
     return 0 < len(mail_id) <= MAX_MAIL_ID and _MAIL_ID.fullmatch(mail_id) is not None
+
+
+def valid_mail_id_part(text: str) -> bool:
+    """Could ``text`` begin a mail_id, or be empty? (a list's prefix filter or cursor)"""
+    return len(text) <= MAX_MAIL_ID and _MAIL_ID_CHARS.fullmatch(text) is not None
 
 
 def parse_inbox(subject: str) -> tuple[str, str] | None:

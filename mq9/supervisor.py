@@ -7,19 +7,26 @@ Start-up
        socket dir, so no stale socket or metric file of a previous run survives;
     2. point ``PROMETHEUS_MULTIPROC_DIR`` there before anything imports
        ``prometheus_client`` here, and before any child is spawned (children inherit it);
-    3. check the NATS port is free, bind the metrics port;
+    3. check the NATS port is free, bind the metrics port (bound, not yet listening: a port
+       conflict fails the start at once, but nothing answers before clients can connect),
+       write ``run_dir/node.json`` (pid, ports, the node's one server_id);
     4. spawn the shards and wait until each one's ipc socket file exists (ZeroMQ creates it
        when the shard binds its ROUTER, i.e. when it can take requests); a shard that dies
        or stays silent for ``SHARD_READY_TIMEOUT`` fails the start (exit 1);
-    5. spawn the gateways. The node is *ready* (``node_ready`` log line, /readyz 200) once
-       every gateway holds a listening socket on the NATS port, seen through /proc.
+    5. spawn the gateways. The node is *ready* (``node_ready`` log line) once every gateway
+       holds a listening socket on the NATS port, seen through /proc; only then does the
+       metrics port listen, so a tool that waits for /metrics, /varz or /healthz and then
+       connects a client is never refused. From then on /healthz and /readyz answer 503
+       while a child is down.
 
 Children are spawned (not forked: no inherited event loops, sockets or locks) from the main
 thread, which matters for ``PR_SET_PDEATHSIG``: the kernel sends it when the thread that
 created the child exits. A child that dies is restarted after a backoff that grows while it
 keeps dying young. SIGTERM/SIGINT stop the gateways first (they stop accepting and flush),
 then the shards (they finish their batch and close RocksDB), each group within a bounded
-time, then SIGKILL; a second signal skips the waiting.
+time, then SIGKILL; a second signal skips the waiting. SIGHUP reloads the configuration
+(``mq9/reload.py``); SIGUSR1 (reopen the log file) is logged and ignored: the node logs to
+its standard error, there is no file to reopen.
 """
 
 from __future__ import annotations
@@ -38,10 +45,16 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.connection import wait as wait_any
 
-from mq9 import __version__, endpoints, log, process
+from mq9 import __version__, endpoints, log, nodefile, process, procstats
+from mq9 import reload as reloading
 from mq9.config import Config
+from mq9.protocol import NATS_VERSION
+from mq9.wire import NodeInfo
 
-SHARD_READY_TIMEOUT = 60.0  # opening a big RocksDB replays its WAL
+# A shard rebuilds its memory from every key at start: 1M mailboxes over 2 shards took
+# 23-50 s on a busy 2-CPU machine (docs/OPERATIONS.md). A shard that dies is seen at once;
+# this only catches one that hangs, so it is generous rather than a limit on data size.
+SHARD_READY_TIMEOUT = 600.0
 # 10 + 10 s stays inside Kubernetes' default 30 s termination grace period.
 GATEWAY_STOP_TIMEOUT = 10.0
 SHARD_STOP_TIMEOUT = 10.0
@@ -63,7 +76,7 @@ def _child_main(kind: str, cfg: Config, index: int, target: str | None = None) -
     process.die_with_parent()
     process.set_name(f"mq9-{kind}-{index}")
     process.ignore_terminal_interrupt()
-    log.setup(cfg.log_level, f"{kind}-{index}")
+    log.setup(cfg.log_level, f"{kind}-{index}", fmt=cfg.log_format)
     try:
         if target is not None:
             run = _resolve(target)
@@ -142,8 +155,15 @@ def _ipc_path(endpoint: str) -> str:
 
 
 class _Supervisor:
-    def __init__(self, cfg: Config, targets: dict[str, str] | None):
+    def __init__(self, cfg: Config, targets: dict[str, str] | None, source=None,
+                 started: Config | None = None):
         self.cfg = cfg
+        # What a reload reads again: the parsed flags and the environment of the start, and
+        # the config they gave then (to name the settings a reload cannot change).
+        self.source = source
+        self.environ = dict(os.environ)
+        self.started_cfg = started or cfg
+        self.reloads = 0
         self.targets = targets or {}
         self.ctx = multiprocessing.get_context("spawn")
         self.shards = [_Child("shard", i) for i in range(cfg.shards)]
@@ -164,6 +184,11 @@ class _Supervisor:
         self.metrics = None
         self.lock_fd: int | None = None
         self.http: ThreadingHTTPServer | None = None
+        self.serving = False  # the metrics port listens (from node_ready on)
+        self.server_id = nodefile.new_server_id()
+        self.server_name = cfg.server_name or f"mq9-{socket.gethostname()}"
+        self.cpu = procstats.CpuPercent()
+        self._next_cpu = 0.0
         self.wake_r: socket.socket | None = None
         self.wake_w: socket.socket | None = None
         self.old_handlers: dict = {}
@@ -188,7 +213,7 @@ class _Supervisor:
             return 1
         if cfg.metrics_port:
             try:
-                self._start_http()
+                self._bind_http()
             except OSError as e:
                 log.error("metrics_port_unavailable", host=cfg.host, port=cfg.metrics_port,
                           error=str(e))
@@ -210,9 +235,13 @@ class _Supervisor:
             # metrics ports (pysyncobj unpickles what reaches its port, so it is opt-in).
             self.cfg = dataclasses.replace(self.cfg, cluster_port=0)
         cfg = self.cfg
+        nodefile.write(cfg.run_dir, NodeInfo(
+            pid=os.getpid(), host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
+            server_id=self.server_id, server_name=self.server_name, version=__version__,
+            started=self.started_wall))
         log.info("node_starting", version=__version__, pid=os.getpid(), host=cfg.host,
                  port=cfg.port, metrics_port=cfg.metrics_port, gateways=len(self.gateways),
-                 shards=len(self.shards), data_dir=cfg.data_dir)
+                 shards=len(self.shards), data_dir=cfg.data_dir, server_id=self.server_id)
 
         for c in self.shards:
             self._spawn(c)
@@ -301,6 +330,7 @@ class _Supervisor:
         from mq9 import metrics  # noqa: E402 - must follow the environment variable
 
         self.metrics = metrics
+        metrics.zero_known_labels()
         if early:
             # prometheus_client picks single- or multi-process values when first imported
             log.warning("metrics_imported_early",
@@ -320,16 +350,34 @@ class _Supervisor:
             return str(e)
         return None
 
-    def _start_http(self) -> None:
+    def _bind_http(self) -> None:
+        """Binds the metrics port now; ``_serve_http`` listens once the node is ready. A
+        bound socket that does not listen refuses connections like a closed port."""
         from prometheus_client import CollectorRegistry, multiprocess
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        registry.register(self.metrics.NodeCollector(
+            self.started_wall, self.slots_unavailable,
+            {"version": __version__, "nats_version": NATS_VERSION}))
         family = socket.getaddrinfo(self.cfg.host, self.cfg.metrics_port, type=socket.SOCK_STREAM,
                                     flags=socket.AI_PASSIVE)[0][0]
         server_cls = type("_HttpServer", (ThreadingHTTPServer,),
                           {"address_family": family, "daemon_threads": True})
-        self.http = server_cls((self.cfg.host, self.cfg.metrics_port), _make_handler(self, registry))
+        self.http = server_cls((self.cfg.host, self.cfg.metrics_port), _make_handler(self, registry),
+                               bind_and_activate=False)
+        try:
+            self.http.server_bind()
+        except OSError:
+            self.http.server_close()
+            self.http = None
+            raise
+
+    def _serve_http(self) -> None:
+        if self.http is None or self.serving:
+            return
+        self.http.server_activate()
+        self.serving = True
         threading.Thread(target=self.http.serve_forever, name="metrics-http", daemon=True).start()
 
     def _install_signals(self) -> None:
@@ -339,7 +387,7 @@ class _Supervisor:
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
         self.old_wakeup_fd = signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             self.old_handlers[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
@@ -353,13 +401,57 @@ class _Supervisor:
             except (BlockingIOError, InterruptedError):
                 pass
         while self.signals:
-            name = signal.Signals(self.signals.pop(0)).name
+            signum = self.signals.pop(0)
+            if signum == signal.SIGHUP:
+                self._reload()
+                continue
+            if signum == signal.SIGUSR1:
+                log.info("log_reopen_ignored", signal="SIGUSR1",
+                         reason="no log file: the node logs to stderr")
+                continue
+            name = signal.Signals(signum).name
             if self.stop_signal is None:
                 self.stop_signal = name
                 log.info("node_stopping", signal=name)
             elif not self.hurry:
                 self.hurry = True
                 log.warning("node_stop_hurried", signal=name, hint="children are killed now")
+
+    def _reload(self) -> None:
+        """SIGHUP: validate everything once, then apply it here and in every child."""
+        if self.phase == "stopping" or self.stop_signal is not None:
+            log.info("reload_ignored", reason="stopping")
+            return
+        try:
+            new = reloading.load(self.source, self.environ, self.cfg)
+        except ValueError as e:
+            log.error("reload_failed", error=str(e), hint="the running configuration stays")
+            return
+        fixed = reloading.needs_restart(self.started_cfg, new)
+        if fixed:
+            log.warning("reload_needs_restart", settings=",".join(fixed),
+                        hint="these keep their running values until the node restarts")
+        changed = reloading.changed(self.cfg, new)
+        self.cfg = dataclasses.replace(self.cfg, **reloading.settings(new))
+        log.set_level(new.log_level)
+        self.reloads += 1
+        doc = reloading.Reloaded(generation=self.reloads, **reloading.settings(new))
+        try:
+            reloading.write(self.cfg.run_dir, doc)
+        except OSError as e:
+            log.error("reload_failed", error=str(e), hint="children keep their configuration; "
+                      "a child restarted from now on starts with the new one")
+            return
+        told = 0
+        for c in self.children:
+            if c.pid is not None:
+                try:
+                    os.kill(c.pid, signal.SIGHUP)
+                    told += 1
+                except ProcessLookupError:  # died just now: it restarts with self.cfg
+                    pass
+        log.info("reload_done", generation=self.reloads, changed=",".join(changed) or "none",
+                 children=told)
 
     def _wait(self, timeout: float, children: list[_Child] | None = None) -> None:
         """Until a signal, the death of one of ``children`` (default all), or the timeout."""
@@ -401,7 +493,8 @@ class _Supervisor:
         p = self.ctx.Process(target=_child_main, name=f"mq9-{c.name}",
                              args=(c.kind, self.cfg, c.index, self.targets.get(c.kind)))
         try:
-            p.start()
+            with reloading.hup_blocked():
+                p.start()
         except OSError as e:
             log.error("child_spawn_failed", child=c.name, error=str(e))
             self._schedule_restart(c, 0.0)
@@ -485,13 +578,53 @@ class _Supervisor:
                     log.exception("cluster_gauges_failed")
             if not self.ready and not self.not_ready():
                 self.ready = True
-                log.info("node_ready", port=self.cfg.port,
+                self._serve_http()
+                log.info("node_ready", port=self.cfg.port, metrics_port=self.cfg.metrics_port,
                          seconds=round(time.monotonic() - self.started_at, 3))
+            if time.monotonic() >= self._next_cpu:
+                self._next_cpu = time.monotonic() + 1.0
+                self.cpu.sample(time.monotonic(), procstats.usage(fds=False).cpu_seconds)
 
     # ---- state for /healthz and /readyz (called from the HTTP thread too) -------------
 
     def down(self) -> list[str]:
         return [c.name for c in self.children if c.pid is None]
+
+    def slots_unavailable(self) -> int:
+        """Slots this node owns whose shard process is not running (or not yet taking
+        requests after a restart)."""
+        down = {c.index for c in self.shards
+                if c.pid is None or not os.path.exists(self._shard_socket(c.index))}
+        if not down:
+            return 0
+        group = self.group
+        if group is not None:
+            try:
+                return sum(1 for node, shard in group.snapshot().slots
+                           if node == self.cfg.node_id and shard in down)
+            except Exception:  # noqa: BLE001 - a scrape must not fail on a group in flux
+                log.exception("slots_unavailable_failed")
+                return 0
+        from cluster.slots import SlotMap
+
+        return sum(1 for shard in SlotMap(len(self.shards)).owners if shard in down)
+
+    def health(self, path: str) -> list[str]:
+        """What keeps /healthz (a child down) or /readyz (not every child serving) from
+        saying ok; empty when all is well."""
+        if self.phase == "stopping":
+            return ["node is stopping"]
+        if self.phase == "starting":
+            return ["node is starting"]
+        if path == "/healthz":
+            bad = [f"{name} is not running" for name in self.down()]
+        else:
+            bad = [f"{name} is not serving" for name in self.not_ready()]
+        if self.group is not None and not self.group.is_ready():
+            bad.append("metadata group replica not caught up")
+        if path == "/readyz" and not bad and not self.ready:
+            bad = ["node is starting"]  # ready once the main loop has said so in the log
+        return bad
 
     def not_ready(self) -> list[str]:
         if self.phase != "running":
@@ -572,7 +705,8 @@ class _Supervisor:
                     c.proc.join(5)
                 self._release(c)
         if self.http is not None:
-            self.http.shutdown()
+            if self.serving:
+                self.http.shutdown()  # waits for serve_forever, which must have started
             self.http.server_close()
         if self.wake_w is not None:
             signal.set_wakeup_fd(self.old_wakeup_fd)
@@ -603,19 +737,25 @@ def _make_handler(sup: _Supervisor, registry):
                 from mq9 import monitor
 
                 query = dict(parse_qsl(self.path.partition("?")[2]))
-                doc = (monitor.varz(sup.cfg, sup.started_wall, sup.cfg.node_id) if path == "/varz"
-                       else monitor.connz(sup.cfg, query))
+                if path == "/varz":
+                    doc = monitor.varz(sup.cfg, monitor.NodeView(
+                        server_id=sup.server_id, server_name=sup.server_name,
+                        started=sup.started_wall, usage=procstats.usage(fds=False),
+                        cpu_percent=sup.cpu.percent, gateways=len(sup.gateways)))
+                else:
+                    doc = monitor.connz(sup.cfg, query)
                 body, ctype, code = json.dumps(doc, indent=2).encode(), "application/json", 200
+            elif path == "/mailboxz":
+                from mq9 import mailbox_list
+
+                code, body = mailbox_list.serve(sup.cfg, sup.group, self.path.partition("?")[2])
+                ctype = "application/json"
             elif path in ("/healthz", "/readyz"):
-                bad = sup.down() if path == "/healthz" else sup.not_ready()
-                if sup.group is not None and not sup.group.is_ready():
-                    bad = bad + ["metadata group"]
-                if path == "/readyz" and not bad and not sup.ready:
-                    bad = ["starting"]  # ready once the main loop has said so in the log
-                if sup.phase == "stopping":
-                    bad = ["stopping"]
+                # nats-server's shapes: {"status":"ok"}, or 503 {"status":"unavailable","error":..}
+                bad = sup.health(path)
                 code = 503 if bad else 200
-                body = f"not ok: {', '.join(bad)}".encode() if bad else b"ok"
+                doc = {"status": "unavailable", "error": "; ".join(bad)} if bad else {"status": "ok"}
+                body, ctype = json.dumps(doc, separators=(",", ":")).encode(), "application/json"
             else:
                 body, code = b"not found\n", 404
             self.send_response(code)
@@ -630,18 +770,21 @@ def _make_handler(sup: _Supervisor, registry):
     return Handler
 
 
-def run_node(cfg: Config, targets: dict[str, str] | None = None) -> int:
+def run_node(cfg: Config, targets: dict[str, str] | None = None, args=None) -> int:
     """Run a node until SIGTERM/SIGINT; returns the process exit code.
 
     Must be called from the main thread (signals, and the death signal of the children).
     ``targets`` maps "gateway"/"shard" to "module:function" stand-ins, for tests only.
+    ``args``: the parsed flags ``cfg`` came from, read again (with the environment and the
+    config file) on SIGHUP; without them a reload re-reads the auth and TLS files only.
     """
-    log.setup(cfg.log_level, "supervisor")
+    log.setup(cfg.log_level, "supervisor", fmt=cfg.log_format)
+    started = cfg
     # Children all see the same numbers even if they computed them on their own: an absolute
     # data dir (independent of cwd) and a fixed gateway count (independent of CPU affinity).
     cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir),
                               gateways=cfg.gateway_count)
-    sup = _Supervisor(cfg, targets)
+    sup = _Supervisor(cfg, targets, source=args, started=started)
     try:
         return sup.run()
     except Exception:

@@ -9,8 +9,12 @@ Gateway -> shard (DEALER -> ROUTER; the ROUTER sees the gateway's identity):
 Shard -> gateway:
     Result (answers Create/Send/Query/Delete by ``rid``), Sent and SentRun (stored sends),
     DeliverRun (messages for an owner subscription; Deliver is one message)
+Supervisor -> shard (the operator's mailbox list, ``mq9.mailbox_list``):
+    ListMailboxes, answered by MailboxList
 Gateway <-> gateway (PUSH -> PULL, one pipe per ordered pair, so order is kept):
     PeerHello, Interest, Routed, RoutedRun, Mark, Ack
+Supervisor -> children (a file in run_dir, then SIGHUP; ``mq9/reload.py``):
+    Reloaded
 """
 
 from __future__ import annotations
@@ -147,6 +151,48 @@ class Drop(_Msg):
     slots: list[int]
 
 
+# ---- supervisor -> shard (the operator's list of mailboxes) -----------------------------
+
+class ListMailboxes(_Msg):
+    """One page of this shard's mailboxes whose mail_id starts with ``prefix``, sorted by
+    mail_id, strictly after ``after``. Answer: ``MailboxList`` (or an error ``Result``)."""
+
+    rid: int
+    prefix: str = ""
+    after: str = ""
+    limit: int = 100
+
+
+class MailboxInfo(msgspec.Struct, array_like=True):
+    """What an operator may see of one mailbox: counts and times, never its token (hash)
+    nor a message."""
+
+    mail_id: str
+    type: str
+    created: float  # unix seconds
+    expires_at: float  # unix seconds, 0 = never
+    ttl: int  # seconds given at creation, 0 = never expires
+    unread: tuple[int, int, int]  # undelivered messages: urgent, normal, notify
+    messages: int  # stored messages, delivered ones included
+    bytes: int  # payload bytes of the stored messages
+    subscribers: int  # owner subscriptions on this shard
+
+
+class MailboxList(_Msg):
+    """``items`` hold every matching mailbox of this shard in (after, ``last``], sorted;
+    ``more``: there may be more after ``last`` (ask again with after=last). ``total``: how
+    many mailboxes the shard serves, when asked without a prefix (else None)."""
+
+    rid: int
+    items: list[MailboxInfo]
+    more: bool
+    last: str | None = None
+    total: int | None = None
+
+    code: ClassVar[None] = None
+    error: ClassVar[None] = None
+
+
 # ---- shard -> gateway -------------------------------------------------------------------
 
 class Result(_Msg):
@@ -279,10 +325,30 @@ class RoutedRun(_Msg):
     payloads: list[bytes]
 
 
+# ---- supervisor -> children ----------------------------------------------------------------
+
+class Reloaded(msgspec.Struct):
+    """The settings a config reload may change, all of them, as the supervisor validated
+    them; ``generation`` counts reloads so a log line can say which one a child applied."""
+    generation: int
+    log_level: str
+    auth_token: str | None
+    user: str | None
+    password: str | None
+    auth_file: str | None
+    auth_timeout: float
+    tls_cert: str | None
+    tls_key: str | None
+    tls_ca: str | None
+    tls_verify: bool
+    tls_timeout: float
+    tls_handshake_first: bool
+
+
 ToShard = Union[Hello, Create, Send, SendRun, Query, Delete, Subscribe, Unsubscribe, Delivered, Undelivered,
-                Export, Import, Freeze, Drop]
-FromShard = Union[Result, Sent, SentRun, Deliver, DeliverRun]
-ANSWERS = (Result, Sent, SentRun)  # what answers a request by rid
+                Export, Import, Freeze, Drop, ListMailboxes]
+FromShard = Union[Result, Sent, SentRun, Deliver, DeliverRun, MailboxList]
+ANSWERS = (Result, Sent, SentRun, MailboxList)  # what answers a request by rid
 PeerMsg = Union[PeerHello, Interest, Routed, RoutedRun, Mark, Ack]
 
 _to_shard_dec = msgspec.msgpack.Decoder(list[ToShard])
@@ -303,3 +369,20 @@ def decode_from_shard(frame: bytes) -> list:
 
 def decode_peer(frame: bytes) -> list:
     return _peer_dec.decode(frame)
+
+
+# ---- supervisor -> gateways and `mq9 health` (run_dir/node.json) ------------------------
+
+class NodeInfo(msgspec.Struct):
+    """What a running node says about itself in ``run_dir/node.json``, written by the
+    supervisor before it spawns anything: gateways take the node's one server_id from it
+    (INFO and /varz agree), and ``mq9 health`` finds the ports and pid to check."""
+
+    pid: int
+    host: str
+    port: int
+    metrics_port: int  # 0: off
+    server_id: str
+    server_name: str
+    version: str  # mq9's own
+    started: float  # wall clock

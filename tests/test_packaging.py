@@ -10,7 +10,8 @@ There is no Docker engine and no helm binary on the build machines, so:
 - the Dockerfile's instructions are parsed and checked, and what its entrypoint runs is run:
   a wheel built from exactly the files the Dockerfile copies, installed into a fresh venv,
   ``mq9 node --data-dir ...`` started from it; /healthz, the Dockerfile's HEALTHCHECK command,
-  a NATS client and the chart's ``helm test`` script are all pointed at that node.
+  a NATS client and the chart's ``helm test`` script are all pointed at that node, and the
+  fresh venv's own ``mq9 mailbox create``, ``send`` and ``sub`` (no extras installed) use it.
 """
 
 from __future__ import annotations
@@ -62,7 +63,22 @@ SCENARIOS = {
                               "podAntiAffinityPreset": "hard",
                               "mq9": {"shards": 3, "gateways": 1,
                                       "extraArgs": ["--max-msgs", "50000"],
-                                      "extraEnv": [{"name": "MQ9_DEFAULT_TTL", "value": "60"}]}},
+                                      "extraEnv": [{"name": "MQ9_DEFAULT_TTL", "value": "60"}]},
+                              "lameDuck": {"enabled": False},
+                              "terminationGracePeriodSeconds": 30},
+    "tls-auth-volumes": {"tls": {"enabled": True, "secretName": "mq9-tls", "caKey": "ca.crt",
+                                 "verify": True},
+                         "auth": {"enabled": True, "secretName": "mq9-auth", "key": "users.json"},
+                         "tests": {"credentialsSecret": "mq9-test-user"},
+                         "extraVolumes": [{"name": "plugins",
+                                           "configMap": {"name": "mq9-plugins"}}],
+                         "extraVolumeMounts": [{"name": "plugins", "mountPath": "/etc/plugins",
+                                                "readOnly": True}]},
+    "monitoring": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                               "prometheusRule": {"enabled": True,
+                                                  "labels": {"release": "prom"}},
+                               "grafanaDashboard": {"enabled": True,
+                                                    "annotations": {"grafana_folder": "mq9"}}}},
 }
 
 
@@ -180,19 +196,45 @@ def test_statefulset(scenario):
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-    assert mounts == {"data": "/data", "tmp": "/tmp"}
+    want = {"data": "/data", "tmp": "/tmp"}
+    if values.get("tls", {}).get("enabled"):
+        want["tls"] = "/etc/mq9/tls"
+    if values.get("auth", {}).get("enabled"):
+        want["auth"] = "/etc/mq9/auth"
+    want.update({m["name"]: m["mountPath"] for m in values.get("extraVolumeMounts", [])})
+    assert mounts == want
     assert c["resources"]["requests"]["memory"]
 
     # probes on the metrics port: /healthz, and /readyz for readiness
     assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
-    assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 60
+    # the metrics port answers only once every gateway takes clients, after the shards have
+    # read their mailboxes back: a node with a million of them must not be killed mid-start
+    startup = c["startupProbe"]
+    assert startup["failureThreshold"] * startup["periodSeconds"] >= 600
+    assert "initialDelaySeconds" not in c["livenessProbe"]  # the startup probe gates it
 
-    # preStop: a short sleep, then SIGTERM (mq9 drains); the grace period covers both
+    # Service links would feed MQ9_PORT=tcp://... (a Service named mq9) to mq9's settings
+    assert pod["enableServiceLinks"] is False
+
+    # preStop: lame duck (or, off, a short sleep), then SIGTERM; the grace period covers
+    # the hook and mq9's shutdown
     pre = c["lifecycle"]["preStop"]["exec"]["command"]
-    sleep = int(re.fullmatch(r"sleep (\d+)", pre[-1]).group(1))
-    assert 0 < sleep < pod["terminationGracePeriodSeconds"] - 20
+    assert pre[:2] == ["/bin/sh", "-c"]
+    grace = pod["terminationGracePeriodSeconds"]
+    if values.get("lameDuck", {}).get("enabled", True):
+        m = re.fullmatch(r"mq9 node --signal ldm --data-dir /data && sleep (\d+)", pre[2])
+        assert m, pre
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        duration = int(env["MQ9_LAME_DUCK_DURATION"])
+        grace_period = int(env["MQ9_LAME_DUCK_GRACE_PERIOD"])
+        assert (duration, grace_period) == (30, 10)
+        assert int(m.group(1)) >= duration + grace_period
+        assert grace > int(m.group(1)) + 15  # + mq9's shutdown
+    else:
+        sleep = int(re.fullmatch(r"sleep (\d+)", pre[2]).group(1))
+        assert 0 < sleep < grace - 20
 
     # ports: NATS, metrics, and the data ports the node will open
     mq9 = values.get("mq9", {})
@@ -271,8 +313,19 @@ def test_helm_test_pod(scenario):
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     assert pod["spec"]["restartPolicy"] == "Never"
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
-    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
-    assert env == {"NATS_HOST": f"{FULLNAME}.{NAMESPACE}.svc.cluster.local", "NATS_PORT": "4222"}
+    assert pod["spec"]["enableServiceLinks"] is False
+    env = {e["name"]: e.get("value") or e["valueFrom"]["secretKeyRef"]
+           for e in pod["spec"]["containers"][0]["env"]}
+    want = {"NATS_HOST": f"{FULLNAME}.{NAMESPACE}.svc.cluster.local", "NATS_PORT": "4222"}
+    if name == "tls-auth-volumes":  # TLS with the CA and, as tls.verify asks, a certificate
+        want.update(NATS_TLS="1", NATS_TLS_CA="/etc/mq9/tls/ca.crt",
+                    NATS_TLS_CERT="/etc/mq9/tls/tls.crt", NATS_TLS_KEY="/etc/mq9/tls/tls.key",
+                    NATS_USER={"name": "mq9-test-user", "key": "user"},
+                    NATS_PASS={"name": "mq9-test-user", "key": "password"})
+        (mount,) = pod["spec"]["containers"][0]["volumeMounts"]
+        assert mount == {"name": "tls", "mountPath": "/etc/mq9/tls", "readOnly": True}
+        assert pod["spec"]["volumes"] == [{"name": "tls", "secret": {"secretName": "mq9-tls"}}]
+    assert env == want
 
 
 # ---- chart: the pods' start-up command --------------------------------------------------
@@ -353,6 +406,94 @@ def test_values_are_documented():
     assert text.count("# --") >= 30
 
 
+def test_app_version_is_mq9_version():
+    """The image the chart pulls by default, <repository>:<appVersion>, is the one built
+    from this tree as `docker build -t mq9:<mq9.__version__> .`."""
+    import mq9
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == mq9.__version__
+    assert container(render())["image"] == f"mq9:{mq9.__version__}"
+    assert container(render({"image": {"tag": "dev"}}))["image"] == "mq9:dev"
+
+
+def test_tls_and_auth_secrets_are_mounted_whole():
+    """Each Secret is one read-only directory (no subPath), so a renewed certificate or an
+    edited users file reaches the running pod, ready for `mq9 node --signal reload`."""
+    rendered = render(SCENARIOS["tls-auth-volumes"])
+    volumes = {v["name"]: v for v in statefulset(rendered)["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"] == {"name": "tls", "secret": {"secretName": "mq9-tls"}}
+    assert volumes["auth"] == {"name": "auth", "secret": {"secretName": "mq9-auth"}}
+    assert volumes["plugins"] == {"name": "plugins", "configMap": {"name": "mq9-plugins"}}
+    mounts = {m["name"]: m for m in container(rendered)["volumeMounts"]}
+    for name in ("tls", "auth", "plugins"):
+        assert mounts[name]["readOnly"] is True and "subPath" not in mounts[name]
+    env = {e["name"]: e.get("value") for e in container(rendered)["env"]}
+    assert {k: v for k, v in env.items() if k.startswith(("MQ9_TLS", "MQ9_AUTH"))} == {
+        "MQ9_TLS_CERT": "/etc/mq9/tls/tls.crt", "MQ9_TLS_KEY": "/etc/mq9/tls/tls.key",
+        "MQ9_TLS_CA": "/etc/mq9/tls/ca.crt", "MQ9_TLS_VERIFY": "1",
+        "MQ9_AUTH_FILE": "/etc/mq9/auth/users.json"}
+
+    plain = render({"tls": {"enabled": True, "secretName": "s"}})  # no CA, no client certs
+    env = {e["name"]: e.get("value") for e in container(plain)["env"]}
+    assert "MQ9_TLS_CA" not in env and "MQ9_TLS_VERIFY" not in env
+    assert env["MQ9_TLS_CERT"] == "/etc/mq9/tls/tls.crt"
+
+
+def test_chart_settings_are_mq9_settings(tmp_path):
+    """The MQ9_* variables the chart sets are read by mq9's own settings table, with the
+    files they name in place (as the mounted Secrets put them)."""
+    import argparse
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import certs
+    from mq9 import config
+
+    rendered = render(SCENARIOS["tls-auth-volumes"])
+    env = {e["name"]: e["value"] for e in container(rendered)["env"]
+           if e["name"].startswith("MQ9_") and "value" in e}
+    root = tmp_path / "root"  # stands for the container's /
+    ca = certs.CA(tmp_path / "ca")
+    server = ca.issue("server", server=True)
+    tls_dir = root / "etc/mq9/tls"
+    tls_dir.mkdir(parents=True)
+    shutil.copy(server.cert, tls_dir / "tls.crt")
+    shutil.copy(server.key, tls_dir / "tls.key")
+    shutil.copy(ca.pem, tls_dir / "ca.crt")
+    (root / "etc/mq9/auth").mkdir(parents=True)
+    (root / "etc/mq9/auth/users.json").write_text(json.dumps({"users": [
+        {"user": "agent", "password": "secret-pass"}]}))
+    environ = {k: f"{root}{v}" if v.startswith("/etc/") else v for k, v in env.items()}
+
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    cfg = config.from_args(parser.parse_args([]), environ)
+    assert (cfg.tls_cert, cfg.tls_key, cfg.tls_ca) == (
+        f"{tls_dir}/tls.crt", f"{tls_dir}/tls.key", f"{tls_dir}/ca.crt")
+    assert cfg.tls_verify is True
+    assert cfg.auth_file == f"{root}/etc/mq9/auth/users.json"
+    assert (cfg.log_level, cfg.fsync) == ("info", "never")
+    # lame duck (helper C's settings): the preStop hook's timing is built on these values
+    assert cfg.lame_duck_duration == 30 and cfg.lame_duck_grace_period == 10
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"tls": {"enabled": True}}, "tls.secretName is required"),
+    ({"auth": {"enabled": True}}, "auth.secretName is required"),
+    ({"tls": {"enabled": True, "secretName": "s", "verify": True}}, "tls.verify needs tls.caKey"),
+    ({"terminationGracePeriodSeconds": 60},
+     "terminationGracePeriodSeconds (60) must exceed 65"),
+    ({"lameDuck": {"durationSeconds": 120}}, "terminationGracePeriodSeconds (75) must exceed 155"),
+    ({"lameDuck": {"durationSeconds": 10}}, "gracePeriodSeconds must be less than"),
+    ({"lameDuck": {"enabled": False}, "terminationGracePeriodSeconds": 25},
+     "terminationGracePeriodSeconds (25) must exceed 25"),
+])
+def test_values_mq9_would_refuse_fail_the_render(values, message):
+    with pytest.raises(Exception) as e:
+        render(values)
+    assert message in str(e.value)
+
+
 # ---- Dockerfile -------------------------------------------------------------------------
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -404,8 +545,9 @@ def test_dockerfile_instructions():
 
     (hc,) = d["HEALTHCHECK"]
     assert "curl" not in hc and "wget" not in hc
-    probe = healthcheck_command()
-    assert probe[0] == "python" and "/healthz" in probe[-1]
+    # `mq9 health` on the entrypoint's data dir: it reads the node's ports from there, so a
+    # `docker run mq9 --metrics-port 9191` (or MQ9_METRICS_PORT) is checked on its own port
+    assert healthcheck_command() == ["mq9", "health", "--data-dir", command[command.index("--data-dir") + 1]]
 
     # the user exists and owns /data before VOLUME, so a new named volume is writable
     install = " ".join(d["RUN"])
@@ -514,7 +656,7 @@ def clean_node(tmp_path_factory):
 
 
 def test_clean_install_serves_healthz(clean_node):
-    assert http_get(clean_node["metrics"], "/healthz") == (200, "ok")
+    assert http_get(clean_node["metrics"], "/healthz") == (200, '{"status":"ok"}')
     status, body = http_get(clean_node["metrics"], "/metrics")
     assert status == 200 and "mq9_connections" in body
     # where it runs from: the fresh venv, not this repository
@@ -523,16 +665,20 @@ def test_clean_install_serves_healthz(clean_node):
     assert out.stdout.startswith(str(clean_node["tmp"] / "venv"))
 
 
-def test_dockerfile_healthcheck_command(clean_node):
-    """The HEALTHCHECK's command, with the image's python swapped for the fresh venv's."""
+def test_dockerfile_healthcheck_command(clean_node, tmp_path):
+    """The HEALTHCHECK's command from the fresh venv, the image's /data swapped for the node's."""
     probe = healthcheck_command()
-    env = {"PATH": os.environ["PATH"], "MQ9_METRICS_PORT": str(clean_node["metrics"])}
-    ok = subprocess.run([str(clean_node["python"])] + probe[1:], env=env, timeout=10)
-    assert ok.returncode == 0
-    env["MQ9_METRICS_PORT"] = str(free_port())  # nothing there: unhealthy
-    bad = subprocess.run([str(clean_node["python"])] + probe[1:], env=env, timeout=10,
-                         capture_output=True)
-    assert bad.returncode != 0
+    mq9 = str(Path(clean_node["python"]).parent / "mq9")
+
+    def run(data_dir):
+        args = [str(data_dir) if a == "/data" else a for a in probe[1:]]
+        return subprocess.run([mq9] + args, env={"PATH": os.environ["PATH"]}, timeout=30,
+                              capture_output=True, text=True)
+
+    ok = run(clean_node["tmp"] / "data")
+    assert ok.returncode == 0, ok.stderr
+    bad = run(tmp_path)  # no node there: unhealthy, one line why
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
 def test_nats_client_connects(clean_node):
@@ -569,6 +715,43 @@ def test_helm_test_script_against_a_node(clean_node):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("request/reply ok: ")
+
+
+def clean_mq9(clean_node, *args: str) -> subprocess.CompletedProcess:
+    """``mq9 ARGS`` from the fresh venv (no extras installed), against the clean node."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MQ9_", "PYTHON", "NATS_"))}
+    argv = [str(clean_node["tmp"] / "venv" / "bin" / "mq9"), *args]
+    if args[0] != "--version":
+        argv += ["--server", f"nats://127.0.0.1:{clean_node['port']}"]
+    out = subprocess.run(argv, env=env, cwd=clean_node["tmp"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, (args, out.stderr)
+    return out
+
+
+def test_client_commands_from_clean_install(clean_node):
+    """`pip install mq9` alone is enough for the client commands (they need nats-py)."""
+    created = clean_mq9(clean_node, "mailbox", "create", "--ttl", "60")
+    mail_id = re.search(r"mail_id\s+(\S+)", created.stdout).group(1)
+    sent = clean_mq9(clean_node, "send", mail_id, "--ack", '{"task": "from a clean install"}')
+    assert sent.stdout.startswith("Stored msg_id "), sent.stdout
+    # the owner subscription replays what is stored, so sending first is not a race
+    got = clean_mq9(clean_node, "sub", f"$mq9.AI.INBOX.{mail_id}.*", "--count", "1", "--raw")
+    assert got.stdout.strip() == '{"task": "from a clean install"}'
+
+
+def test_clean_install_metadata(clean_node):
+    """The wheel's version is mq9.__version__ and it carries the license."""
+    version = clean_mq9(clean_node, "--version").stdout.strip()
+    out = subprocess.run(
+        [str(clean_node["python"]), "-c",
+         "import importlib.metadata as m, mq9; d = m.distribution('mq9'); "
+         "print(d.version, mq9.__version__, d.metadata['License-Expression'], "
+         "any(str(f).endswith('LICENSE') for f in d.files))"],
+        capture_output=True, text=True, check=True, cwd=clean_node["tmp"])
+    dist_version, module_version, license_, has_file = out.stdout.split()
+    assert version == f"mq9 {module_version}" and dist_version == module_version
+    assert (license_, has_file) == ("Apache-2.0", "True")
 
 
 def test_sigterm_stops_cleanly(clean_node):

@@ -19,7 +19,8 @@ import uuid
 
 import zmq
 
-from mq9 import __version__, log, metrics, process, subjects
+from mq9 import __version__, log, metrics, nodefile, process, subjects
+from mq9 import reload as reloading
 from mq9.config import Config
 from mq9.gateway import auth, tls
 from mq9.gateway.client import PING, PONG, Client, Subscription
@@ -29,7 +30,7 @@ from mq9.gateway.peers import Peers
 from mq9.gateway.router import Router
 from mq9.gateway.shardlink import ShardLink
 from mq9.gateway.topology import Topology, gateway_id
-from mq9.protocol import errors
+from mq9.protocol import NATS_VERSION, errors
 
 NO_RESPONDERS_GRACE = 0.005  # seconds
 MAX_CONNZ = 5000  # above this many connections, /connz is refreshed every 10 s, not every second
@@ -60,12 +61,17 @@ class Gateway:
         self.users = auth.load(cfg.auth_file) if cfg.auth_file else None
         self.auth_required = bool(cfg.auth_token or cfg.user or self.users)
         self.tls = tls.server_context(cfg) if cfg.tls_cert else None
-        self.server_id = uuid.uuid4().hex.upper()[:22]
-        self.server_name = cfg.server_name or f"mq9-{socket.gethostname()}"
+        # One server_id and name per node, chosen by the supervisor: INFO and /varz agree
+        # whichever gateway a client reaches.
+        node = nodefile.read(cfg.run_dir)
+        self.server_id = node.server_id if node else uuid.uuid4().hex.upper()[:22]
+        self.server_name = node.server_name if node else (cfg.server_name
+                                                          or f"mq9-{socket.gethostname()}")
         self._info_base = {
             "server_id": self.server_id,
             "server_name": self.server_name,
-            "version": __version__,
+            "version": NATS_VERSION,
+            "mq9_version": __version__,
             "proto": 1,
             "go": "mq9 (python)",
             "host": cfg.host,
@@ -331,6 +337,32 @@ class Gateway:
         self.log.info("shard_connected", shard=shard)
         self.mailboxes.on_shard_connected(shard)
 
+    def reload(self) -> None:
+        """SIGHUP from the supervisor: new users, TLS context and INFO for new connections;
+        a client keeps what it authenticated (and handshook) with."""
+        try:
+            doc = reloading.read(self.cfg.run_dir)
+            if doc is None:
+                return
+            cfg = reloading.apply(self.cfg, doc)
+            # The supervisor checked these files; one that changed since is caught here.
+            users = auth.load(cfg.auth_file) if cfg.auth_file else None
+            ctx = tls.server_context(cfg) if cfg.tls_cert else None
+        except Exception as e:  # noqa: BLE001 - a bad reload must never take the gateway down
+            self.log.error("reload_failed", error=str(e), hint="this gateway keeps its configuration")
+            return
+        log.set_level(cfg.log_level)
+        self.cfg, self.users, self.tls = cfg, users, ctx
+        self.auth_required = bool(cfg.auth_token or cfg.user or users)
+        info = {k: v for k, v in self._info_base.items()
+                if k not in ("tls_required", "tls_verify", "auth_required")}
+        info.update(tls.info_fields(cfg))
+        if self.auth_required:
+            info["auth_required"] = True
+        self._info_base = info
+        self.log.info("config_reloaded", generation=doc.generation, users=len(users or ()),
+                      tls=ctx is not None, log_level=cfg.log_level)
+
     def log_state(self) -> None:
         """SIGUSR1: one line with what this gateway knows of its peers (for operators)."""
         self.log.info("gateway_state", gw=self.gw_id, topology=self.topology.version,
@@ -415,6 +447,8 @@ async def _main(cfg: Config, index: int) -> None:
     # gateways before the shards, in order.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, gw.log_state)
+    loop.add_signal_handler(signal.SIGHUP, gw.reload)
+    reloading.accept()
     await gw.start()
     process.settle_heap()
     await stop.wait()

@@ -59,6 +59,12 @@ PUMP_READ = 256  # pending messages read from the store at a time
 QUERY_MAX = 1000
 QUERY_BYTES = 8 * 1024 * 1024
 MAILBOX_TYPES = ("standard", "latest")
+# The operator's list (ListMailboxes) runs inside a batch, so one page is bounded in work,
+# not only in items: it stops early (``more``) after this many mailbox keys looked at or
+# stored messages counted, and the caller asks again from where it stopped.
+LIST_MAX = 1000
+LIST_SCAN = 20_000
+LIST_COUNT = 200_000
 
 # A stored message's in-memory state is one int: payload size << 4 | state << 2 | prio.
 # Millions of messages may sit in a shard, so no object per message.
@@ -941,6 +947,58 @@ class Shard:
         self._count("drop", "ok")
         self._reply(gw, wire.Result(rid=op.rid, data={"dropped": n}))
 
+    # ---- the operator's list -----------------------------------------------------------
+
+    def _list(self, gw: bytes, op: wire.ListMailboxes) -> None:
+        if not 1 <= op.limit <= LIST_MAX:
+            self._count("list", "bad_request")
+            return self._reply(gw, _err(op.rid, "bad_request", f"'limit' must be between 1 and {LIST_MAX}"))
+        if not (subjects.valid_mail_id_part(op.prefix) and subjects.valid_mail_id_part(op.after)):
+            self._count("list", "bad_request")
+            return self._reply(gw, _err(op.rid, "bad_request",
+                                        "'prefix' and 'after' may hold only the characters of a mail_id"))
+        # RocksDB's meta keys are the sorted index: walking them costs a page, whereas
+        # sorting the in-memory dict would cost every mailbox of the shard, every page.
+        items: list[wire.MailboxInfo] = []
+        last = None
+        more = False
+        scanned = counted = 0
+        prefix, after = op.prefix, op.after
+        frozen = self.frozen
+        now = self.now
+        for mail_id in self.store.mail_ids_from(max(prefix, after)):
+            if not mail_id.startswith(prefix):
+                break
+            if mail_id <= after:
+                continue
+            if len(items) >= op.limit or scanned >= LIST_SCAN or counted >= LIST_COUNT:
+                more = True
+                break
+            scanned += 1
+            last = mail_id
+            mb = self.mailboxes.get(mail_id)
+            # Not served here: being imported, moved away (frozen), or expired this instant.
+            if mb is None or (frozen and mb.slot in frozen) or 0 < mb.meta.expires_at <= now:
+                continue
+            counted += len(mb.msgs)
+            items.append(self._info(mb))
+        total = None
+        if not prefix:
+            total = len(self.mailboxes) - sum(len(self.by_slot.get(s, ())) for s in frozen)
+        self._count("list", "ok")
+        self._reply(gw, wire.MailboxList(op.rid, items, more, last, total))
+
+    def _info(self, mb: Mailbox) -> wire.MailboxInfo:
+        unread = [0, 0, 0]
+        if mb.undelivered:
+            for v in mb.msgs.values():
+                if not v & DELIVERED << 2:  # pending or in flight
+                    unread[v & 3] += 1
+        meta = mb.meta
+        g = self.groups.get(mb.mail_id)
+        return wire.MailboxInfo(mb.mail_id, meta.type, meta.created, meta.expires_at, meta.ttl,
+                                tuple(unread), len(mb.msgs), mb.nbytes, len(g.subs) if g else 0)
+
     _handlers = {
         wire.Create: _create,
         wire.Send: _send,
@@ -956,6 +1014,7 @@ class Shard:
         wire.Import: _import,
         wire.Freeze: _freeze,
         wire.Drop: _drop,
+        wire.ListMailboxes: _list,
     }
 
     # ---- delivery --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import time
 import zmq
 
 from mq9 import curve, endpoints, log, metrics, process, wire
+from mq9 import reload as reloading
 from mq9.config import Config
 from mq9.shard.mailbox import Shard
 from mq9.shard.store import Store
@@ -145,6 +146,16 @@ def _write_failed(shard: Shard, index: int, error: Exception, send) -> dict:
     return {}
 
 
+def _reload_log_level(cfg: Config) -> None:
+    try:
+        doc = reloading.read(cfg.run_dir)
+        if doc is not None:
+            log.set_level(doc.log_level)
+            log.info("config_reloaded", generation=doc.generation, log_level=doc.log_level)
+    except Exception as e:  # noqa: BLE001 - a bad reload must never take the shard down
+        log.error("reload_failed", error=str(e), hint="this shard keeps its log level")
+
+
 def run(cfg: Config, index: int) -> None:
     """Serve shard ``index`` until SIGTERM/SIGINT; then finish the batch, flush, close."""
     stopping = False
@@ -161,6 +172,9 @@ def run(cfg: Config, index: int) -> None:
     # SIGTERM, gateways before shards); only a shard run on its own stops on Ctrl-C.
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, _stop)
+    # A shard's only reloadable setting is its log level (see mq9/reload.py).
+    signal.signal(signal.SIGHUP, lambda signum, frame: _reload_log_level(cfg))
+    reloading.accept()
 
     t0 = time.monotonic()
     store = Store(data_path(cfg, index), fsync=cfg.fsync == "batch")

@@ -276,6 +276,14 @@ class Store:
         out.extend([None] * (n - i))
         return out
 
+    def mail_ids_from(self, start: str) -> Iterator[str]:
+        """mail_ids of the stored mailboxes from ``start`` on, in mail_id order (RocksDB's
+        key order: mail_ids are ASCII). Committed writes only."""
+        for k in self.db.keys(from_key=META + start.encode()):
+            if not k.startswith(META):
+                return
+            yield k[2:].decode(errors="replace")
+
     def _range(self, lo: bytes, hi: bytes):
         # Bounded by hand: rocksdict 0.3.29's iterate_upper_bound cut scans short in testing.
         for k, v in self.db.items(from_key=lo):

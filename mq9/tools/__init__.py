@@ -2,6 +2,7 @@
 
     mq9 mailbox create [--type standard|latest] [--ttl N] [--name NAME] [--json]
     mq9 mailbox delete MAIL_ID --token T
+    mq9 mailbox list [--url http://HOST:9090] [--prefix P] [--limit N] [--all] [--json]
     mq9 send MAIL_ID [--priority urgent|normal|notify] [--ack] [--header K:V ...] BODY|-
     mq9 pub SUBJECT BODY|-
     mq9 sub SUBJECT [--queue Q] [--count N] [--raw|--json]
@@ -9,8 +10,9 @@
     mq9 request SUBJECT BODY|-
     mq9 bench [--workload NAME,...] [--messages N] [--size B] [--in-flight N] [--json]
 
-Every one takes ``--server`` (env ``MQ9_SERVER``), ``--auth-token`` / ``--user`` /
-``--password`` for a broker started with auth, and ``--timeout``. ``--token`` is always the
+Every one takes ``--server`` (else ``MQ9_SERVER``, else ``NATS_URL``), ``--auth-token`` /
+``--user`` / ``--password`` for a broker started with auth, and ``--timeout`` (``mailbox list``
+instead reads a node's metrics port: ``--url``, env ``MQ9_MONITOR_URL``). ``--token`` is always the
 *mailbox* token (the one ``mailbox create`` prints). Failures are one line on stderr,
 ``mq9: ...``, and exit status 1.
 """
@@ -19,7 +21,13 @@ from __future__ import annotations
 
 import argparse
 
-from mq9.tools.common import PRIORITIES, add_connection_flags, positive_int, whole_number
+from mq9.tools.common import (
+    PRIORITIES,
+    _positive_float,
+    add_connection_flags,
+    positive_int,
+    whole_number,
+)
 
 COMMANDS = ("mailbox", "send", "pub", "sub", "query", "request", "bench")
 
@@ -32,8 +40,8 @@ def add_parsers(commands, parser_class=None) -> None:
         add_connection_flags(p)
         return p
 
-    mailbox = commands.add_parser("mailbox", help="create or delete a mailbox",
-                                  description="Create or delete a mailbox.")
+    mailbox = commands.add_parser("mailbox", help="create, delete or list mailboxes",
+                                  description="Create or delete a mailbox; list mailboxes.")
     mb = mailbox.add_subparsers(dest="mailbox_command", metavar="ACTION")
     mb.required = True
     p = add(mb, "create", "create a mailbox; prints its mail_id and token",
@@ -49,6 +57,26 @@ def add_parsers(commands, parser_class=None) -> None:
     p.add_argument("mail_id", metavar="MAIL_ID")
     p.add_argument("--token", required=True, help="the mailbox token from `mailbox create`")
     p.add_argument("--json", action="store_true", help="print the broker's reply as JSON")
+
+    p = mb.add_parser(
+        "list", help="list the mailboxes of a node or cluster (operators; no tokens needed)",
+        description="List mailboxes from a node's monitoring endpoint (/mailboxz on its "
+                    "metrics port), across the whole cluster: mail_id, type, unread messages "
+                    "per priority (urgent/normal/notify), stored messages and bytes, expiry. "
+                    "Shows no token and no message.",
+        epilog="example: mq9 mailbox list --url http://10.0.0.5:9090 --prefix team. --all")
+    p.add_argument("--url", metavar="URL",
+                   help="the node's monitoring URL (env MQ9_MONITOR_URL, default "
+                        "http://127.0.0.1:9090)")
+    p.add_argument("--prefix", default="", metavar="P", help="only mail_ids starting with P")
+    p.add_argument("--after", default="", metavar="MAIL_ID",
+                   help="start after this mail_id (the 'next' of an earlier page)")
+    p.add_argument("--limit", type=positive_int, metavar="N",
+                   help="mailboxes per page (default 100, with --all 1000; max 1000)")
+    p.add_argument("--all", action="store_true", help="follow the pages to the end of the list")
+    p.add_argument("--json", action="store_true", help="print JSON (the node's page document)")
+    p.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+                   help="HTTP timeout per page (default 15)")
 
     p = add(commands, "send", "send a message to a mailbox",
             description="Send BODY to the mailbox MAIL_ID ($mq9.AI.INBOX.MAIL_ID.PRIORITY). "
@@ -133,6 +161,10 @@ def run(ns: argparse.Namespace) -> int:
     """Run the client command ``ns`` was parsed for."""
     from mq9.tools import common, mailbox, messages, sub
 
+    if ns.command == "mailbox" and ns.mailbox_command == "list":
+        from mq9.tools import mailbox_list
+
+        return mailbox_list.main(ns)
     if ns.command == "mailbox":
         fn = {"create": mailbox.create, "delete": mailbox.delete}[ns.mailbox_command]
         return common.execute(fn, ns)

@@ -227,6 +227,7 @@ async def _bench(ns: argparse.Namespace, names: list[str]) -> tuple[dict, int]:
     session = wl.Session(connect, plan)
     info = probe.info
     report = {"server": where, "server_version": info.get("version", ""),
+              "mq9_version": info.get("mq9_version", ""),
               "server_name": info.get("server_name", ""), "max_payload": info.get("max_payload"),
               "plan": {"workloads": names, "messages": plan.messages, "size": plan.size,
                        "in_flight": plan.inflight, "mailboxes": plan.mailboxes,
@@ -308,7 +309,8 @@ def run(ns: argparse.Namespace) -> int:
     if ns.json:
         sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     else:
-        lines = [f"server:  {report['server']}  mq9 {report['server_version']}"
+        lines = [f"server:  {report['server']}  mq9 {report['mq9_version'] or '?'}"
+                 f" (NATS {report['server_version']})"
                  + (f" ({report['server_name']})" if report["server_name"] else ""),
                  f"plan:    {', '.join(names)}; {ns.messages:,} messages of {ns.size} B, "
                  f"{ns.in_flight:,} in flight, {ns.mailboxes:,} mailboxes, "

@@ -36,8 +36,9 @@ def add_connection_flags(p: argparse.ArgumentParser) -> None:
     defaults."""
     g = p.add_argument_group("connection")
     g.add_argument("-s", "--server", default=argparse.SUPPRESS, metavar="URL",
-                   help=f"NATS URL(s) of the broker, comma separated (env MQ9_SERVER, "
-                        f"default {DEFAULT_SERVER})")
+                   help=f"NATS URL(s) of the broker, comma separated; --server wins over "
+                        f"MQ9_SERVER, MQ9_SERVER over NATS_URL (as the nats CLI reads it), "
+                        f"default {DEFAULT_SERVER}")
     g.add_argument("--auth-token", default=argparse.SUPPRESS, metavar="TOKEN",
                    help="server auth token, as given to `mq9 node --auth-token` "
                         "(env MQ9_AUTH_TOKEN)")
@@ -83,12 +84,23 @@ def positive_int(text: str) -> int:
     return whole_number(text, 1)
 
 
+def server_urls(ns: argparse.Namespace, env=None) -> list[str]:
+    """--server > MQ9_SERVER > NATS_URL > the default; each may list several URLs with
+    commas, like the nats CLI's NATS_URL ("nats://a:4222,nats://b:4222")."""
+    env = os.environ if env is None else env
+    if getattr(ns, "server", None) is not None:
+        return normalize_servers(ns.server)  # given, so a value without a URL is an error
+    for text in (env.get("MQ9_SERVER"), env.get("NATS_URL")):
+        if text and text.strip(" ,"):  # an empty variable (unset in compose) is no choice
+            return normalize_servers(text)
+    return [DEFAULT_SERVER]
+
+
 def settings(ns: argparse.Namespace) -> dict:
     env = os.environ
     timeout = getattr(ns, "timeout", None)
     return {
-        "servers": normalize_servers(getattr(ns, "server", None) or env.get("MQ9_SERVER")
-                                     or DEFAULT_SERVER),
+        "servers": server_urls(ns, env),
         "token": getattr(ns, "auth_token", None) or env.get("MQ9_AUTH_TOKEN") or None,
         "user": getattr(ns, "user", None) or env.get("MQ9_USER") or None,
         "password": getattr(ns, "password", None) or env.get("MQ9_PASS") or None,

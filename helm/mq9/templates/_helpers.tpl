@@ -63,3 +63,33 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "mq9.clusterSecretName" -}}
 {{- .Values.mq9.clusterSecret.existingSecret | default (printf "%s-cluster" (include "mq9.fullname" .)) }}
 {{- end }}
+
+{{/* Seconds the preStop hook waits for a lame-duck stop. mq9 (like nats-server) counts the
+grace period inside the duration; adding both, plus a few seconds, stays on the safe side
+whichever way a release counts. The node ends the hook by exiting when it is done. */}}
+{{- define "mq9.lameDuckSeconds" -}}
+{{- add (int .Values.lameDuck.gracePeriodSeconds) (int .Values.lameDuck.durationSeconds) 5 }}
+{{- end }}
+
+{{/* Settings mq9 would refuse at start, or a pod the kubelet would kill mid-stop: refused
+here, when the chart is rendered, with the value to change. */}}
+{{- define "mq9.checkValues" -}}
+{{- if and .Values.tls.verify (not .Values.tls.caKey) }}
+{{- fail "tls.verify needs tls.caKey (the CA that signs client certificates)" }}
+{{- end }}
+{{- if and .Values.tls.verify (not .Values.tls.enabled) }}
+{{- fail "tls.verify needs tls.enabled" }}
+{{- end }}
+{{- if and .Values.lameDuck.enabled (ge (int .Values.lameDuck.gracePeriodSeconds) (int .Values.lameDuck.durationSeconds)) }}
+{{- fail "lameDuck.gracePeriodSeconds must be less than lameDuck.durationSeconds (the grace period is the start of the duration; mq9 refuses it, as nats-server does)" }}
+{{- end }}
+{{- $stop := int .Values.shutdownSeconds }}
+{{- if .Values.lameDuck.enabled }}
+{{- $stop = add $stop (include "mq9.lameDuckSeconds" . | int) }}
+{{- else }}
+{{- $stop = add $stop (int .Values.preStopSleepSeconds) }}
+{{- end }}
+{{- if le (int .Values.terminationGracePeriodSeconds) $stop }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed %d: the preStop hook (lame duck or sleep) plus shutdownSeconds" (int .Values.terminationGracePeriodSeconds) $stop) }}
+{{- end }}
+{{- end }}
