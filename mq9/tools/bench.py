@@ -309,9 +309,9 @@ def run(ns: argparse.Namespace) -> int:
     if ns.json:
         sys.stdout.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     else:
-        lines = [f"server:  {report['server']}  mq9 {report['mq9_version'] or '?'}"
-                 f" (NATS {report['server_version']})"
-                 + (f" ({report['server_name']})" if report["server_name"] else ""),
+        about = [f"mq9 {report['mq9_version'] or '?'}", f"NATS {report['server_version']}",
+                 report["server_name"]]
+        lines = [f"server:  {report['server']}  ({', '.join(a for a in about if a)})",
                  f"plan:    {', '.join(names)}; {ns.messages:,} messages of {ns.size} B, "
                  f"{ns.in_flight:,} in flight, {ns.mailboxes:,} mailboxes, "
                  f"{ns.samples:,} latency samples", ""]
