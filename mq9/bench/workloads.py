@@ -342,7 +342,7 @@ async def replay(nc: rn.Client, mail_id: str, n: int, deadline: float,
     return sub.last - t0
 
 
-def failure(what: str, st: dict, n: int) -> str:
+def failure(what: str, st: dict, n: int, count_flag: str = "--messages") -> str:
     """Why a pipelined run fell short, in one line."""
     why = f"{what}: {st.get('ok', st.get('made', st.get('deleted', 0)))}/{n} answered"
     if st.get("err"):
@@ -350,7 +350,7 @@ def failure(what: str, st: dict, n: int) -> str:
     if st.get("timeout") and not st.get("err"):
         why += " before the time limit"
     if b'"code":"full"' in st.get("first_err", b"").replace(b" ", b""):
-        why += " (the server's max_msgs is lower than --messages)"
+        why += f" (the server's max_msgs is lower than {count_flag})"
     return why
 
 
@@ -429,7 +429,12 @@ class Session:
         return await fn(deadline)
 
     async def _conns(self, names: list[str]) -> list[rn.Client]:
-        return list(await asyncio.gather(*(self.connect(n) for n in names)))
+        got = await asyncio.gather(*(self.connect(n) for n in names), return_exceptions=True)
+        bad = [c for c in got if isinstance(c, BaseException)]
+        if bad:  # none left open behind a failure
+            await close_all([c for c in got if not isinstance(c, BaseException)])
+            raise bad[0]
+        return got
 
     async def _mailbox(self, nc: rn.Client) -> str:
         task = asyncio.ensure_future(create_mailbox(nc, self.plan.ttl))
@@ -535,15 +540,17 @@ class Session:
             lat, errors, first = await latencies(nc, inbox(box), payload, p.samples, deadline,
                                                  is_sent, self.meter)
             if errors or len(lat) < p.samples:
-                raise WorkloadError(f"1 in flight: {len(lat)}/{p.samples} acked, {errors} "
-                                    f"errors {first[:160].decode(errors='replace')!r}")
+                raise WorkloadError(failure("1 in flight", {"ok": len(lat), "err": errors,
+                                                            "first_err": first},
+                                            p.samples, "--samples"))
             await self._delete([nc], [box], deadline)
         finally:
             await nc.close()
         return [Row("acked", f"send {p.size} B, {p.inflight} in flight", p.messages,
                     st["secs"], "acks/s"),
-                Row("acked", f"send {p.size} B, 1 in flight", p.samples, sum(lat) / 1e9, "acks/s",
-                    pct(lat, 0.50), pct(lat, 0.99))]
+                # one at a time: the rate is over the samples' own time
+                Row("acked", f"send {p.size} B, 1 in flight", p.samples, sum(lat) / 1e9,
+                    "acks/s", pct(lat, 0.50), pct(lat, 0.99))]
 
     async def replay(self, deadline: float) -> list[Row]:
         """Store ``plan.messages`` in a mailbox nobody reads, then subscribe as its owner
