@@ -28,7 +28,9 @@ latencies and memory; each row says which. Workloads (``--only`` names):
                  flight on each of 8 connections: creations/s, then RSS and disk growth per
                  mailbox. mq9 only: nats-server has no per-agent equivalent at this count.
 
-Every loop is bounded in count and in time; servers listen on 127.0.0.1 only.
+Every loop is bounded in count and in time; servers listen on 127.0.0.1 only. The mq9 side
+of ``rr``, ``acked``, ``replay`` and ``mailboxes`` is made of ``mq9.bench.workloads``'
+primitives, the code the installed ``mq9 bench`` runs against any server.
 """
 
 from __future__ import annotations
