@@ -5,7 +5,7 @@
 
 Starts nats-server (JetStream, file storage in a temp dir) and an mq9 node (``python -m mq9
 node``, default gateways/shards) on free 127.0.0.1 ports, one after the other, runs every
-workload unchanged against each with ``loadtest.rawnats`` (uvloop, raw protocol, batched
+workload unchanged against each with ``mq9.bench.rawnats`` (uvloop, raw protocol, batched
 writes, count-only fast-path parsing) and prints one table row per figure:
 
     workload | metric | nats-server | mq9 | ratio | target | met
@@ -28,7 +28,9 @@ latencies and memory; each row says which. Workloads (``--only`` names):
                  flight on each of 8 connections: creations/s, then RSS and disk growth per
                  mailbox. mq9 only: nats-server has no per-agent equivalent at this count.
 
-Every loop is bounded in count and in time; servers listen on 127.0.0.1 only.
+Every loop is bounded in count and in time; servers listen on 127.0.0.1 only. The mq9 side
+of ``rr``, ``acked``, ``replay`` and ``mailboxes`` is made of ``mq9.bench.workloads``'
+primitives, the code the installed ``mq9 bench`` runs against any server.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest import rawnats as rn
+from mq9.bench import rawnats as rn
+from mq9.bench import workloads as wl
+from mq9.bench.workloads import pct
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = ("idle", "rr", "broadcast", "acked", "replay", "mailboxes")
@@ -280,14 +284,6 @@ class Server:
 # --------------------------------------------------------------------------- helpers
 
 
-def pct(sorted_ns: list[int], q: float) -> float:
-    """Percentile of sorted nanosecond samples, in microseconds (nearest rank)."""
-    if not sorted_ns:
-        return float("nan")
-    i = min(len(sorted_ns) - 1, max(0, int(round(q * len(sorted_ns) + 0.5)) - 1))
-    return sorted_ns[i] / 1000.0
-
-
 async def connect(srv: Server, name: str, **kw) -> rn.Client:
     return await rn.connect("127.0.0.1", srv.port, name=name, **kw)
 
@@ -311,78 +307,25 @@ async def create_target(srv: Server, nc: rn.Client, stream: str, subjects: str) 
         if b'"error"' in r.payload:
             raise RuntimeError(f"stream create: {r.payload[:300]!r}")
         return subjects.replace(">", "x")
-    r = await nc.request("$mq9.AI.MAILBOX.CREATE",
-                         json.dumps({"type": "standard", "ttl": 3600}).encode(), 5.0)
-    body = r.json()
-    if "mail_id" not in body:
-        raise RuntimeError(f"mailbox create: {r.payload[:300]!r}")
-    return f"$mq9.AI.INBOX.{body['mail_id']}.normal"
+    try:
+        mail_id, _token = await wl.create_mailbox(nc, 3600)
+    except wl.WorkloadError as e:
+        raise RuntimeError(str(e)) from None
+    return wl.inbox(mail_id)
 
 
 async def pipelined_acked(srv: Server, nc: rn.Client, subject: str, payload: bytes, n: int,
                           inflight: int, deadline: float, ok=None) -> dict:
-    """Send ``n`` messages with reply subjects keeping ``inflight`` unanswered; count acks
-    (``ok(body)`` says whether an answer is one; default: a send's ack)."""
-    loop = asyncio.get_running_loop()
-    done_fut = loop.create_future()
-    st = {"sent": 0, "done": 0, "ok": 0, "err": 0, "first_err": b"", "t_end": 0.0}
-    subj = subject.encode()
-    kind = srv.kind
-
-    def on_reply(headers, body) -> None:
-        st["done"] += 1
-        if ack_ok(kind, body) if ok is None else ok(body):
-            st["ok"] += 1
-        else:
-            st["err"] += 1
-            if not st["first_err"]:
-                st["first_err"] = (headers or b"") + body[:300]
-        if st["sent"] < n:
-            send_one()
-        if st["done"] >= n:
-            st["t_end"] = time.perf_counter()
-            if not done_fut.done():
-                done_fut.set_result(None)
-
-    def send_one() -> None:
-        st["sent"] += 1
-        nc.publish(subj, payload, nc.new_reply(on_reply))
-
-    t0 = st["t0"] = time.perf_counter()
-    for _ in range(min(inflight, n)):
-        send_one()
-    remaining = deadline - time.monotonic()
-    try:
-        await asyncio.wait_for(asyncio.shield(done_fut), max(0.1, remaining))
-    except TimeoutError:
-        st["t_end"] = time.perf_counter()
-        st["timeout"] = True
-    st["secs"] = st["t_end"] - t0
-    return st
+    """``wl.pipelined`` counting this server's acks (or what ``ok(body)`` accepts)."""
+    return await wl.pipelined(nc, n, inflight, deadline,
+                              ok or (lambda body: ack_ok(srv.kind, body)),
+                              subject=subject, payload=payload)
 
 
 async def acked_latency(srv: Server, nc: rn.Client, subject: str, payload: bytes, n: int,
                         deadline: float) -> tuple[list[int], int, bytes]:
-    lat: list[int] = []
-    errors = 0
-    first_err = b""
-    subj = subject.encode()
-    for _ in range(n):
-        if time.monotonic() > deadline:
-            break
-        t = time.perf_counter_ns()
-        try:
-            r = await nc.request(subj, payload, timeout=5.0)
-        except (TimeoutError, rn.NatsError) as e:
-            errors += 1
-            first_err = first_err or str(e).encode()
-            continue
-        lat.append(time.perf_counter_ns() - t)
-        if not ack_ok(srv.kind, r.payload):
-            errors += 1
-            first_err = first_err or r.payload[:300]
-    lat.sort()
-    return lat, errors, first_err
+    return await wl.latencies(nc, subject, payload, n, deadline,
+                              lambda body: ack_ok(srv.kind, body))
 
 
 # --------------------------------------------------------------------------- workloads
@@ -428,31 +371,8 @@ async def wl_rr(srv: Server, sz: Sizes, deadline: float) -> dict:
     placement = ("the same gateway process" if same_process(requester, [responder])
                  else "different gateway processes")
     try:
-        def on_req(subject, reply, headers, payload) -> None:
-            if reply:
-                responder.publish(reply, payload)
-
-        responder.subscribe("bench.rr", cb=on_req)
-        await responder.flush()
-        await requester.flush()
-        payload = b"r" * RR_PAYLOAD
-        for _ in range(min(200, sz.rr)):  # warm-up
-            await requester.request("bench.rr", payload, timeout=5.0)
-        lat: list[int] = []
-        errors = 0
-        for _ in range(sz.rr):
-            if time.monotonic() > deadline:
-                break
-            t = time.perf_counter_ns()
-            try:
-                r = await requester.request("bench.rr", payload, timeout=5.0)
-            except (TimeoutError, rn.NatsError):
-                errors += 1
-                continue
-            lat.append(time.perf_counter_ns() - t)
-            if r.payload != payload:
-                errors += 1
-        lat.sort()
+        lat, errors = await wl.round_trips(responder, requester, "bench.rr",
+                                           b"r" * RR_PAYLOAD, sz.rr, deadline)
     finally:
         await close_all([responder, requester])
     if errors or len(lat) < sz.rr:
@@ -663,20 +583,12 @@ async def _js_replay_pull(srv: Server, n: int, deadline: float, batch: int = 5_0
 
 
 async def _mq9_replay(srv: Server, subject: str, n: int, deadline: float) -> float | Failed:
-    owner = subject.rsplit(".", 1)[0] + ".*"
     nc = await connect(srv, "replay-owner")
     try:
-        t0 = time.perf_counter()
-        sub = nc.subscribe(owner, target=n)
-        ok = await sub.wait(max(0.1, deadline - time.monotonic()))
-        if not ok:
-            return Failed(f"{sub.count}/{n} replayed before the deadline"
-                          + (f" ({nc.errors[-1]})" if nc.errors else ""))
-        # anything beyond n would be a duplicate
-        await nc.flush()
-        if sub.count != n:
-            return Failed(f"{sub.count} delivered for {n} stored")
-        return n / (sub.last - t0)
+        mail_id = subject.removeprefix("$mq9.AI.INBOX.").rsplit(".", 1)[0]
+        return n / await wl.replay(nc, mail_id, n, deadline)
+    except wl.WorkloadError as e:
+        return Failed(str(e))
     finally:
         await nc.close()
 
@@ -709,7 +621,7 @@ async def wl_replay(srv: Server, sz: Sizes, deadline: float) -> dict:
     return out
 
 
-MAILBOX_CONNS = 8     # connections creating mailboxes (spread over the gateway processes)
+MAILBOX_CONNS = wl.MAILBOX_CONNS
 
 
 def disk_kib(path: Path | None) -> int:
@@ -732,24 +644,16 @@ async def wl_mailboxes(srv: Server, sz: Sizes, deadline: float) -> dict:
     try:
         await asyncio.sleep(1.0)
         rss0, disk0 = rss_kib(srv.pids()), disk_kib(srv.data_dir)
-        body = json.dumps({"ttl": 86400}).encode()
-        per = [sz.mailboxes // MAILBOX_CONNS + (i < sz.mailboxes % MAILBOX_CONNS)
-               for i in range(MAILBOX_CONNS)]
-        sts = await asyncio.gather(*(
-            pipelined_acked(srv, nc, "$mq9.AI.MAILBOX.CREATE", body, k, INFLIGHT, deadline,
-                            ok=lambda b: b'"mail_id"' in b and b'"error"' not in b)
-            for nc, k in zip(conns, per)))
-        made = sum(st["ok"] for st in sts)
-        secs = max(st["t_end"] for st in sts) - min(st["t0"] for st in sts)
+        st = await wl.create_mailboxes(conns, sz.mailboxes, INFLIGHT, deadline, 86400)
+        made, secs = st["made"], st["secs"]
         await asyncio.sleep(2.0)  # let the shards finish their batches
         pids = srv.pids()
         rss1, disk1 = rss_kib(pids), disk_kib(srv.data_dir)
     finally:
         await close_all(conns)
-    errs = sum(st["err"] for st in sts)
     if made < sz.mailboxes:
-        why = Failed(f"{made:,}/{sz.mailboxes:,} created, {errs} errors "
-                     f"{next((st['first_err'] for st in sts if st['first_err']), b'')[:160]!r}")
+        why = Failed(f"{made:,}/{sz.mailboxes:,} created, {st['err']} errors "
+                     f"{st['first_err'][:160]!r}")
         return {"mbox_rate": why, "mbox_mem": why, "mbox_disk": why}
     return {"mbox_rate": made / secs, "mbox_mem": (rss1 - rss0) * 1024 / made,
             "mbox_disk": (disk1 - disk0) * 1024 / made,
@@ -1067,7 +971,7 @@ async def amain(args) -> int:
         f"Linux {m['kernel']}, Python {m['python']}, "
         f"load average {m['loadavg'][0]:.2f} at start",
         f"mq9:      {git_rev()}   date: {started}",
-        f"loadgen:  loadtest.rawnats on uvloop, one process; parses {count_rate / 1e6:.1f}M "
+        f"loadgen:  mq9.bench.rawnats on uvloop, one process; parses {count_rate / 1e6:.1f}M "
         f"msgs/s (count-only) / {cb_rate / 1e3:.0f}k msgs/s (callback) without network",
     ]
     for line in head:

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loadtest import rawnats as rn
+from mq9.bench import rawnats as rn
 
 ROOT = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")

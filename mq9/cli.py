@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     from mq9 import tools
 
     parser = _Parser(prog="mq9", description="A message broker for AI agents that speaks NATS.",
-                     epilog="The client commands (mailbox ... request) take --server URL "
+                     epilog="The client commands (mailbox ... request, bench) take --server URL "
                             "(else MQ9_SERVER, else NATS_URL, else nats://127.0.0.1:4222) after the command. "
                             "`mq9 COMMAND --help` for more.")
     parser.add_argument("--version", action="version", version=f"mq9 {__version__}")

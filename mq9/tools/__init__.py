@@ -8,6 +8,7 @@
     mq9 sub SUBJECT [--queue Q] [--count N] [--raw|--json]
     mq9 query MAIL_ID --token T [--limit N] [--mark-read] [--json]
     mq9 request SUBJECT BODY|-
+    mq9 bench [--workload NAME,...] [--messages N] [--size B] [--in-flight N] [--json]
 
 Every one takes ``--server`` (else ``MQ9_SERVER``, else ``NATS_URL``), ``--auth-token`` /
 ``--user`` / ``--password`` for a broker started with auth, and ``--timeout`` (``mailbox list``
@@ -28,7 +29,7 @@ from mq9.tools.common import (
     whole_number,
 )
 
-COMMANDS = ("mailbox", "send", "pub", "sub", "query", "request")
+COMMANDS = ("mailbox", "send", "pub", "sub", "query", "request", "bench")
 
 
 def add_parsers(commands, parser_class=None) -> None:
@@ -147,6 +148,10 @@ def add_parsers(commands, parser_class=None) -> None:
     fmt.add_argument("--raw", action="store_true", help="print the reply body as is")
     fmt.add_argument("--json", action="store_true", help="print the reply as JSON")
 
+    from mq9.tools import bench
+
+    bench.add_parser(commands, add)
+
 
 def _ttl(text: str) -> int:
     return whole_number(text, 0, "whole number of seconds", "must be 0 (never) or more")
@@ -163,6 +168,10 @@ def run(ns: argparse.Namespace) -> int:
     if ns.command == "mailbox":
         fn = {"create": mailbox.create, "delete": mailbox.delete}[ns.mailbox_command]
         return common.execute(fn, ns)
+    if ns.command == "bench":
+        from mq9.tools import bench
+
+        return bench.run(ns)
     if ns.command == "sub":
         return common.execute(sub.sub, ns, subject_checks=False, quiet_reconnects=False)
     fn = {"send": messages.send, "pub": messages.pub, "query": mailbox.query,

@@ -610,8 +610,12 @@ async def connect(host: str = "127.0.0.1", port: int = 4222, *, name: str = "raw
                   headers: bool = True, echo: bool = True, no_responders: bool = True,
                   verbose: bool = False, pedantic: bool = False, user: str | None = None,
                   password: str | None = None, token: str | None = None,
-                  timeout: float = 5.0, write_high: int = 4 * 1024 * 1024) -> Client:
-    """Open a connection: wait for INFO, send CONNECT + PING, wait for PONG."""
+                  timeout: float = 5.0, write_high: int = 4 * 1024 * 1024,
+                  tls=None) -> Client:
+    """Open a connection: wait for INFO, send CONNECT + PING, wait for PONG.
+
+    ``tls`` (an ``ssl.SSLContext``) upgrades the connection after the INFO, as NATS clients
+    do; a server whose INFO says ``tls_required`` gets a default context (system CAs)."""
     loop = asyncio.get_running_loop()
     auth: dict = {}
     if token is not None:
@@ -626,7 +630,19 @@ async def connect(host: str = "127.0.0.1", port: int = 4222, *, name: str = "raw
 
     _, client = await asyncio.wait_for(loop.create_connection(factory, host, port), timeout)
     try:
-        await asyncio.wait_for(asyncio.shield(client._info_fut), timeout)
+        info = await asyncio.wait_for(asyncio.shield(client._info_fut), timeout)
+        if tls is None and info.get("tls_required"):
+            import ssl
+
+            tls = ssl.create_default_context()
+        if tls is not None:
+            # The server sent INFO in clear and waits for the handshake; the protocol object
+            # stays, only its transport changes.
+            client._opts["tls_required"] = True
+            transport = await asyncio.wait_for(
+                loop.start_tls(client.transport, client, tls, server_hostname=host), timeout)
+            transport.set_write_buffer_limits(high=write_high)
+            client.transport = transport
         connect_line = b"CONNECT " + json.dumps(client._opts, separators=(",", ":")).encode()
         client._write(connect_line + CRLF)
         await client.flush(timeout)
