@@ -45,7 +45,7 @@ def _bash_quote(w: str) -> str:
 def test_commands_and_flags(script):
     assert complete(script, "mq9", "mai") == ["mailbox"]
     assert complete(script, "mq9", "node", "--da") == ["--data-dir"]
-    assert complete(script, "mq9", "mailbox", "") == ["create", "delete", "-h", "--help"]
+    assert complete(script, "mq9", "mailbox", "") == ["create", "delete", "list", "-h", "--help"]
     assert complete(script, "mq9", "cluster", "status", "--se") == ["--server"]
     assert complete(script, "mq9", "completion", "") == ["bash", "zsh", "-h", "--help"]
     # a flag's value: its choices, not the command's flags
