@@ -263,20 +263,29 @@ class MetadataGroup:
 
     # ---- lifecycle -------------------------------------------------------------------
 
-    def open(self, join: str | None = None, timeout: float = 60.0) -> MetadataGroup:
+    def open(self, join: str | None = None, timeout: float = 60.0,
+             rejoin: bool = False) -> MetadataGroup:
         """Starts the right way for this data dir: a restart from disk (``join`` is
         ignored: the data dir knows the cluster), a join through ``join``, or a new
-        single-member cluster."""
+        single-member cluster. A data dir of a removed member raises ClusterError
+        "removed" unless ``rejoin``: a restart with the flags it always had (a
+        StatefulSet's) must not undo ``mq9 cluster remove``."""
         if join and self._is_self(join):
             # lets every pod of a StatefulSet get the same --join (pod 0's address):
             # pod 0 then bootstraps, or restarts from its data dir
             join = None
         local = self._read_node_file()
         if local and local.get("removed"):
+            peers = [p for p in local.get("peers", []) if p != self.address]
+            if not rejoin:
+                raise ClusterError("removed", f"{self.node_id} was removed from its cluster "
+                                   f"{local.get('cluster_id') or ''}; it stays out until started "
+                                   f"with --rejoin (which discards its old cluster data in "
+                                   f"{self.dir} and joins again)")
+            join = join or (peers[0] if peers else None)
             if not join:
-                raise ClusterError("removed", f"{self.node_id} was removed from its cluster; "
-                                   f"start it with --join to rejoin (its old metadata in "
-                                   f"{self.dir} is then discarded)")
+                raise ClusterError("bad_request", "--rejoin needs --join: no other member "
+                                   "is known")
             self._wipe()
             local = {}
         if local and not local.get("joining"):
