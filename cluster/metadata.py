@@ -693,6 +693,10 @@ class MetadataGroup:
     def set_leaving(self, node_id: str, leaving: bool = True, timeout: float = 10.0) -> dict:
         return self.write("set_leaving", {"node_id": node_id, "leaving": leaving}, timeout)
 
+    def set_lame_duck(self, lame_duck: bool = True, timeout: float = 10.0) -> dict:
+        return self.write("set_lame_duck", {"node_id": self.node_id, "lame_duck": lame_duck},
+                          timeout)
+
     def start_moves(self, moves: list[dict], timeout: float = 10.0) -> list[list[int]]:
         """Returns [slot, move_id] references for the other move operations."""
         moves = [{"slot": m["slot"], "from": list(m["from"]), "to": list(m["to"])} for m in moves]

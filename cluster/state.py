@@ -135,10 +135,11 @@ def client_url(info: dict) -> str:
     return f"[{host}]:{info['nats_port']}" if ":" in host else f"{host}:{info['nats_port']}"
 
 
-def client_urls(state: ClusterState, exclude: str | None = None) -> list[str]:
-    """What clients may fail over to: every member's NATS address except those leaving
-    the cluster or in lame-duck mode (and ``exclude``, a node id)."""
-    return sorted(client_url(info) for n, info in state.members.items()
+def client_urls(members: dict, exclude: str | None = None) -> list[str]:
+    """What clients may fail over to: the NATS address of every member (of
+    ``ClusterState.members``) except those leaving the cluster or in lame-duck mode, and
+    ``exclude`` (a node id)."""
+    return sorted(client_url(info) for n, info in members.items()
                   if n != exclude and info.get("state") == "active"
                   and not info.get("lame_duck") and info.get("nats_port"))
 
