@@ -609,7 +609,10 @@ class MetadataGroup:
                 self.log.exception("metadata_callback_failed", op=op)
         if self.node_id in state.members:
             self._was_member = True
-        elif self._was_member and state.bootstrapped and not self.removed:
+        elif (self._was_member and state.bootstrapped and not self.removed
+              and self._obj is not None and self._obj.isReady()):
+            # Only once caught up: a member that rejoined replays the log of its earlier
+            # removal on the way to its new add_member.
             self.removed = True
             self._write_node_file(removed=True)
             self.log.info("metadata_removed_from_cluster")

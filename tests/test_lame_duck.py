@@ -80,3 +80,88 @@ def test_lame_duck_stops_accepting_tells_clients_and_closes_them_gradually(node_
     finally:
         for c in conns:
             c.close()
+
+
+def _urls_in_infos(data: bytes) -> list[list[str]]:
+    """connect_urls of each INFO line in ``data`` (asynchronous INFOs), in order."""
+    return [json.loads(line[5:]).get("connect_urls", [])
+            for line in data.split(b"\r\n") if line.startswith(b"INFO ")]
+
+
+def _wait_info(conn: RawConn, predicate, timeout: float = 15.0) -> dict:
+    """The first INFO line on ``conn`` whose document satisfies ``predicate``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = conn.read_until(b"\r\n", timeout=max(0.1, deadline - time.monotonic()))
+        if line.startswith(b"INFO "):
+            info = json.loads(line[5:])
+            if predicate(info):
+                return info
+        elif conn.closed and not conn.buf:
+            break
+    raise AssertionError(f"no such INFO within {timeout}s (closed={conn.closed})")
+
+
+async def test_lame_duck_in_a_cluster_moves_clients_to_the_other_nodes(tmp_path):
+    n1 = cluster_node(tmp_path, "l1").start()
+    n2 = cluster_node(tmp_path, "l2", join=n1.flags["cluster_port"])
+    n2.flags.update(lame_duck_grace_period=GRACE, lame_duck_duration=DURATION)
+    n2.start()
+    n3 = cluster_node(tmp_path, "l3", join=n1.flags["cluster_port"]).start()
+    nodes = [n1, n2, n3]
+    url = {n: f"127.0.0.1:{n.port}" for n in nodes}
+    ncs = []
+    try:
+        await asyncio.to_thread(wait_members, n1.flags["cluster_port"], 3)
+        await asyncio.to_thread(wait_balanced, n1.flags["cluster_port"], 3)
+        await asyncio.sleep(0.6)
+        watch1 = RawConn(n1.port)
+        watch1.handshake()
+        duck = RawConn(n2.port)
+        duck.handshake()
+        assert sorted(duck.info["connect_urls"]) == sorted(url.values())
+
+        responder = await nats.connect(n3.url, allow_reconnect=False)
+        ncs.append(responder)
+
+        async def echo(msg):
+            await msg.respond(b"re:" + msg.data)
+
+        await responder.subscribe("svc.echo", cb=echo)
+        await responder.flush()
+        await responder.flush()
+        reconnected = asyncio.Event()
+
+        async def on_reconnect():
+            reconnected.set()
+
+        # Default reconnect settings; only n2's URL given, the rest learned from INFO.
+        client = await nats.connect(n2.url, reconnected_cb=on_reconnect)
+        ncs.append(client)
+        assert {u.netloc for u in client.discovered_servers} == {url[n1], url[n3]}
+        assert (await client.request("svc.echo", b"a", timeout=5)).data == b"re:a"
+
+        n2.signal(signal.SIGUSR2)
+        ldm = await asyncio.to_thread(_wait_info, duck, lambda i: i.get("ldm"))
+        assert sorted(ldm["connect_urls"]) == sorted([url[n1], url[n3]])
+        # The other members stop advertising the lame duck too (through the metadata).
+        info = await asyncio.to_thread(_wait_info, watch1, lambda i: url[n2] not in i["connect_urls"])
+        assert sorted(info["connect_urls"]) == sorted([url[n1], url[n3]])
+
+        await asyncio.wait_for(reconnected.wait(), GRACE + DURATION + 30)
+        assert client.connected_url.netloc in (url[n1], url[n3])
+        assert (await client.request("svc.echo", b"b", timeout=5)).data == b"re:b"
+        assert await asyncio.to_thread(n2.proc.wait, 30) == 0
+
+        # Back from the restart, it is advertised again.
+        await asyncio.to_thread(n2.start)
+        info = await asyncio.to_thread(_wait_info, watch1, lambda i: url[n2] in i["connect_urls"])
+        assert sorted(info["connect_urls"]) == sorted(url.values())
+        watch1.close()
+        duck.close()
+    finally:
+        for nc in ncs:
+            if not nc.is_closed:
+                await nc.close()
+        for n in reversed(nodes):
+            n.close()
