@@ -292,6 +292,11 @@ class MetadataGroup:
             if join:
                 self.log.info("cluster_join_ignored", reason="data dir already holds a member",
                               seed=join)
+            if not rejoin and self._removed_while_away(local):
+                self._write_node_file(**{**local, "removed": True})
+                raise ClusterError("removed", f"{self.node_id} was removed from its cluster "
+                                   f"{local.get('cluster_id') or ''} while it was down; it "
+                                   f"stays out until started with --rejoin")
             self.start()
             if not self._partners and not local.get("peers"):
                 self.bootstrap(timeout=timeout)  # a lone node that crashed before bootstrap
@@ -452,6 +457,24 @@ class MetadataGroup:
         self._save_cluster_id()
         self.log.info("cluster_joined", cluster_id=cid, members=len(self._sm.state.members))
         return self
+
+    def _removed_while_away(self, local: dict) -> bool:
+        """Whether a caught-up member of our cluster says we are no longer one of them
+        (`mq9 cluster remove --force` while this node was down). Starting Raft anyway
+        would serve stale slots and disturb the group with elections it cannot win.
+        False when nobody answers: the whole cluster may be restarting."""
+        for peer in local.get("peers", ()):
+            if peer == self.address:
+                continue
+            try:
+                s = call(peer, "status", password=self.password, timeout=2.0)
+            except (ControlError, ValueError):
+                continue
+            if (s.get("cluster_id") != local.get("cluster_id") or not s.get("ready")
+                    or not s.get("leader")):
+                continue
+            return self.node_id not in s["members"] and self.address not in s["raft_members"]
+        return False
 
     def _is_self(self, address: str) -> bool:
         host, port = check_address(address).rsplit(":", 1)
