@@ -26,7 +26,12 @@ keeps dying young. SIGTERM/SIGINT stop the gateways first (they stop accepting a
 then the shards (they finish their batch and close RocksDB), each group within a bounded
 time, then SIGKILL; a second signal skips the waiting. SIGHUP reloads the configuration
 (``mq9/reload.py``); SIGUSR1 (reopen the log file) is logged and ignored: the node logs to
-its standard error, there is no file to reopen.
+its standard error, there is no file to reopen. SIGUSR2 is lame-duck mode (nats-server's):
+gateways stop accepting and close their clients gradually, then the node stops as on
+SIGTERM (which it ignores meanwhile, as nats-server does).
+
+A data dir whose member `mq9 cluster remove` took out starts idle (no children, /readyz
+503) unless ``--rejoin``: see ``_stay_removed``.
 """
 
 from __future__ import annotations
@@ -337,11 +342,19 @@ class _Supervisor:
             threading.Thread(target=self._announce_lame_duck, args=(True,),
                              name="mq9-lame-duck", daemon=True).start()
 
-    def _announce_lame_duck(self, on: bool) -> None:
-        try:
-            self.group.set_lame_duck(on, timeout=10.0)
-        except Exception as e:  # noqa: BLE001 - clients still learn it from this node's INFO
-            log.warning("cluster_lame_duck_write_failed", lame_duck=on, error=str(e))
+    def _announce_lame_duck(self, on: bool, tries: int = 1) -> None:
+        """Sets or clears this member's lame-duck flag in the metadata (other members
+        then leave its URL out of connect_urls, or put it back)."""
+        for attempt in range(tries):
+            try:
+                self.group.set_lame_duck(on, timeout=10.0)
+                return
+            except Exception as e:  # noqa: BLE001 - clients still learn it from our INFO
+                error = str(e)
+            if self.group is None or attempt == tries - 1:
+                break
+            time.sleep(5.0)
+        log.warning("cluster_lame_duck_write_failed", lame_duck=on, error=error)
 
     def _lame_duck_over(self) -> bool:
         if all(c.proc is None for c in self.gateways):
@@ -665,7 +678,7 @@ class _Supervisor:
                 if self.group is not None and self.group.snapshot().members.get(
                         self.group.node_id, {}).get("lame_duck"):
                     # back from a lame-duck stop (a rolling restart): advertise it again
-                    threading.Thread(target=self._announce_lame_duck, args=(False,),
+                    threading.Thread(target=self._announce_lame_duck, args=(False, 6),
                                      name="mq9-lame-duck", daemon=True).start()
             if time.monotonic() >= self._next_cpu:
                 self._next_cpu = time.monotonic() + 1.0
