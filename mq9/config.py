@@ -36,6 +36,9 @@ class Config:
                                        "first node of a cluster (joiners default to --host, or this "
                                        "machine's address when --host is 0.0.0.0)")
     join: str | None = _opt(None, "HOST:PORT of any cluster member's --cluster-port, to join its cluster")
+    no_advertise: bool = _opt(False, "leave the cluster's client URLs out of INFO connect_urls "
+                                     "(nats-server's no_advertise), for clients that cannot "
+                                     "reach the members' --advertise hosts")
     rejoin: bool = _opt(False, "let a node that `mq9 cluster remove` took out join again (its old "
                                "cluster data is wiped); without it a removed node stays out, idle")
     cluster_secret: str | None = _opt(None, "secret shared by the members of a cluster, at least 16 "

@@ -128,3 +128,17 @@ async def test_connect_urls_let_a_client_fail_over(tmp_path):
                 await nc.close()
         for n in reversed(nodes):
             n.close()
+
+
+def test_connect_urls_of_a_lone_member_and_no_advertise(tmp_path):
+    from natsraw import RawConn
+
+    for no_advertise in (False, True):
+        n = cluster_node(tmp_path / str(no_advertise), "a1")
+        n.flags["no_advertise"] = no_advertise
+        with n.start(), RawConn(n.port) as conn:
+            info = conn.info
+        if no_advertise:
+            assert "connect_urls" not in info, info
+        else:
+            assert info["connect_urls"] == [f"127.0.0.1:{n.port}"], info

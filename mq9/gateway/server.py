@@ -139,7 +139,7 @@ class Gateway:
         can fail over to the others (none on a single node, as nats-server). When they
         change, clients that take asynchronous INFOs are told, as nats-server does."""
         urls = []
-        if self.topology.owners is not None:
+        if self.topology.owners is not None and not self.cfg.no_advertise:
             from cluster.state import client_urls  # only gateways of clustered nodes need it
 
             # In lame-duck mode this node stops advertising itself at once; the others
