@@ -12,11 +12,14 @@ import asyncio
 import json
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import nats
 
 from natsraw import RawConn
+from nodeproc import child_env
 from test_cluster import cluster_node, wait_balanced, wait_members
 
 CLIENTS = 30
@@ -38,7 +41,11 @@ def test_lame_duck_stops_accepting_tells_clients_and_closes_them_gradually(node_
         for c in conns:
             c.handshake()
         signalled = time.monotonic()
-        node.signal(signal.SIGUSR2)
+        # What the Helm chart's preStop hook runs: SIGUSR2 to the pid in supervisor.lock.
+        out = subprocess.run([sys.executable, "-m", "mq9", "node", "--signal", "ldm",
+                              "--data-dir", node.data_dir], capture_output=True, text=True,
+                             timeout=30, env=child_env())
+        assert out.returncode == 0, out.stdout + out.stderr
 
         deadline = time.monotonic() + 10
         while not _refused(node.host, node.port):
