@@ -228,6 +228,11 @@ class _Supervisor:
                           error=str(e))
                 return 1
         self._install_signals()
+        # before the cluster opens: `mq9 health` finds an idle removed member through it too
+        nodefile.write(cfg.run_dir, NodeInfo(
+            pid=os.getpid(), host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
+            server_id=self.server_id, server_name=self.server_name, version=__version__,
+            started=self.started_wall))
         if self._wants_cluster():
             if not cfg.cluster_secret:
                 # Without it Raft would unpickle whatever reaches its port and the data
@@ -244,10 +249,6 @@ class _Supervisor:
             # metrics ports (pysyncobj unpickles what reaches its port, so it is opt-in).
             self.cfg = dataclasses.replace(self.cfg, cluster_port=0)
         cfg = self.cfg
-        nodefile.write(cfg.run_dir, NodeInfo(
-            pid=os.getpid(), host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
-            server_id=self.server_id, server_name=self.server_name, version=__version__,
-            started=self.started_wall))
         log.info("node_starting", version=__version__, pid=os.getpid(), host=cfg.host,
                  port=cfg.port, metrics_port=cfg.metrics_port, gateways=len(self.gateways),
                  shards=len(self.shards), data_dir=cfg.data_dir, server_id=self.server_id)

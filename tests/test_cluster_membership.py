@@ -48,6 +48,10 @@ def test_removed_node_stays_out_until_started_with_rejoin(tmp_path):
         status, body = n3.http_get("/readyz")
         assert status == 503 and "--rejoin" in body, (status, body)
         assert n3.http_get("/healthz")[0] == 200  # a liveness probe leaves it alone
+        health = subprocess.run([sys.executable, "-m", "mq9", "health", "--data-dir",
+                                 n3.data_dir], capture_output=True, text=True, timeout=30,
+                                env=child_env())
+        assert health.returncode == 0, health.stdout + health.stderr  # the image's HEALTHCHECK
         time.sleep(3)  # long enough for a join and the first slot moves, had it joined
         assert n3.running and n3.pids() == []  # idle: no gateway, no shard
         st = cluster_status(port)
