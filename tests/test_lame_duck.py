@@ -20,7 +20,7 @@ import nats
 
 from natsraw import RawConn
 from nodeproc import child_env
-from test_cluster import cluster_node, wait_balanced, wait_members
+from test_cluster import cluster_node, cluster_status, wait_balanced, wait_members
 
 CLIENTS = 30
 GRACE, DURATION = 1.0, 5.0
@@ -154,8 +154,13 @@ async def test_lame_duck_in_a_cluster_moves_clients_to_the_other_nodes(tmp_path)
         # The other members stop advertising the lame duck too (through the metadata).
         info = await asyncio.to_thread(_wait_info, watch1, lambda i: url[n2] not in i["connect_urls"])
         assert sorted(info["connect_urls"]) == sorted([url[n1], url[n3]])
+        st = await asyncio.to_thread(cluster_status, n1.flags["cluster_port"])
+        assert st["members"]["l2"].get("lame_duck") is True, st["members"]["l2"]
 
+        t0 = time.monotonic()
         await asyncio.wait_for(reconnected.wait(), GRACE + DURATION + 30)
+        print(f"\nlame duck in a cluster: the client reconnected to "
+              f"{client.connected_url.netloc} {time.monotonic() - t0:.2f}s after the ldm INFO")
         assert client.connected_url.netloc in (url[n1], url[n3])
         assert (await client.request("svc.echo", b"b", timeout=5)).data == b"re:b"
         assert await asyncio.to_thread(n2.proc.wait, 30) == 0
