@@ -55,7 +55,8 @@ def format_status(s: dict) -> str:
         rows.append((nid, m.get("address", ""), str(m.get("nats_port", "")),
                      str(m.get("shards", "")), str(m.get("slots", 0)),
                      "/".join(str(c) for c in m.get("slots_per_shard", [])),
-                     m.get("state", ""), role))
+                     m.get("state", "") + (", lame duck" if m.get("lame_duck") else ""),
+                     role))
     for addr in s.get("raft_only", []):
         rows.append(("?", addr, "", "", "", "", "joining", "raft only"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--advertise", help="host other members use (default: from --bind)")
     p.add_argument("--data-dir", default="./mq9-data")
     p.add_argument("--join", help="any member's host:cluster_port")
+    p.add_argument("--rejoin", action="store_true", help="join again after being removed")
     p.add_argument("--password", help="cluster secret")
     p.add_argument("--nats-port", type=int, default=4222)
     p.add_argument("--shards", type=int, default=2)
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     removed_at: list[float] = []
     group.on_removed(lambda: removed_at.append(time.monotonic()))
     try:
-        group.open(join=a.join, timeout=a.timeout)
+        group.open(join=a.join, timeout=a.timeout, rejoin=a.rejoin)
     except ClusterError as e:
         log.error("member_start_failed", code=e.code, error=str(e))
         group.close()

@@ -263,26 +263,40 @@ class MetadataGroup:
 
     # ---- lifecycle -------------------------------------------------------------------
 
-    def open(self, join: str | None = None, timeout: float = 60.0) -> MetadataGroup:
+    def open(self, join: str | None = None, timeout: float = 60.0,
+             rejoin: bool = False) -> MetadataGroup:
         """Starts the right way for this data dir: a restart from disk (``join`` is
         ignored: the data dir knows the cluster), a join through ``join``, or a new
-        single-member cluster."""
+        single-member cluster. A data dir of a removed member raises ClusterError
+        "removed" unless ``rejoin``: a restart with the flags it always had (a
+        StatefulSet's) must not undo ``mq9 cluster remove``."""
         if join and self._is_self(join):
             # lets every pod of a StatefulSet get the same --join (pod 0's address):
             # pod 0 then bootstraps, or restarts from its data dir
             join = None
         local = self._read_node_file()
         if local and local.get("removed"):
+            peers = [p for p in local.get("peers", []) if p != self.address]
+            if not rejoin:
+                raise ClusterError("removed", f"{self.node_id} was removed from its cluster "
+                                   f"{local.get('cluster_id') or ''}; it stays out until started "
+                                   f"with --rejoin (which discards its old cluster data in "
+                                   f"{self.dir} and joins again)")
+            join = join or (peers[0] if peers else None)
             if not join:
-                raise ClusterError("removed", f"{self.node_id} was removed from its cluster; "
-                                   f"start it with --join to rejoin (its old metadata in "
-                                   f"{self.dir} is then discarded)")
+                raise ClusterError("bad_request", "--rejoin needs --join: no other member "
+                                   "is known")
             self._wipe()
             local = {}
         if local and not local.get("joining"):
             if join:
                 self.log.info("cluster_join_ignored", reason="data dir already holds a member",
                               seed=join)
+            if not rejoin and self._removed_while_away(local):
+                self._write_node_file(**{**local, "removed": True})
+                raise ClusterError("removed", f"{self.node_id} was removed from its cluster "
+                                   f"{local.get('cluster_id') or ''} while it was down; it "
+                                   f"stays out until started with --rejoin")
             self.start()
             if not self._partners and not local.get("peers"):
                 self.bootstrap(timeout=timeout)  # a lone node that crashed before bootstrap
@@ -444,6 +458,24 @@ class MetadataGroup:
         self.log.info("cluster_joined", cluster_id=cid, members=len(self._sm.state.members))
         return self
 
+    def _removed_while_away(self, local: dict) -> bool:
+        """Whether a caught-up member of our cluster says we are no longer one of them
+        (`mq9 cluster remove --force` while this node was down). Starting Raft anyway
+        would serve stale slots and disturb the group with elections it cannot win.
+        False when nobody answers: the whole cluster may be restarting."""
+        for peer in local.get("peers", ()):
+            if peer == self.address:
+                continue
+            try:
+                s = call(peer, "status", password=self.password, timeout=2.0)
+            except (ControlError, ValueError):
+                continue
+            if (s.get("cluster_id") != local.get("cluster_id") or not s.get("ready")
+                    or not s.get("leader")):
+                continue
+            return self.node_id not in s["members"] and self.address not in s["raft_members"]
+        return False
+
     def _is_self(self, address: str) -> bool:
         host, port = check_address(address).rsplit(":", 1)
         if int(port) != self.cluster_port:
@@ -600,7 +632,10 @@ class MetadataGroup:
                 self.log.exception("metadata_callback_failed", op=op)
         if self.node_id in state.members:
             self._was_member = True
-        elif self._was_member and state.bootstrapped and not self.removed:
+        elif (self._was_member and state.bootstrapped and not self.removed
+              and self._obj is not None and self._obj.isReady()):
+            # Only once caught up: a member that rejoined replays the log of its earlier
+            # removal on the way to its new add_member.
             self.removed = True
             self._write_node_file(removed=True)
             self.log.info("metadata_removed_from_cluster")
@@ -683,6 +718,10 @@ class MetadataGroup:
 
     def set_leaving(self, node_id: str, leaving: bool = True, timeout: float = 10.0) -> dict:
         return self.write("set_leaving", {"node_id": node_id, "leaving": leaving}, timeout)
+
+    def set_lame_duck(self, lame_duck: bool = True, timeout: float = 10.0) -> dict:
+        return self.write("set_lame_duck", {"node_id": self.node_id, "lame_duck": lame_duck},
+                          timeout)
 
     def start_moves(self, moves: list[dict], timeout: float = 10.0) -> list[list[int]]:
         """Returns [slot, move_id] references for the other move operations."""

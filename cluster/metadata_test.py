@@ -227,3 +227,44 @@ def test_from_config(tmp_path):
                              "nats_port": 4333, "shards": 3, "gateways": 2}
     with pytest.raises(ClusterError):
         from_config(config.Config(cluster_port=0, data_dir=str(tmp_path)))
+
+
+def test_removed_member_stays_out_unless_rejoin(groups, tmp_path):
+    a = groups("a", tmp_path / "a").open(timeout=10)
+    port = free_port()
+    b = groups("b", tmp_path / "b", port=port).open(join=a.address, timeout=15)
+    a.remove_member("b", force=True)
+    assert b.wait_for(lambda s: "b" not in s.members, 5) and b.removed
+    a.remove_raft_node(b.address)
+    b.close()
+    # restarted with the same --join, as a StatefulSet does: refused, nothing changes
+    again = groups("b", tmp_path / "b", port=port)
+    with pytest.raises(ClusterError) as e:
+        again.open(join=a.address, timeout=5)
+    assert e.value.code == "removed" and "--rejoin" in str(e.value)
+    assert set(a.snapshot().members) == {"a"} and a.raft_members() == [a.address]
+    # asked for explicitly: wiped and joined again (the seed comes from its saved peers)
+    back = groups("b", tmp_path / "b", port=port).open(timeout=15, rejoin=True)
+    assert set(back.snapshot().members) == {"a", "b"}
+    assert not json.load(open(tmp_path / "b" / "cluster" / "node.json"))["removed"]
+
+
+def test_member_removed_while_down_stays_out(groups, tmp_path):
+    a = groups("a", tmp_path / "a").open(timeout=10)
+    bport = free_port()
+    b = groups("b", tmp_path / "b", port=bport).open(join=a.address, timeout=15)
+    port = free_port()
+    c = groups("c", tmp_path / "c", port=port).open(join=a.address, timeout=15)
+    c.close()  # down, then taken out for good by the others
+    a.remove_member("c", force=True)
+    a.remove_raft_node(c.address)
+    assert b.wait_for(lambda s: "c" not in s.members, 5)
+    with pytest.raises(ClusterError) as e:
+        groups("c", tmp_path / "c", port=port).open(timeout=10)
+    assert e.value.code == "removed" and "while it was down" in str(e.value)
+    assert json.load(open(tmp_path / "c" / "cluster" / "node.json"))["removed"]
+    assert sorted(a.raft_members()) == sorted([a.address, b.address])
+    # An ordinary restart of a member that is still one is not affected.
+    b.close()
+    b = groups("b", tmp_path / "b", port=bport).open(timeout=10)
+    assert not b.removed and set(b.snapshot().members) == {"a", "b"}

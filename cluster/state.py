@@ -55,7 +55,8 @@ class ClusterState:
     cluster_id: str = ""
     version: int = 0
     # node_id -> {"advertise", "cluster_port", "nats_port", "shards", "gateways",
-    #             "joined_at", "state"}
+    #             "joined_at", "state"[, "lame_duck": True]}; advertise:nats_port is the
+    #             member's client URL (INFO connect_urls)
     members: dict = field(default_factory=dict)
     # NUM_SLOTS owners once bootstrapped, empty before
     slots: tuple = ()
@@ -127,6 +128,21 @@ def raft_address(info: dict) -> str:
 
 
 # ---- reading helpers -------------------------------------------------------------------
+
+def client_url(info: dict) -> str:
+    """The member's NATS address as INFO's ``connect_urls`` carries it (``host:port``)."""
+    host = info["advertise"]
+    return f"[{host}]:{info['nats_port']}" if ":" in host else f"{host}:{info['nats_port']}"
+
+
+def client_urls(members: dict, exclude: str | None = None) -> list[str]:
+    """What clients may fail over to: the NATS address of every member (of
+    ``ClusterState.members``) except those leaving the cluster or in lame-duck mode, and
+    ``exclude`` (a node id)."""
+    return sorted(client_url(info) for n, info in members.items()
+                  if n != exclude and info.get("state") == "active"
+                  and not info.get("lame_duck") and info.get("nats_port"))
+
 
 def slots_per_node(state: ClusterState) -> dict[str, int]:
     counts = {n: 0 for n in state.members}
@@ -273,6 +289,22 @@ def set_leaving(state: ClusterState, *, node_id: str, leaving: bool = True):
         raise StateError("bad_request", "cannot drain the last active member")
     members = {**state.members, node_id: {**state.members[node_id], "state": new}}
     return _bump(state, members=members), {}
+
+
+def set_lame_duck(state: ClusterState, *, node_id: str, lame_duck: bool = True):
+    """A member in lame-duck mode is leaving for a while (a rolling restart): its client
+    URL is no longer advertised, so clients it closes reconnect elsewhere. Cleared by the
+    node itself once it serves again. Absent rather than false, so a member that never
+    used it reads the same as in older states."""
+    if node_id not in state.members:
+        raise StateError("not_found", f"no member {node_id}")
+    info = state.members[node_id]
+    if bool(info.get("lame_duck")) == bool(lame_duck):
+        return state, {}
+    info = {k: v for k, v in info.items() if k != "lame_duck"}
+    if lame_duck:
+        info["lame_duck"] = True
+    return _bump(state, members={**state.members, node_id: info}), {}
 
 
 def remove_member(state: ClusterState, *, node_id: str, force: bool = False):
@@ -455,6 +487,7 @@ OPS = {
     "bootstrap": bootstrap,
     "add_member": add_member,
     "set_leaving": set_leaving,
+    "set_lame_duck": set_lame_duck,
     "remove_member": remove_member,
     "start_moves": start_moves,
     "set_moves_state": set_moves_state,

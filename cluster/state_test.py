@@ -330,3 +330,27 @@ def test_owner_lookups():
     local = s.shard_owners("n2")
     assert sum(x is not None for x in local) == NUM_SLOTS // 2
     assert s.node_at("127.0.0.1:6223") == "n2" and s.address_of("n1") == "127.0.0.1:6222"
+
+
+def test_client_urls_leave_out_leaving_and_lame_duck_members():
+    s = boot()
+    s = apply(s, "add_member", node_id="n2", info=info(host="10.0.0.2", port=6223))
+    s = apply(s, "add_member", node_id="n3", info=info(host="::1", port=6224))
+    assert st.client_urls(s.members) == ["10.0.0.2:4222", "127.0.0.1:4222", "[::1]:4222"]
+    assert st.client_urls(s.members, exclude="n1") == ["10.0.0.2:4222", "[::1]:4222"]
+    ducked = apply(s, "set_lame_duck", node_id="n2")
+    assert st.client_urls(ducked.members) == ["127.0.0.1:4222", "[::1]:4222"]
+    assert apply(ducked, "set_lame_duck", node_id="n2") is ducked  # idempotent
+    back = apply(ducked, "set_lame_duck", node_id="n2", lame_duck=False)
+    assert back.members == s.members  # no lame_duck key left: reads like an older state
+    leaving = apply(s, "set_leaving", node_id="n3")
+    assert st.client_urls(leaving.members) == ["10.0.0.2:4222", "127.0.0.1:4222"]
+    with pytest.raises(StateError):
+        apply(s, "set_lame_duck", node_id="nope")
+
+
+def test_state_written_before_lame_duck_existed_reads_and_gives_urls():
+    old = {"cluster_id": "c1", "version": 3, "slots": [["n1", 0]] * NUM_SLOTS,
+           "members": {"n1": {"advertise": "a.svc", "cluster_port": 6222, "nats_port": 4222,
+                              "shards": 1, "gateways": 1, "joined_at": 1.0, "state": "active"}}}
+    assert st.client_urls(ClusterState.from_dict(json.loads(json.dumps(old))).members) == ["a.svc:4222"]

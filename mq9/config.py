@@ -36,6 +36,11 @@ class Config:
                                        "first node of a cluster (joiners default to --host, or this "
                                        "machine's address when --host is 0.0.0.0)")
     join: str | None = _opt(None, "HOST:PORT of any cluster member's --cluster-port, to join its cluster")
+    no_advertise: bool = _opt(False, "leave the cluster's client URLs out of INFO connect_urls "
+                                     "(nats-server's no_advertise), for clients that cannot "
+                                     "reach the members' --advertise hosts")
+    rejoin: bool = _opt(False, "let a node that `mq9 cluster remove` took out join again (its old "
+                               "cluster data is wiped); without it a removed node stays out, idle")
     cluster_secret: str | None = _opt(None, "secret shared by the members of a cluster, at least 16 "
                                             "characters (e.g. `openssl rand -hex 32`); required in "
                                             "cluster mode: it encrypts and authenticates Raft and "
@@ -68,6 +73,10 @@ class Config:
     tls_timeout: float = _opt(2.0, "seconds a client has to complete the TLS handshake")
     tls_handshake_first: bool = _opt(False, "TLS handshake before INFO (nats-server's handshake_first; "
                                             "clients must ask for it, e.g. nats-py tls_handshake_first)")
+    lame_duck_duration: float = _opt(120.0, "seconds over which lame-duck mode (SIGUSR2) closes the "
+                                            "clients, grace period included (nats-server's default)")
+    lame_duck_grace_period: float = _opt(10.0, "seconds lame-duck mode waits before it starts "
+                                               "closing clients (nats-server's default)")
     server_name: str | None = _opt(None, "name in INFO (default: mq9-<hostname>)")
     log_level: str = _opt("info", "debug | info | warning | error",
                           choices=("debug", "info", "warning", "error"))
@@ -224,7 +233,8 @@ _RANGES = (
     ("max_connections", 1, None), ("max_control_line", 1, None), ("max_pending", 1, None),
     ("max_msgs", 1, None), ("default_ttl", 0, None), ("ping_interval", 0.001, None),
     ("max_pings_out", 1, None), ("auth_timeout", 0.001, None), ("max_subscriptions", 0, None),
-    ("tls_timeout", 0.001, None),
+    ("tls_timeout", 0.001, None), ("lame_duck_duration", 0.001, None),
+    ("lame_duck_grace_period", 0, None),
 )
 
 
@@ -235,3 +245,6 @@ def _check_ranges(cfg: Config) -> None:
         if value < lo or (hi is not None and value > hi):
             limit = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
             raise ValueError(f"{_flag(by_name[name])} must be {limit}, got {value}")
+    if cfg.lame_duck_grace_period >= cfg.lame_duck_duration:
+        # as nats-server refuses it: the clients would all be closed at once
+        raise ValueError("--lame-duck-grace-period must be less than --lame-duck-duration")

@@ -50,6 +50,9 @@ def test_switch_from_flag_env_and_toml(tmp_path, pems):
     (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], "--tls-cert/--tls-key"),
     (["--auth-file", "/nonexistent.toml"], "--auth-file /nonexistent.toml"),
     (["--max-subscriptions", "-1"], "--max-subscriptions must be at least 0"),
+    (["--lame-duck-duration", "5", "--lame-duck-grace-period", "5"],
+     "--lame-duck-grace-period must be less than --lame-duck-duration"),
+    (["--lame-duck-duration", "0"], "--lame-duck-duration must be at least"),
 ])
 def test_bad_settings(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -79,3 +82,11 @@ def test_kubernetes_service_link_is_named(name):
 
 def test_a_flag_wins_over_a_service_link():
     assert cfg(["--port", "4333"], {"MQ9_PORT": "tcp://10.0.0.1:4222"}).port == 4333
+
+
+def test_lame_duck_and_rejoin_settings():
+    c = cfg()
+    assert (c.lame_duck_duration, c.lame_duck_grace_period, c.rejoin) == (120.0, 10.0, False)
+    c = cfg(["--lame-duck-duration", "30"], {"MQ9_LAME_DUCK_GRACE_PERIOD": "2.5",
+                                            "MQ9_REJOIN": "1"})
+    assert (c.lame_duck_duration, c.lame_duck_grace_period, c.rejoin) == (30.0, 2.5, True)

@@ -26,7 +26,12 @@ keeps dying young. SIGTERM/SIGINT stop the gateways first (they stop accepting a
 then the shards (they finish their batch and close RocksDB), each group within a bounded
 time, then SIGKILL; a second signal skips the waiting. SIGHUP reloads the configuration
 (``mq9/reload.py``); SIGUSR1 (reopen the log file) is logged and ignored: the node logs to
-its standard error, there is no file to reopen.
+its standard error, there is no file to reopen. SIGUSR2 is lame-duck mode (nats-server's):
+gateways stop accepting and close their clients gradually, then the node stops as on
+SIGTERM (which it ignores meanwhile, as nats-server does).
+
+A data dir whose member `mq9 cluster remove` took out starts idle (no children, /readyz
+503) unless ``--rejoin``: see ``_stay_removed``.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ SHARD_STOP_TIMEOUT = 10.0
 RESTART_DELAY_FIRST = 0.2
 RESTART_DELAY_MAX = 10.0
 STABLE_AFTER = 30.0  # a child that ran this long restarts with the first delay again
+# Lame duck: gateways get this long past lame_duck_duration before they are stopped anyway.
+LAME_DUCK_MARGIN = 5.0
 
 
 def _resolve(target: str):
@@ -176,6 +183,8 @@ class _Supervisor:
         self.rebalancer = None  # cluster.rebalance.Rebalancer, driving mq9.mover.ShardMover
         self.mover = None
         self.signals: list[int] = []
+        self.removed: str | None = None  # why this data dir's member stays out of its cluster
+        self.lame_duck_until: float | None = None
         self.stop_signal: str | None = None
         self.hurry = False
         self.ready = False
@@ -219,6 +228,11 @@ class _Supervisor:
                           error=str(e))
                 return 1
         self._install_signals()
+        # before the cluster opens: `mq9 health` finds an idle removed member through it too
+        nodefile.write(cfg.run_dir, NodeInfo(
+            pid=os.getpid(), host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
+            server_id=self.server_id, server_name=self.server_name, version=__version__,
+            started=self.started_wall))
         if self._wants_cluster():
             if not cfg.cluster_secret:
                 # Without it Raft would unpickle whatever reaches its port and the data
@@ -229,16 +243,12 @@ class _Supervisor:
                                "config file or --cluster-secret-file; the same on every member")
                 return 1
             if not self._open_cluster():
-                return 1
+                return self._stay_removed() if self.removed else 1
         else:
             # No metadata group and no data ports: nothing listens beyond the NATS and
             # metrics ports (pysyncobj unpickles what reaches its port, so it is opt-in).
             self.cfg = dataclasses.replace(self.cfg, cluster_port=0)
         cfg = self.cfg
-        nodefile.write(cfg.run_dir, NodeInfo(
-            pid=os.getpid(), host=cfg.host, port=cfg.port, metrics_port=cfg.metrics_port,
-            server_id=self.server_id, server_name=self.server_name, version=__version__,
-            started=self.started_wall))
         log.info("node_starting", version=__version__, pid=os.getpid(), host=cfg.host,
                  port=cfg.port, metrics_port=cfg.metrics_port, gateways=len(self.gateways),
                  shards=len(self.shards), data_dir=cfg.data_dir, server_id=self.server_id)
@@ -268,11 +278,17 @@ class _Supervisor:
     def _open_cluster(self) -> bool:
         """Join, restart into or bootstrap the metadata group before any child starts:
         children need this node's id, and gateways the slot map it owns."""
-        from cluster.metadata import from_config
+        from cluster.metadata import ClusterError, from_config
 
         try:
             group = from_config(self.cfg, secret=self.cfg.cluster_secret)
-            self.group = group.open(join=self.cfg.join)
+            self.group = group.open(join=self.cfg.join, rejoin=self.cfg.rejoin)
+        except ClusterError as e:
+            if e.code != "removed":
+                log.error("cluster_open_failed", join=self.cfg.join, error=str(e))
+                return False
+            self.removed = str(e)
+            return False
         except Exception as e:  # noqa: BLE001 - every failure is fatal here, and said once
             log.error("cluster_open_failed", join=self.cfg.join, error=str(e))
             return False
@@ -284,9 +300,73 @@ class _Supervisor:
                  members=len(snap.members), version=snap.version)
         return True
 
+    def _stay_removed(self) -> int:
+        """`mq9 cluster remove` took this member out and it was started again with the
+        flags it always had, the way a StatefulSet restarts it. Joining would undo the
+        removal (its slots would move back); exiting would have the kubelet restart it
+        over and over. So it stays up and idle: no child, no cluster port, /readyz 503
+        saying why, /healthz 200, and it exits 0 on SIGTERM (or SIGUSR2)."""
+        self.phase = "removed"
+        self._serve_http()
+        log.warning("cluster_removed_staying_out", error=self.removed,
+                    hint="start it with --rejoin (MQ9_REJOIN=1) to join again; "
+                         "it does nothing until stopped")
+        while self.stop_signal is None:
+            self._wait(60.0)
+        log.info("node_stopped", signal=self.stop_signal)
+        return 0
+
     def _removed_from_cluster(self) -> None:
         log.info("cluster_removed", node_id=self.cfg.node_id)
         os.kill(os.getpid(), signal.SIGTERM)  # the main loop wakes on its signal fd
+
+    # ---- lame-duck mode ----------------------------------------------------------------
+
+    def _enter_lame_duck(self) -> None:
+        """SIGUSR2: every gateway stops accepting and closes its clients gradually (see
+        ``Gateway.enter_lame_duck``); gateways that finish exit and are not restarted;
+        once none is left the node stops as on SIGTERM. In a cluster the members stop
+        advertising this node's client URL."""
+        cfg = self.cfg
+        self.phase = "lame_duck"
+        self.lame_duck_until = time.monotonic() + cfg.lame_duck_duration + LAME_DUCK_MARGIN
+        log.info("node_lame_duck", grace_period=cfg.lame_duck_grace_period,
+                 duration=cfg.lame_duck_duration)
+        for c in self.gateways:
+            c.restart_at = None
+            if c.proc is not None and c.proc.exitcode is None:
+                try:
+                    os.kill(c.pid, signal.SIGUSR2)
+                except ProcessLookupError:
+                    pass
+        if self.group is not None:
+            threading.Thread(target=self._announce_lame_duck, args=(True,),
+                             name="mq9-lame-duck", daemon=True).start()
+
+    def _announce_lame_duck(self, on: bool, tries: int = 1) -> None:
+        """Sets or clears this member's lame-duck flag in the metadata (other members
+        then leave its URL out of connect_urls, or put it back)."""
+        for attempt in range(tries):
+            try:
+                self.group.set_lame_duck(on, timeout=10.0)
+                return
+            except Exception as e:  # noqa: BLE001 - clients still learn it from our INFO
+                error = str(e)
+            if self.group is None or attempt == tries - 1:
+                break
+            time.sleep(5.0)
+        log.warning("cluster_lame_duck_write_failed", lame_duck=on, error=error)
+
+    def _lame_duck_over(self) -> bool:
+        if all(c.proc is None for c in self.gateways):
+            self.stop_signal = "lame_duck"
+            return True
+        if time.monotonic() >= self.lame_duck_until:
+            log.warning("node_lame_duck_timeout", gateways=",".join(
+                c.name for c in self.gateways if c.proc is not None))
+            self.stop_signal = "lame_duck"
+            return True
+        return False
 
     def _start_rebalancer(self) -> None:
         """Every member runs one; only the Raft leader's acts (cluster/rebalance.py)."""
@@ -387,7 +467,7 @@ class _Supervisor:
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
         self.old_wakeup_fd = signal.set_wakeup_fd(self.wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             self.old_handlers[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
@@ -410,6 +490,15 @@ class _Supervisor:
                          reason="no log file: the node logs to stderr")
                 continue
             name = signal.Signals(signum).name
+            if self.phase == "running" and signum == signal.SIGUSR2:
+                self._enter_lame_duck()
+                continue
+            if self.phase == "lame_duck" and signum in (signal.SIGUSR2, signal.SIGTERM):
+                # As nats-server: SIGTERM does not cut lame-duck mode short (Kubernetes
+                # sends it as soon as the preStop hook that started it returns); the node
+                # stops when the period ends. SIGINT still stops it at once.
+                log.info("node_lame_duck_signal_ignored", signal=name)
+                continue
             if self.stop_signal is None:
                 self.stop_signal = name
                 log.info("node_stopping", signal=name)
@@ -524,6 +613,10 @@ class _Supervisor:
             c.pid = None
             self.listening.discard(pid)
             self._forget_metrics(pid)
+            if self.phase == "lame_duck" and c.kind == "gateway":
+                log.info("child_stopped", child=c.name, pid=pid, **_exit_fields(code),
+                         reason="lame duck")
+                continue
             delay = self._schedule_restart(c, uptime)
             log.error("child_died", child=c.name, pid=pid, **_exit_fields(code),
                       uptime=round(uptime, 3), restart_in=round(delay, 3))
@@ -568,6 +661,8 @@ class _Supervisor:
             if self.stop_signal is not None:
                 break  # children dying now are stopping (Ctrl-C reaches them too), not crashing
             self._reap()
+            if self.phase == "lame_duck" and self._lame_duck_over():
+                break
             if self.group is not None and time.monotonic() >= self._next_gauges:
                 self._next_gauges = time.monotonic() + 1.0
                 try:
@@ -581,6 +676,11 @@ class _Supervisor:
                 self._serve_http()
                 log.info("node_ready", port=self.cfg.port, metrics_port=self.cfg.metrics_port,
                          seconds=round(time.monotonic() - self.started_at, 3))
+                if self.group is not None and self.group.snapshot().members.get(
+                        self.group.node_id, {}).get("lame_duck"):
+                    # back from a lame-duck stop (a rolling restart): advertise it again
+                    threading.Thread(target=self._announce_lame_duck, args=(False, 6),
+                                     name="mq9-lame-duck", daemon=True).start()
             if time.monotonic() >= self._next_cpu:
                 self._next_cpu = time.monotonic() + 1.0
                 self.cpu.sample(time.monotonic(), procstats.usage(fds=False).cpu_seconds)
@@ -588,7 +688,10 @@ class _Supervisor:
     # ---- state for /healthz and /readyz (called from the HTTP thread too) -------------
 
     def down(self) -> list[str]:
-        return [c.name for c in self.children if c.pid is None]
+        if self.phase == "removed":
+            return []  # alive and meant to be idle: a liveness probe must not restart it
+        children = self.shards if self.phase == "lame_duck" else self.children
+        return [c.name for c in children if c.pid is None]
 
     def slots_unavailable(self) -> int:
         """Slots this node owns whose shard process is not running (or not yet taking
@@ -616,6 +719,11 @@ class _Supervisor:
             return ["node is stopping"]
         if self.phase == "starting":
             return ["node is starting"]
+        if self.phase == "removed":  # idle on purpose: alive, never ready
+            return [] if path == "/healthz" else [
+                "removed from the cluster, staying out until started with --rejoin"]
+        if self.phase == "lame_duck" and path == "/readyz":
+            return ["node is in lame duck mode"]
         if path == "/healthz":
             bad = [f"{name} is not running" for name in self.down()]
         else:

@@ -64,6 +64,7 @@ class Client(asyncio.Protocol):
         self.verbose = True
         self.pedantic = True
         self.info_after_pong = False  # nats-server >= 2.12 repeats INFO after the first PONG
+        self.proto = 0  # CONNECT's protocol: 1 means the client takes asynchronous INFOs
         self.echo = True
         self.headers = False
         self.no_responders = False
@@ -373,6 +374,8 @@ class Client(asyncio.Protocol):
             return
         if isinstance(proto, int) and proto >= 1 and not self.connected:
             self.info_after_pong = True
+        if isinstance(proto, int):
+            self.proto = proto
         if self.no_responders and not self.headers:
             self.close_with_error(errors.NO_RESPONDERS_REQUIRES_HEADERS)
             return

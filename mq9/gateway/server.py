@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import os
+import random
 import signal
 import socket
 import time
@@ -82,6 +83,9 @@ class Gateway:
         }
         if self.auth_required:
             self._info_base["auth_required"] = True
+        self.lame_duck = False
+        self._lame_duck_task: asyncio.Task | None = None
+        self._update_connect_urls()
         self.server: asyncio.AbstractServer | None = None
         self._pinger: asyncio.TimerHandle | None = None
         self._topology_timer: asyncio.TimerHandle | None = None
@@ -127,6 +131,70 @@ class Gateway:
         self.peers.close()
         self.ctx.term()
         self.conns.close()
+
+    # ---- connect_urls and lame-duck mode ----------------------------------------------
+
+    def _update_connect_urls(self, ldm: bool = False) -> None:
+        """INFO's ``connect_urls``: the cluster's client URLs, so a client given one URL
+        can fail over to the others (none on a single node, as nats-server). When they
+        change, clients that take asynchronous INFOs are told, as nats-server does."""
+        urls = []
+        if self.topology.owners is not None and not self.cfg.no_advertise:
+            from cluster.state import client_urls  # only gateways of clustered nodes need it
+
+            # In lame-duck mode this node stops advertising itself at once; the others
+            # drop it when the metadata group says so.
+            urls = client_urls(self.topology.members, exclude=self.node if self.lame_duck else None)
+        if ldm:
+            self._info_base["ldm"] = True
+        elif urls == self._info_base.get("connect_urls", []):
+            return
+        if urls:
+            self._info_base["connect_urls"] = urls
+        else:
+            self._info_base.pop("connect_urls", None)
+        for c in list(self.clients.values()):
+            if c.connected and c.proto >= 1 and not c.closed:
+                c.send(self.info_line(c))
+
+    def enter_lame_duck(self, done) -> None:
+        """SIGUSR2 from the supervisor (nats-server's lame-duck mode): stop accepting,
+        tell the clients (INFO ``ldm``, connect_urls without this node), wait the grace
+        period, then close the clients spread over the rest of ``lame_duck_duration``,
+        so they do not all reconnect elsewhere at once. ``done()`` when none is left."""
+        if self.lame_duck:
+            return
+        self.lame_duck = True
+        if self.server is not None:
+            self.server.close()
+        self._lame_duck_task = self.loop.create_task(self._lame_duck(done))
+
+    async def _lame_duck(self, done) -> None:
+        cfg = self.cfg
+        clients = [c for c in self.clients.values() if not c.closed]
+        self.log.info("gateway_lame_duck", clients=len(clients),
+                      grace_period=cfg.lame_duck_grace_period, duration=cfg.lame_duck_duration)
+        if not clients:
+            done()
+            return
+        self._update_connect_urls(ldm=True)
+        await asyncio.sleep(cfg.lame_duck_grace_period)
+        # nats-server's pacing: the rest of the duration split between the clients, at
+        # most a second apart, each pause a random part of that of at least half.
+        spread = max(cfg.lame_duck_duration - cfg.lame_duck_grace_period, 1.0)
+        pause = min(spread / len(clients), 1.0)
+        batch = 1
+        if pause < 0.001:  # many clients: close several per pause
+            batch = int(len(clients) * 0.001 / spread) + 1
+            pause = 0.001
+        self.log.info("gateway_lame_duck_closing", clients=len(clients), pause=round(pause, 4))
+        for i, c in enumerate(clients):
+            c.close()
+            if i == len(clients) - 1:
+                break
+            if batch == 1 or i % batch == 0:
+                await asyncio.sleep(random.uniform(pause / 2, pause))
+        done()
 
     def _new_client(self) -> Client:
         self._cid += 1
@@ -382,6 +450,7 @@ class Gateway:
                               members=len(self.topology.members))
                 self.peers.update(self.topology.gateways())
                 self.mailboxes.on_topology_changed()
+                self._update_connect_urls()
         except Exception:
             self.log.exception("topology_refresh_failed")
         self._topology_timer = self.loop.call_later(0.2, self._watch_topology)
@@ -447,11 +516,14 @@ async def _main(cfg: Config, index: int) -> None:
     # gateways before the shards, in order.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, gw.log_state)
+    loop.add_signal_handler(signal.SIGUSR2, gw.enter_lame_duck, stop.set)
     loop.add_signal_handler(signal.SIGHUP, gw.reload)
     reloading.accept()
     await gw.start()
     process.settle_heap()
     await stop.wait()
+    if gw._lame_duck_task is not None:
+        gw._lame_duck_task.cancel()
     gw.log.info("gateway_draining", clients=len(gw.clients))
     await gw.stop()
 
