@@ -13,10 +13,10 @@ builds the TLS context, as at start), and only if all of it is good:
 
 Settings that only a restart changes are named in one log line and otherwise ignored.
 
-SIGHUP would kill a child that has not installed its handler yet (a Python child is busy
-importing for a while after it is spawned), so the supervisor spawns children with SIGHUP
-blocked; a child unblocks it (``accept``) once its handler is in place and then receives
-any SIGHUP sent meanwhile.
+SIGHUP (and SIGUSR2, lame duck) would kill a child that has not installed its handler yet
+(a Python child is busy importing for a while after it is spawned), so the supervisor spawns
+children with both blocked; a child unblocks the ones it handles (``accept``) once its
+handlers are in place and then receives any signal sent meanwhile.
 """
 
 from __future__ import annotations
@@ -90,15 +90,16 @@ def read(run_dir: str) -> Reloaded | None:
 
 
 @contextlib.contextmanager
-def hup_blocked():
-    """Around spawning a child: it inherits the blocked SIGHUP (see the module doc)."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+def signals_blocked():
+    """Around spawning a child: it inherits SIGHUP and SIGUSR2 blocked (see the module doc)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGUSR2})
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def accept() -> None:
-    """In a child, once its SIGHUP handler is installed: deliver reloads from now on."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+def accept(*signals: signal.Signals) -> None:
+    """In a child, once its handlers of ``signals`` are installed: deliver them from now on
+    (a signal it does not handle stays blocked rather than killing it)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(signals))

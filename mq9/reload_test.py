@@ -36,10 +36,11 @@ def test_file_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [reload.FILE]
 
 
-def test_hup_blocked_restores_the_mask():
+def test_signals_blocked_restores_the_mask():
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    with reload.hup_blocked():
-        assert signal.SIGHUP in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with reload.signals_blocked():
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        assert signal.SIGHUP in blocked and signal.SIGUSR2 in blocked
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
 
 

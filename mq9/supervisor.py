@@ -582,7 +582,7 @@ class _Supervisor:
         p = self.ctx.Process(target=_child_main, name=f"mq9-{c.name}",
                              args=(c.kind, self.cfg, c.index, self.targets.get(c.kind)))
         try:
-            with reloading.hup_blocked():
+            with reloading.signals_blocked():
                 p.start()
         except OSError as e:
             log.error("child_spawn_failed", child=c.name, error=str(e))

@@ -518,7 +518,7 @@ async def _main(cfg: Config, index: int) -> None:
     loop.add_signal_handler(signal.SIGUSR1, gw.log_state)
     loop.add_signal_handler(signal.SIGUSR2, gw.enter_lame_duck, stop.set)
     loop.add_signal_handler(signal.SIGHUP, gw.reload)
-    reloading.accept()
+    reloading.accept(signal.SIGHUP, signal.SIGUSR2)
     await gw.start()
     process.settle_heap()
     await stop.wait()

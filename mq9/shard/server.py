@@ -174,7 +174,7 @@ def run(cfg: Config, index: int) -> None:
         signal.signal(signal.SIGINT, _stop)
     # A shard's only reloadable setting is its log level (see mq9/reload.py).
     signal.signal(signal.SIGHUP, lambda signum, frame: _reload_log_level(cfg))
-    reloading.accept()
+    reloading.accept(signal.SIGHUP)
 
     t0 = time.monotonic()
     store = Store(data_path(cfg, index), fsync=cfg.fsync == "batch")
