@@ -1,8 +1,8 @@
 """What ``mq9 cluster status`` and ``mq9 cluster remove`` do, against any member's
-``--cluster-port`` (see ``cluster.control`` for the wire).
+``--cluster-port`` (see ``mq9.cluster.control`` for the wire).
 
-    python -m cluster.admin status --server 127.0.0.1:6222 [--json]
-    python -m cluster.admin remove NODE --server 127.0.0.1:6222 [--force]
+    python -m mq9.cluster.admin status --server 127.0.0.1:6222 [--json]
+    python -m mq9.cluster.admin remove NODE --server 127.0.0.1:6222 [--force]
 
 Both need the cluster secret (``--cluster-secret``, ``--cluster-secret-file`` or
 ``MQ9_CLUSTER_SECRET``): members drop connections that do not authenticate with it.
@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from cluster.control import ControlError, call, call_retry
+from mq9.cluster.control import ControlError, call, call_retry
 
 
 class AdminError(Exception):
@@ -182,7 +182,7 @@ def _secret(a) -> str:
     return secret
 
 
-def build_parser(prog: str = "python -m cluster.admin") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m mq9.cluster.admin") -> argparse.ArgumentParser:
     """The command's flags (also read by ``mq9 completion``)."""
     p = argparse.ArgumentParser(prog=prog)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -201,7 +201,7 @@ def build_parser(prog: str = "python -m cluster.admin") -> argparse.ArgumentPars
     return p
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m cluster.admin") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m mq9.cluster.admin") -> int:
     a = build_parser(prog).parse_args(argv)
     try:
         a.password = _secret(a)

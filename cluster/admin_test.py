@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster import admin
+from mq9.cluster import admin
 
 
 def test_status_text_shows_leaving_and_lame_duck_members():

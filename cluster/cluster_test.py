@@ -1,5 +1,5 @@
 """The metadata group across processes: real pysyncobj members (``python -m
-cluster.member --fast``) on 127.0.0.1. One scenario, in order: bootstrap, two joins,
+mq9.cluster.member --fast``) on 127.0.0.1. One scenario, in order: bootstrap, two joins,
 convergence, write latency, kill -9 of the leader, restart from the data dir, removal.
 
 The tests share one cluster and depend on the ones before them.
@@ -17,10 +17,10 @@ import time
 
 import pytest
 
-from cluster import admin
-from cluster.control import ControlError, call
-from cluster.slots import NUM_SLOTS
-from cluster.state import ClusterState
+from mq9.cluster import admin
+from mq9.cluster.control import ControlError, call
+from mq9.cluster.slots import NUM_SLOTS
+from mq9.cluster.state import ClusterState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "member-test-secret-0123456789"  # Raft and control traffic sealed, as in production
@@ -42,7 +42,7 @@ class Member:
         self.proc: subprocess.Popen | None = None
 
     def start(self, join: str | None = None, *extra: str) -> Member:
-        cmd = [sys.executable, "-m", "cluster.member", "--fast", "--node-id", self.node_id,
+        cmd = [sys.executable, "-m", "mq9.cluster.member", "--fast", "--node-id", self.node_id,
                "--bind", self.address, "--data-dir", self.data_dir, "--shards", "2",
                "--batch", "256", "--move-delay", "0.15", "--timeout", "20",
                "--die-with-parent", "--password", SECRET, *extra]
@@ -271,7 +271,7 @@ def test_remove_member_moves_its_slots_then_takes_it_out(cluster):
 def test_status_cli(cluster):
     m = next(iter(cluster.values()))
     env = {**os.environ, "MQ9_CLUSTER_SECRET": SECRET}
-    out = subprocess.run([sys.executable, "-m", "cluster.admin", "status", "--server",
+    out = subprocess.run([sys.executable, "-m", "mq9.cluster.admin", "status", "--server",
                           m.address], cwd=ROOT, capture_output=True, text=True, timeout=20,
                          check=False, env=env)
     assert out.returncode == 0, out.stderr
@@ -279,11 +279,11 @@ def test_status_cli(cluster):
     assert "leader" in out.stdout and "NODE" in out.stdout
     for node_id in cluster:
         assert node_id in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "cluster.admin", "status", "--server",
+    bad = subprocess.run([sys.executable, "-m", "mq9.cluster.admin", "status", "--server",
                           f"127.0.0.1:{free_port()}"], cwd=ROOT, capture_output=True,
                          text=True, timeout=20, check=False, env=env)
     assert bad.returncode == 1 and "error" in bad.stderr
-    wrong = subprocess.run([sys.executable, "-m", "cluster.admin", "status", "--server",
+    wrong = subprocess.run([sys.executable, "-m", "mq9.cluster.admin", "status", "--server",
                             m.address], cwd=ROOT, capture_output=True, text=True, timeout=20,
                            check=False, env={**env, "MQ9_CLUSTER_SECRET": "not-the-secret"})
     assert wrong.returncode == 1 and "wrong or missing cluster secret" in wrong.stderr

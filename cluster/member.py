@@ -1,10 +1,10 @@
 """A metadata-group member on its own, without gateways or shards: for tests and for
 debugging the control plane.
 
-    python -m cluster.member --node-id n1 --bind 127.0.0.1:7001 --data-dir /tmp/n1
-    python -m cluster.member --node-id n2 --bind 127.0.0.1:7002 --data-dir /tmp/n2 \\
+    python -m mq9.cluster.member --node-id n1 --bind 127.0.0.1:7001 --data-dir /tmp/n1
+    python -m mq9.cluster.member --node-id n2 --bind 127.0.0.1:7002 --data-dir /tmp/n2 \\
         --join 127.0.0.1:7001
-    python -m cluster.admin status --server 127.0.0.1:7001
+    python -m mq9.cluster.admin status --server 127.0.0.1:7001
 
 It runs the rebalancer with ``MetadataOnlyMover`` (ownership moves, no data does). Prints
 one JSON line ``{"event": "ready", ...}`` on stdout once it is a member, logs as logfmt on
@@ -22,15 +22,15 @@ import sys
 import threading
 import time
 
-from cluster.control import ControlError, call
-from cluster.metadata import ClusterError, MetadataGroup, RaftTiming
-from cluster.rebalance import MetadataOnlyMover, Rebalancer
-from cluster.state import raft_address
+from mq9.cluster.control import ControlError, call
+from mq9.cluster.metadata import ClusterError, MetadataGroup, RaftTiming
+from mq9.cluster.rebalance import MetadataOnlyMover, Rebalancer
+from mq9.cluster.state import raft_address
 from mq9 import log
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cluster.member")
+    p = argparse.ArgumentParser(prog="python -m mq9.cluster.member")
     p.add_argument("--node-id")
     p.add_argument("--bind", default="127.0.0.1:6222", help="host:cluster_port to listen on")
     p.add_argument("--advertise", help="host other members use (default: from --bind)")

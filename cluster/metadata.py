@@ -5,7 +5,7 @@ replica and never block; writes go through the Raft leader and block until this 
 has applied them. A group of N members keeps working while a majority is up.
 
 Ports: one, the node's ``--cluster-port``. It carries Raft traffic and, as pysyncobj
-"utility" messages, the control channel (``cluster.control``): ``status``, ``snapshot``,
+"utility" messages, the control channel (``mq9.cluster.control``): ``status``, ``snapshot``,
 ``write``, ``add_node``, ``remove_node``, ``transfer``, ``bench``.
 
 Files, in ``<data_dir>/cluster/``:
@@ -48,9 +48,9 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replic
 from pysyncobj.encryptor import HAS_CRYPTO
 from pysyncobj.transport import TCPTransport
 
-from cluster import state as st
-from cluster.control import ControlError, call, call_retry, check_address
-from cluster.state import ClusterState, StateError
+from mq9.cluster import state as st
+from mq9.cluster.control import ControlError, call, call_retry, check_address
+from mq9.cluster.state import ClusterState, StateError
 from mq9 import log
 
 DEFAULT_CLUSTER_PORT = 6222

@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-from cluster import state as st
-from cluster.control import ControlError, call
-from cluster.metadata import ClusterError, MetadataGroup, RaftTiming, default_node_id
-from cluster.slots import NUM_SLOTS
-from cluster.state import StateError
+from mq9.cluster import state as st
+from mq9.cluster.control import ControlError, call
+from mq9.cluster.metadata import ClusterError, MetadataGroup, RaftTiming, default_node_id
+from mq9.cluster.slots import NUM_SLOTS
+from mq9.cluster.state import StateError
 
 
 def free_port() -> int:
@@ -216,7 +216,7 @@ def test_join_naming_itself_bootstraps(groups, tmp_path):
 
 
 def test_from_config(tmp_path):
-    from cluster.metadata import from_config
+    from mq9.cluster.metadata import from_config
     from mq9 import config
 
     cfg = config.Config(host="127.0.0.1", port=4333, cluster_port=free_port(),

@@ -24,9 +24,9 @@ import threading
 import time
 from typing import Protocol
 
-from cluster import state as st
-from cluster.metadata import ClusterError, MetadataGroup
-from cluster.state import StateError
+from mq9.cluster import state as st
+from mq9.cluster.metadata import ClusterError, MetadataGroup
+from mq9.cluster.state import StateError
 from mq9 import log
 
 

@@ -27,7 +27,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field, replace
 
-from cluster.slots import NUM_SLOTS, slot_of
+from mq9.cluster.slots import NUM_SLOTS, slot_of
 
 Owner = tuple[str, int]  # (node_id, shard index on that node)
 

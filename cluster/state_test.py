@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 
-from cluster import state as st
-from cluster.slots import NUM_SLOTS, SlotMap
-from cluster.state import ClusterState, StateError
+from mq9.cluster import state as st
+from mq9.cluster.slots import NUM_SLOTS, SlotMap
+from mq9.cluster.state import ClusterState, StateError
 
 
 def info(host="127.0.0.1", port=6222, shards=2, **kw):

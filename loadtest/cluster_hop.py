@@ -194,8 +194,8 @@ def main() -> int:
                 raise RuntimeError("cluster did not balance")
             time.sleep(0.5)
         time.sleep(1.0)
-        from cluster.slots import slot_of
-        from cluster.state import read_snapshot
+        from mq9.cluster.slots import slot_of
+        from mq9.cluster.state import read_snapshot
 
         snap = read_snapshot(str(tmp / "h1" / "cluster" / "state.json"))
         names = [n for n in (f"hop-{i}" for i in range(2000)) if snap.slots[slot_of(n)][0] == "h1"][:50]

@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["cluster"]:
-        from cluster import admin
+        from mq9.cluster import admin
 
         return admin.main(argv[1:], prog="mq9 cluster")
     if argv[:1] == ["health"]:

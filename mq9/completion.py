@@ -32,7 +32,7 @@ def tree(parser: argparse.ArgumentParser, path: str = "mq9") -> list[tuple[str, 
     A value kind is ("choices", [...]), ("file",), ("dir",) or ("any",)."""
     subs = _subparsers(parser)
     if path == "mq9" and "cluster" in subs:
-        from cluster import admin  # its flags live in its own parser
+        from mq9.cluster import admin  # its flags live in its own parser
 
         subs["cluster"] = admin.build_parser("mq9 cluster")
     words = list(subs)  # what comes first: subcommands, then a positional's choices, then flags

@@ -75,7 +75,7 @@ def _walk(parser: argparse.ArgumentParser, path: list[str]):
 
 
 def test_every_command_subcommand_and_flag_is_offered(script):
-    from cluster import admin
+    from mq9.cluster import admin
 
     seen = 0
     for path, flags, subs in _walk(cli._parser(), ["mq9"]):

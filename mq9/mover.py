@@ -1,6 +1,6 @@
 """The slot mover: copies the mailboxes of moving slots from one shard to another.
 
-Driven by the Raft leader's ``cluster.rebalance.Rebalancer`` in the supervisor process, on
+Driven by the Raft leader's ``mq9.cluster.rebalance.Rebalancer`` in the supervisor process, on
 its own thread, with blocking ZeroMQ DEALER sockets (one per shard it talks to, ipc on this
 node, TCP to others). For a batch of moves:
 

@@ -179,8 +179,8 @@ class _Supervisor:
         self.phase = "starting"  # starting | running | stopping
         self.started_wall = time.time()
         self._next_gauges = 0.0
-        self.group = None  # cluster.metadata.MetadataGroup in cluster mode
-        self.rebalancer = None  # cluster.rebalance.Rebalancer, driving mq9.mover.ShardMover
+        self.group = None  # mq9.cluster.metadata.MetadataGroup in cluster mode
+        self.rebalancer = None  # mq9.cluster.rebalance.Rebalancer, driving mq9.mover.ShardMover
         self.mover = None
         self.signals: list[int] = []
         self.removed: str | None = None  # why this data dir's member stays out of its cluster
@@ -278,7 +278,7 @@ class _Supervisor:
     def _open_cluster(self) -> bool:
         """Join, restart into or bootstrap the metadata group before any child starts:
         children need this node's id, and gateways the slot map it owns."""
-        from cluster.metadata import ClusterError, from_config
+        from mq9.cluster.metadata import ClusterError, from_config
 
         try:
             group = from_config(self.cfg, secret=self.cfg.cluster_secret)
@@ -370,7 +370,7 @@ class _Supervisor:
 
     def _start_rebalancer(self) -> None:
         """Every member runs one; only the Raft leader's acts (cluster/rebalance.py)."""
-        from cluster.rebalance import Rebalancer
+        from mq9.cluster.rebalance import Rebalancer
         from mq9.mover import ShardMover
 
         self.mover = ShardMover(self.cfg, self.group)
@@ -708,7 +708,7 @@ class _Supervisor:
             except Exception:  # noqa: BLE001 - a scrape must not fail on a group in flux
                 log.exception("slots_unavailable_failed")
                 return 0
-        from cluster.slots import SlotMap
+        from mq9.cluster.slots import SlotMap
 
         return sum(1 for shard in SlotMap(len(self.shards)).owners if shard in down)
 

@@ -22,7 +22,7 @@ from agents import create
 
 if str(REPO) not in sys.path:  # `cluster` is a top-level package of the work tree
     sys.path.insert(0, str(REPO))
-from cluster.slots import SlotMap  # noqa: E402
+from mq9.cluster.slots import SlotMap  # noqa: E402
 
 T = 5.0  # the longest a single wait may take
 PRIO_RANK = {"urgent": 0, "normal": 1, "notify": 2}

@@ -56,8 +56,8 @@ def wait_balanced(port: int, nodes: int, timeout: float = 60.0) -> dict:
 
 def owner_of(node: Node, mail_id: str) -> str:
     """Which node owns ``mail_id``'s slot, from that node's copy of the metadata."""
-    from cluster.slots import slot_of
-    from cluster.state import read_snapshot
+    from mq9.cluster.slots import slot_of
+    from mq9.cluster.state import read_snapshot
 
     snap = read_snapshot(str(node.dir / "data" / "cluster" / "state.json"))
     return snap.slots[slot_of(mail_id)][0]

@@ -754,6 +754,19 @@ def test_clean_install_metadata(clean_node):
     assert (license_, has_file) == ("Apache-2.0", "True")
 
 
+def test_cluster_code_installs_as_mq9_cluster(clean_node):
+    """The cluster/ folder is part of mq9 (mq9.cluster), never a generic top-level
+    ``cluster`` package that could clash with another distribution's."""
+    out = subprocess.run(
+        [str(clean_node["python"]), "-c",
+         "import importlib.metadata as m, importlib.util as u, mq9.cluster.state as s; "
+         "d = m.distribution('mq9'); "
+         "print(sorted({str(f).split('/')[0] for f in d.files if str(f).endswith('.py')}), "
+         "u.find_spec('cluster') is None, '/site-packages/mq9/cluster/' in s.__file__)"],
+        capture_output=True, text=True, check=True, cwd=clean_node["tmp"])
+    assert out.stdout.split() == ["['mq9']", "True", "True"]
+
+
 def test_sigterm_stops_cleanly(clean_node):
     """What `docker stop` and the pod's termination do: SIGTERM, drain, exit 0."""
     proc = clean_node["proc"]

@@ -140,7 +140,7 @@ class Gateway:
         change, clients that take asynchronous INFOs are told, as nats-server does."""
         urls = []
         if self.topology.owners is not None and not self.cfg.no_advertise:
-            from cluster.state import client_urls  # only gateways of clustered nodes need it
+            from mq9.cluster.state import client_urls  # only gateways of clustered nodes need it
 
             # In lame-duck mode this node stops advertising itself at once; the others
             # drop it when the metadata group says so.

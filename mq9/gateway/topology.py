@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from cluster.slots import SlotMap, slot_of
+from mq9.cluster.slots import SlotMap, slot_of
 from mq9 import endpoints
 from mq9.config import Config
 
@@ -73,7 +73,7 @@ class Topology:
             return False
         if mtime == self._mtime:
             return False
-        from cluster import state as st  # only gateways of clustered nodes need it
+        from mq9.cluster import state as st  # only gateways of clustered nodes need it
 
         try:
             snap = st.read_snapshot(self.path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.slots import slot_of
+from mq9.cluster.slots import slot_of
 from mq9 import wire
 from mq9.shard import mailbox as mailbox_mod
 from mq9.shard.mailbox_test import ALL, TOK, Rig

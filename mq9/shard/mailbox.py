@@ -33,7 +33,7 @@ from collections import deque
 
 import msgspec
 
-from cluster.slots import NUM_SLOTS, slot_of
+from mq9.cluster.slots import NUM_SLOTS, slot_of
 from mq9 import log, subjects, wire
 from mq9.shard.store import (
     META,

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from cluster.slots import slot_of
+from mq9.cluster.slots import slot_of
 from mq9 import wire
 from mq9.shard.mailbox_test import ALL, TOK, Clock, Rig, delivers
 from mq9.shard.store import FAMILIES
