@@ -55,6 +55,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mq9 import procstats
 from mq9.bench import rawnats as rn
 from mq9.bench import workloads as wl
 from mq9.bench.workloads import pct
@@ -123,27 +124,6 @@ def nats_server_bin() -> str | None:
     if p2.exists():
         return str(p2)
     return shutil.which("nats-server")
-
-
-def proc_tree(root: int) -> list[int]:
-    """``root`` and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(b")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, ()))
-    return out
 
 
 def cpu_secs(pids: list[int]) -> float:
@@ -253,7 +233,7 @@ class Server:
         return self.proc is not None and self.proc.poll() is None
 
     def pids(self) -> list[int]:
-        return proc_tree(self.proc.pid) if self.alive() else []
+        return procstats.tree(self.proc.pid) if self.alive() else []
 
     def log_tail(self, n: int = 8) -> str:
         try:

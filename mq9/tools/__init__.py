@@ -23,7 +23,7 @@ import argparse
 
 from mq9.tools.common import (
     PRIORITIES,
-    _positive_float,
+    positive_float,
     add_connection_flags,
     positive_int,
     whole_number,
@@ -75,7 +75,7 @@ def add_parsers(commands, parser_class=None) -> None:
                    help="mailboxes per page (default 100, with --all 1000; max 1000)")
     p.add_argument("--all", action="store_true", help="follow the pages to the end of the list")
     p.add_argument("--json", action="store_true", help="print JSON (the node's page document)")
-    p.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+    p.add_argument("--timeout", type=positive_float, metavar="SECONDS",
                    help="HTTP timeout per page (default 15)")
 
     p = add(commands, "send", "send a message to a mailbox",

@@ -21,7 +21,15 @@ import sys
 import time
 from urllib.parse import unquote, urlsplit
 
-from mq9.tools.common import ToolError, positive_int, settings, status, table, tls_context
+from mq9.tools.common import (
+    ToolError,
+    positive_float,
+    positive_int,
+    settings,
+    status,
+    table,
+    tls_context,
+)
 
 DEFAULTS = {"messages": 10_000, "size": 256, "in_flight": 1_000, "mailboxes": 10_000,
             "samples": 1_000, "time_limit": 120.0}
@@ -54,7 +62,7 @@ def add_parser(commands, add) -> None:
     p.add_argument("--samples", type=positive_int, default=d["samples"], metavar="N",
                    help=f"one-at-a-time requests for the latency rows (default "
                         f"{d['samples']:,})")
-    p.add_argument("--time-limit", type=_seconds, default=d["time_limit"], metavar="SECONDS",
+    p.add_argument("--time-limit", type=positive_float, default=d["time_limit"], metavar="SECONDS",
                    help=f"most one workload may take (default {d['time_limit']:g})")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
@@ -63,16 +71,6 @@ def _size(text: str) -> int:
     from mq9.tools.common import whole_number
 
     return whole_number(text, 0, "whole number of bytes", "must be 0 or more")
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
-    return v
 
 
 def _workloads(given: list[str] | None) -> list[str]:

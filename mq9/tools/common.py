@@ -53,13 +53,13 @@ def add_connection_flags(p: argparse.ArgumentParser) -> None:
                         "(env MQ9_CLIENT_TLS_CERT)")
     g.add_argument("--tls-key", default=argparse.SUPPRESS, metavar="FILE",
                    help="key of --tls-cert (env MQ9_CLIENT_TLS_KEY)")
-    g.add_argument("--timeout", type=_positive_float, default=argparse.SUPPRESS,
+    g.add_argument("--timeout", type=positive_float, default=argparse.SUPPRESS,
                    metavar="SECONDS",
                    help=f"connect and reply timeout (default {DEFAULT_TIMEOUT:g}; for sub: "
                         "stop waiting after this long)")
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
