@@ -25,7 +25,7 @@ import asyncio
 
 from mq9.protocol import errors
 
-BATCH = 500  # connections checked per event-loop turn
+BATCH = 100  # connections checked per event-loop turn
 
 
 def auth_changed(old_cfg, old_users, new_cfg, new_users) -> bool:
@@ -115,17 +115,26 @@ class Recheck:
             self._refuse(c)
 
     def _checked(self, key: tuple[str, str], user, fut: asyncio.Future) -> None:
-        waiting = self.slow.pop(key)
+        ok = not fut.cancelled() and fut.exception() is None and fut.result()
+        self._apply(key, user, ok)
+
+    def _apply(self, key: tuple[str, str], user, ok: bool) -> None:
+        """A bcrypt verdict, for the connections that gave that password, BATCH per turn."""
         if self.stopped:
             return  # a newer pass checks these connections against newer settings
-        ok = not fut.cancelled() and fut.exception() is None and fut.result()
-        for c in waiting:
+        waiting = self.slow[key]
+        for c in waiting[-BATCH:]:
             if c.closed:
                 continue
             if ok:
                 self._keep(c, user)
             else:
                 self._refuse(c)
+        del waiting[-BATCH:]
+        if waiting:
+            self.gw.loop.call_soon(self._apply, key, user, ok)
+            return
+        del self.slow[key]
         self._finish()
 
     def _keep(self, c, user) -> None:
