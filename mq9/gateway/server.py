@@ -176,14 +176,14 @@ class Gateway:
         name, pw = opts.get("user"), opts.get("pass")
         if not isinstance(name, str) or not isinstance(pw, str):
             return False
-        users = self.users
-        user = users.get(name)
+        user = self.users.get(name)
         if user is None:
             return False
         ok = user.check_fast(pw)
         if ok is None:
             def done(fut: asyncio.Future) -> None:
-                if self.users is not users:  # a reload came meanwhile: its settings decide
+                if self.users is None or self.users.get(name) is not user:
+                    # a reload changed this user meanwhile: the new settings decide
                     again = self.check_auth(opts, client) if self.auth_required else True
                     if again is not None:
                         client.auth_done(again)
