@@ -1,6 +1,7 @@
 """Config reload on a real node (SIGHUP, ``mq9 node --signal reload``): users added and
 removed, TLS certificates replaced, a broken auth file refused, the log level changed;
-``--log-format json``; ``--signal`` names and errors."""
+connections checked again after a reload that changed authorization, byte for byte against
+nats-server reloaded the same way; ``--log-format json``; ``--signal`` names and errors."""
 
 from __future__ import annotations
 
