@@ -8,8 +8,9 @@ builds the TLS context, as at start), and only if all of it is good:
    with them;
 2. writes them, all of them, to ``run_dir/reload.msgpack`` (``wire.Reloaded``);
 3. sends SIGHUP to every child, which reads that file in its own loop and re-reads the
-   files it names: gateways swap users, TLS context and INFO for new connections
-   (existing connections keep their session), every process sets its log level.
+   files it names: gateways swap users, TLS context and INFO for new connections and,
+   when authorization changed, check existing connections again (``gateway/reauth.py``);
+   every process sets its log level.
 
 Settings that only a restart changes are named in one log line and otherwise ignored.
 

@@ -112,6 +112,7 @@ class Permissions:
         unknown = set(doc) - {"publish", "subscribe", "allow_responses"}
         if unknown:
             raise ValueError(f"{where}: unknown permission keys: {', '.join(sorted(unknown))}")
+        self.doc = doc  # as written: a reload compares it to tell a changed user (``carry_over``)
         self.pub_allow, self.pub_deny = _allow_deny(doc.get("publish"), f"{where}.publish", False)
         self.sub_allow, self.sub_deny = _allow_deny(doc.get("subscribe"), f"{where}.subscribe", True)
         self.responses = _responses(doc.get("allow_responses"), f"{where}.allow_responses")
@@ -256,6 +257,11 @@ class User:
     def conn_perms(self) -> ConnPerms | None:
         return ConnPerms(self.perms) if self.perms is not None else None
 
+    def same_as(self, other: "User") -> bool:
+        """The same entry in the file: same name, password as written and permissions."""
+        return (self.name == other.name and self.password == other.password
+                and (self.perms.doc if self.perms else None) == (other.perms.doc if other.perms else None))
+
 
 def _digest(user: str, password: str) -> bytes:
     return hashlib.sha256(user.encode() + b"\0" + password.encode()).digest()
@@ -263,6 +269,18 @@ def _digest(user: str, password: str) -> bytes:
 
 class Users(dict):
     """user name -> User"""
+
+
+def carry_over(old: Users | None, new: Users) -> Users:
+    """``new`` with every user the reload left as it was replaced by its ``old`` object: a
+    connection still holding that object needs no new check, and the bcrypt verdicts and
+    permission caches are kept."""
+    if old:
+        for name, user in new.items():
+            was = old.get(name)
+            if was is not None and was.same_as(user):
+                new[name] = was
+    return new
 
 
 def load(path: str) -> Users:

@@ -119,3 +119,17 @@ def test_unreadable_file(tmp_path):
     bad.write_text("users = [")
     with pytest.raises(ValueError, match="bad.toml"):
         auth.load(str(bad))
+
+
+def test_carry_over_keeps_the_objects_of_users_a_reload_left_as_they_were():
+    def users(*entries) -> auth.Users:
+        return auth.parse({"users": [dict(zip(("user", "password", "permissions"), e)) for e in entries]}, "t")
+
+    old = users(("same", "pw", {"publish": ["a"]}), ("pw", "old"), ("perms", "p", {"publish": ["a"]}),
+                ("gone", "g"))
+    new = auth.carry_over(old, users(("same", "pw", {"publish": ["a"]}), ("pw", "new"),
+                                     ("perms", "p", {"publish": ["b"]}), ("added", "a")))
+    assert new["same"] is old["same"]
+    assert new["pw"] is not old["pw"] and new["perms"] is not old["perms"]
+    assert set(new) == {"same", "pw", "perms", "added"}
+    assert auth.carry_over(None, new) is new

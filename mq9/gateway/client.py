@@ -79,6 +79,10 @@ class Client(asyncio.Protocol):
         self._auth_timer: asyncio.TimerHandle | None = None
         self.remote = ("", 0)
         self.perms = None  # auth.ConnPerms when the user has permissions
+        # What a config reload checks again (see reauth): the credentials of the first
+        # CONNECT as given, as nats-server keeps them, and the auth-file user they matched.
+        self.creds: dict | None = None
+        self.user = None  # auth.User
         self.deliver_check = None  # perms.deliverable when deliveries must be filtered
         self.held_ops: list | None = None  # ops that arrived while a bcrypt check ran
         self.tls: ServerTLS | None = None
@@ -381,6 +385,9 @@ class Client(asyncio.Protocol):
             return
         self.name = str(opts.get("name", "") or "")
         self.lang = str(opts.get("lang", "") or "")
+        if not self.connected:
+            self.creds = {k: v for k in ("user", "pass", "auth_token")
+                          if isinstance(v := opts.get(k), str)} or None
         if self.broker.auth_required and not self.connected:
             ok = self.broker.check_auth(opts, self)
             if ok is None:
@@ -404,10 +411,33 @@ class Client(asyncio.Protocol):
             self._auth_timer.cancel()
             self._auth_timer = None
         self.connected = True
-        if self.perms is not None:
-            self.deliver_check = self.perms.deliverable if self.perms.perms.checks_delivery else None
+        self._set_deliver_check()
         if self.verbose:
             self.send(OK)
+
+    def _set_deliver_check(self) -> None:
+        perms = self.perms
+        self.deliver_check = perms.deliverable if perms is not None and perms.perms.checks_delivery else None
+
+    def reauthorised(self, user, perms) -> int:
+        """A config reload kept this connection: ``perms`` (auth.ConnPerms or None) replace
+        its permissions, and each subscription they no longer allow is removed with
+        nats-server's -ERR naming its sid. Returns how many were removed."""
+        old = self.perms
+        if old is not None and perms is not None and old.replies is not None and perms.replies is not None:
+            perms.replies = old.replies  # requests it was delivered may still be answered
+        self.user = user
+        self.perms = perms
+        self._set_deliver_check()
+        if perms is None:
+            return 0
+        removed = 0
+        for sub in list(self.subs.values()):
+            if not perms.may_subscribe(sub.subject, sub.queue):
+                self._remove_sub(sub)
+                self.send(errors.err_line(errors.subscription_removed(sub.subject, sub.queue, sub.sid)))
+                removed += 1
+        return removed
 
     def auth_done(self, ok: bool) -> None:
         """The answer of a bcrypt check that ``broker.check_auth`` started."""

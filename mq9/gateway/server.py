@@ -23,7 +23,7 @@ import zmq
 from mq9 import __version__, log, metrics, nodefile, process, subjects
 from mq9 import reload as reloading
 from mq9.config import Config
-from mq9.gateway import auth, tls
+from mq9.gateway import auth, reauth, tls
 from mq9.gateway.client import PING, PONG, Client, Subscription
 from mq9.gateway.conncount import ConnCounter
 from mq9.gateway.mailboxes import Mailboxes
@@ -61,6 +61,7 @@ class Gateway:
         self._flush_scheduled = False
         self.users = auth.load(cfg.auth_file) if cfg.auth_file else None
         self.auth_required = bool(cfg.auth_token or cfg.user or self.users)
+        self._recheck: reauth.Recheck | None = None  # the pass after the last reload
         self.tls = tls.server_context(cfg) if cfg.tls_cert else None
         # One server_id and name per node, chosen by the supervisor: INFO and /varz agree
         # whichever gateway a client reaches.
@@ -249,15 +250,21 @@ class Gateway:
         ok = user.check_fast(pw)
         if ok is None:
             def done(fut: asyncio.Future) -> None:
+                if self.users is None or self.users.get(name) is not user:
+                    # a reload changed this user meanwhile: the new settings decide
+                    again = self.check_auth(opts, client) if self.auth_required else True
+                    if again is not None:
+                        client.auth_done(again)
+                    return
                 ok = not fut.cancelled() and fut.exception() is None and fut.result()
                 if ok:
-                    client.perms = user.conn_perms()
+                    client.user, client.perms = user, user.conn_perms()
                 client.auth_done(ok)
 
             self.loop.run_in_executor(None, user.check_slow, pw).add_done_callback(done)
             return None
         if ok:
-            client.perms = user.conn_perms()
+            client.user, client.perms = user, user.conn_perms()
         return ok
 
     def auth_failed(self, kind: str) -> None:
@@ -407,7 +414,8 @@ class Gateway:
 
     def reload(self) -> None:
         """SIGHUP from the supervisor: new users, TLS context and INFO for new connections;
-        a client keeps what it authenticated (and handshook) with."""
+        when authorization changed, every connection is checked again (``reauth``). A
+        client keeps the TLS session it handshook."""
         try:
             doc = reloading.read(self.cfg.run_dir)
             if doc is None:
@@ -420,6 +428,9 @@ class Gateway:
             self.log.error("reload_failed", error=str(e), hint="this gateway keeps its configuration")
             return
         log.set_level(cfg.log_level)
+        if users is not None:
+            users = auth.carry_over(self.users, users)
+        recheck = reauth.auth_changed(self.cfg, self.users, cfg, users)
         self.cfg, self.users, self.tls = cfg, users, ctx
         self.auth_required = bool(cfg.auth_token or cfg.user or users)
         info = {k: v for k, v in self._info_base.items()
@@ -430,6 +441,11 @@ class Gateway:
         self._info_base = info
         self.log.info("config_reloaded", generation=doc.generation, users=len(users or ()),
                       tls=ctx is not None, log_level=cfg.log_level)
+        if recheck:
+            if self._recheck is not None:
+                self._recheck.stop()
+            self._recheck = reauth.Recheck(self, doc.generation)
+            self._recheck.start()
 
     def log_state(self) -> None:
         """SIGUSR1: one line with what this gateway knows of its peers (for operators)."""

@@ -23,6 +23,7 @@ then act on the "closes" column.
 | INVALID_CLIENT_PROTOCOL    | -ERR, closes (CONNECT with ``protocol`` > 1) |
 | NO_RESPONDERS_REQUIRES_HEADERS | -ERR, closes (``no_responders`` without ``headers``) |
 | permissions_violation_*    | -ERR, stays open |
+| subscription_removed       | -ERR, stays open (after a reload, per subscription it removed) |
 | PARSE_ERROR                | nothing sent, closes |
 | INVALID_CONNECT            | nothing sent, closes |
 | HEADERS_NOT_SUPPORTED      | nothing sent, closes |
@@ -68,6 +69,12 @@ def permissions_violation_subscribe(subject: str, queue: str | None = None) -> s
     if queue:
         return f'Permissions Violation for Subscription to "{subject}" using queue "{queue}"'
     return f'Permissions Violation for Subscription to "{subject}"'
+
+
+def subscription_removed(subject: str, queue: str | None, sid: str) -> str:
+    """A subscription a config reload no longer allows: nats-server removes it and says
+    so with its sid; the connection stays."""
+    return permissions_violation_subscribe(subject, queue) + f' (sid "{sid}")'
 
 
 def err_line(text: str) -> bytes:
