@@ -98,7 +98,10 @@ def test_json_parses_and_accounts_for_every_mailbox(bench_node):
 def test_progress_bar_on_a_terminal_only(bench_node):
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "mq9", "bench", "--server", bench_node.url,
-                             "--workload", "replay", "--messages", "3000", "--in-flight", "10"],
+                             "--workload", "replay", "--messages", "3000", "--in-flight", "10",
+                             # its own deadline, inside pytest's: a stall then says how far
+                             # the replay got instead of a bare timeout
+                             "--time-limit", "60"],
                             env=child_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=slave)
     os.close(slave)
     chunks = []

@@ -46,7 +46,10 @@ def copy_tree(dest: Path) -> None:
                            capture_output=True, text=True, check=True).stdout.split("\n")
     for name in filter(None, files):
         src = REPO / name
-        if src.is_file():
+        if src.is_symlink():  # mq9/cluster -> ../cluster
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.readlink(src), dest / name)
+        elif src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
 
