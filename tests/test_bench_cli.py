@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -105,14 +106,25 @@ def test_progress_bar_on_a_terminal_only(bench_node):
                             env=child_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=slave)
     os.close(slave)
     chunks = []
-    while True:  # read as it comes, so a slow run never blocks on a full terminal
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the command exited and everything was read
+    deadline = time.monotonic() + 90
+    # Read as it comes, so a slow run never blocks on a full terminal; stop when the command
+    # has exited and its output is read, or say what it had printed when it never ends.
+    while True:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the command exited and everything was read
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
             break
-        if not data:
-            break
-        chunks.append(data)
+        elif time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("mq9 bench did not finish in 90 s; its terminal showed:\n"
+                        + b"".join(chunks).decode(errors="replace"))
     os.close(master)
     out = proc.stdout.read().decode()
     proc.wait(60)
