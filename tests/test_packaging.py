@@ -32,11 +32,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import helm_python as helm
+import kubernetes_validate as kv
 import pytest
-
-helm = pytest.importorskip("helm_python", reason="pip install -e '.[test]' (helm-python-sdk)")
-kv = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[test]'")
-yaml = pytest.importorskip("yaml")
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "mq9"
@@ -682,7 +681,7 @@ def test_dockerfile_healthcheck_command(clean_node, tmp_path):
 
 
 def test_nats_client_connects(clean_node):
-    nats = pytest.importorskip("nats")
+    import nats
 
     async def main():
         nc = await nats.connect(f"nats://127.0.0.1:{clean_node['port']}", connect_timeout=5,
