@@ -1,5 +1,5 @@
 """MetadataGroup in one process: lifecycle, writes, callbacks, files, a two-member join.
-The multi-process scenario (kill -9, restarts, removal) is in cluster_test.py."""
+The multi-process scenario (kill -9, restarts, removal) is in tests/test_metadata_group.py."""
 
 from __future__ import annotations
 
