@@ -1,6 +1,7 @@
 """The Makefile a newcomer starts with: `make run` installs the runtime dependencies only
 (the test extra is hundreds of MB) and starts a node; `make test` adds the test extra; each
-installs again only when pyproject.toml changes."""
+installs again only when pyproject.toml changes; `make test` fails when our code does not
+import or nothing is collected."""
 
 from __future__ import annotations
 
