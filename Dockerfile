@@ -13,7 +13,8 @@
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md LICENSE ./
+# setup.py keeps the *_test.py modules out of the wheel, so out of the image
+COPY pyproject.toml setup.py README.md LICENSE ./
 COPY mq9 ./mq9
 COPY cluster ./cluster
 RUN pip wheel --wheel-dir /wheels .

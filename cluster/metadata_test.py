@@ -1,5 +1,5 @@
 """MetadataGroup in one process: lifecycle, writes, callbacks, files, a two-member join.
-The multi-process scenario (kill -9, restarts, removal) is in cluster_test.py."""
+The multi-process scenario (kill -9, restarts, removal) is in tests/test_metadata_group.py."""
 
 from __future__ import annotations
 
@@ -193,7 +193,6 @@ def test_started_from_a_short_lived_thread_keeps_running(groups, tmp_path):
 def test_cluster_secret(groups, tmp_path):
     """With a secret, Raft and control traffic are encrypted and authenticated (pysyncobj
     uses Fernet from the 'cryptography' package)."""
-    pytest.importorskip("cryptography")
     a = groups("a", tmp_path / "a", password="s3cret").open(timeout=10)
     b = groups("b", tmp_path / "b", password="s3cret")
     b.join(a.address, timeout=15)

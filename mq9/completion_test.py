@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import shutil
 import subprocess
-import sys
 
 import pytest
 
@@ -14,14 +15,18 @@ from mq9 import cli, completion
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 
 
+def printed(shell: str) -> str:
+    """What `mq9 completion SHELL` prints (the command's own code, in this process)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["completion", shell]) == 0
+    return out.getvalue()
+
+
 @pytest.fixture(scope="module")
 def script(tmp_path_factory) -> str:
-    # made by the real command, as a user would
-    r = subprocess.run([sys.executable, "-m", "mq9", "completion", "bash"], capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 0 and r.stderr == "", r.stderr
     path = tmp_path_factory.mktemp("completion") / "mq9.bash"
-    path.write_text(r.stdout)
+    path.write_text(printed("bash"))
     return str(path)
 
 
@@ -136,10 +141,8 @@ def _zsh_completes(script: str, typed: str, expect: str) -> str:
 
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="no zsh")
 def test_zsh_completes_through_bashcompinit(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "mq9", "completion", "zsh"], capture_output=True,
-                       text=True, timeout=60)
     path = tmp_path / "mq9.zsh"
-    path.write_text(r.stdout)
+    path.write_text(printed("zsh"))
     assert "mq9 mailbox " in _zsh_completes(str(path), "mq9 mai", "mq9 mailbox ")
     assert "mq9 node --data-dir " in _zsh_completes(str(path), "mq9 node --da", "--data-dir ")
     assert "--priority urgent " in _zsh_completes(str(path), "mq9 send m --priority u", "urgent ")

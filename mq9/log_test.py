@@ -1,11 +1,12 @@
-"""The JSON log format carries the logfmt format's fields, one object per line, and the
-level can be changed in place (config reload)."""
+"""Log lines: logfmt, one line per event (the default), and the JSON format carrying the
+same fields, one object per line; the level can be changed in place (config reload)."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import re
 
 import pytest
 
@@ -79,3 +80,38 @@ def test_unknown_format_or_level_is_a_clear_error():
         log.setup("info", "x", fmt="xml")
     with pytest.raises(ValueError, match="log level must be one of"):
         log.set_level("loud")
+
+
+def test_log_lines_are_logfmt_one_per_event():
+    out = io.StringIO()
+    root = logging.getLogger()
+    level_before = root.level
+    log.setup("debug", "gateway-3", stream=out)
+    try:
+        log.info("client_connected", cid=7, addr="127.0.0.1:5000", name="a b", quote='say "hi"',
+                 empty="", none=None, ok=True, ratio=0.5, raw=b"\xff")
+        log.bind(cid=9).debug("sub", subject="$mq9.AI.INBOX.m-1.*")
+        try:
+            raise ValueError("bad\nthing")
+        except ValueError:
+            log.exception("client_parser_failure", cid=9)
+        logging.getLogger("pysyncobj").warning("lost %d", 3)
+    finally:
+        for h in [h for h in root.handlers if getattr(h, "_mq9", False)]:
+            root.removeHandler(h)
+        root.setLevel(level_before)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4, lines
+    assert re.match(r"^ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=info proc=gateway-3 "
+                    r"event=client_connected cid=7 addr=127.0.0.1:5000 name=\"a b\" "
+                    r"quote=\"say \\\"hi\\\"\" empty=\"\" none=null ok=true ratio=0.5 raw=\"\\\\xff\"$",
+                    lines[0]), lines[0]
+    assert lines[1].endswith("level=debug proc=gateway-3 event=sub cid=9 subject=$mq9.AI.INBOX.m-1.*")
+    assert "level=error" in lines[2] and "event=client_parser_failure cid=9" in lines[2]
+    assert 'error="ValueError: bad\\nthing"' in lines[2] and "traceback=\"Traceback" in lines[2]
+    assert lines[3].endswith('level=warning proc=gateway-3 event=log logger=pysyncobj msg="lost 3"')
+
+
+def test_log_setup_rejects_unknown_level():
+    with pytest.raises(ValueError):
+        log.setup("loud", "x")

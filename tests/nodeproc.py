@@ -58,26 +58,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
-_real_missing: str | None = None
-_real_checked = False
-
-
-def real_node_missing() -> str | None:
-    """Why the real gateway/shard code can't run yet (None once both modules import)."""
-    global _real_missing, _real_checked
-    if not _real_checked:
-        import importlib
-
-        for mod in ("mq9.gateway.server", "mq9.shard.server"):
-            try:
-                importlib.import_module(mod)
-            except Exception as e:  # absent or half-written: either way not runnable
-                _real_missing = f"{mod} is not importable yet ({type(e).__name__}: {e})"
-                break
-        _real_checked = True
-    return _real_missing
-
-
 def _stat(pid: int) -> tuple[str, int, str, int] | None:
     """(comm, ppid, state, starttime) of ``pid`` or None if it is gone."""
     try:

@@ -546,10 +546,6 @@ MIB = 1024 * 1024
 @pytest.fixture(scope="module")
 def small_pending_node(tmp_path_factory):
     """A node whose clients may have at most 1 MiB queued before they are cut off."""
-    from nodeproc import real_node_missing
-
-    if real_node_missing():
-        pytest.skip(real_node_missing())
     n = Node(tmp_path_factory.mktemp("small-pending"), max_pending=MIB)
     try:
         n.start()

@@ -23,15 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_packaging import FULLNAME, container, one, render, statefulset  # noqa: E402
 
-pytest.importorskip("cryptography")
-
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 
 import certs  # noqa: E402
-from nodeproc import Node, real_node_missing  # noqa: E402
+from nodeproc import Node  # noqa: E402
 
 VALUES = {"tls": {"enabled": True, "secretName": "mq9-tls", "caKey": "ca.crt", "verify": True},
           "auth": {"enabled": True, "secretName": "mq9-auth", "key": "users.json"},
@@ -73,8 +71,6 @@ def mounted(root: Path, value: str) -> str:
 @pytest.fixture(scope="module")
 def pod(tmp_path_factory):
     """The rendered pod's Secrets in place and a node started with its settings."""
-    if real_node_missing():
-        pytest.skip(real_node_missing())
     tmp = tmp_path_factory.mktemp("chart-security")
     rendered = render(VALUES)
     spec = statefulset(rendered)["spec"]["template"]["spec"]

@@ -19,13 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_packaging import container, render, statefulset  # noqa: E402
 
-from nodeproc import Node, child_env, real_node_missing  # noqa: E402
+from nodeproc import Node, child_env  # noqa: E402
 
 GRACE, DURATION = 2, 6  # seconds: the chart's 10 and 30, shortened
 
@@ -40,8 +39,6 @@ def client(node: Node) -> tuple[socket.socket, "object"]:
 
 
 def test_prestop_hook_lame_ducks_the_node(tmp_path):
-    if real_node_missing():
-        pytest.skip(real_node_missing())
     rendered = render({"lameDuck": {"gracePeriodSeconds": GRACE, "durationSeconds": DURATION}})
     c = container(rendered)
     kill_after = statefulset(rendered)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]

@@ -1,6 +1,7 @@
 """The Makefile a newcomer starts with: `make run` installs the runtime dependencies only
 (the test extra is hundreds of MB) and starts a node; `make test` adds the test extra; each
-installs again only when pyproject.toml changes."""
+installs again only when pyproject.toml changes; `make test` fails when our code does not
+import or nothing is collected."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -92,3 +94,47 @@ def test_make_run_from_a_fresh_clone(tmp_path):
     assert dry_run("run", cwd=clone).strip() == ".venv/bin/mq9 node"
     (clone / "pyproject.toml").touch()
     assert "install -e ." in dry_run("run", cwd=clone)
+
+
+@pytest.mark.timeout(300)
+def test_make_test_fails_when_code_does_not_import_or_nothing_is_collected(tmp_path):
+    """`make test` in a fresh tree whose shard module has a syntax error: the end-to-end
+    tests fail (they used to be skipped, and the run was green); a test module that does
+    not import and a run that collects nothing fail it too. The virtualenv is this one,
+    reached through a wrapper with fresh stamps, so make installs nothing."""
+    clone = tmp_path / "mq9"
+    clone.mkdir()
+    copy_tree(clone)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    for stamp in (".installed-run", ".installed-test"):
+        (venv / stamp).touch()
+
+    def make_test(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "test", f"VENV={venv}", "PYTEST_ARGS=" + " ".join(args)],
+                              cwd=clone, env=make_env(), capture_output=True, text=True,
+                              timeout=240)
+
+    def outcome(r: subprocess.CompletedProcess) -> str:
+        return r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr
+
+    ok = make_test("tests/test_observability.py")
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr
+    assert "install" not in ok.stdout.split("pytest")[0]  # the wrapper's venv was used as is
+
+    shard = clone / "mq9" / "shard" / "server.py"
+    shard.write_text(shard.read_text() + "\ndef broken(:\n")
+    broken = make_test("tests/test_observability.py")
+    assert broken.returncode != 0, broken.stdout[-3000:]
+    assert "skipped" not in outcome(broken) and "error" in outcome(broken), outcome(broken)
+
+    (clone / "mq9" / "gateway" / "broken_test.py").write_text("import mq9.gateway.no_such_module\n")
+    not_collected = make_test("mq9/gateway/broken_test.py", "tests/test_pyproject.py")
+    assert not_collected.returncode != 0
+    assert "error" in outcome(not_collected), outcome(not_collected)
+
+    nothing = make_test("tests/test_pyproject.py", "-k", "no_test_is_named_like_this")
+    assert nothing.returncode != 0 and "deselected" in outcome(nothing), outcome(nothing)

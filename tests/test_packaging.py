@@ -30,13 +30,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
+import helm_python as helm
+import kubernetes_validate as kv
 import pytest
-
-helm = pytest.importorskip("helm_python", reason="pip install -e '.[test]' (helm-python-sdk)")
-kv = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[test]'")
-yaml = pytest.importorskip("yaml")
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "mq9"
@@ -643,7 +643,8 @@ def clean_node(tmp_path_factory):
             time.sleep(0.2)
         else:
             pytest.fail("node not ready in 30 s:\n" + (tmp / "node.log").read_text())
-        yield {"proc": proc, "port": port, "metrics": metrics, "python": python, "tmp": tmp}
+        yield {"proc": proc, "port": port, "metrics": metrics, "python": python, "tmp": tmp,
+               "wheel": wheel}
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -682,7 +683,7 @@ def test_dockerfile_healthcheck_command(clean_node, tmp_path):
 
 
 def test_nats_client_connects(clean_node):
-    nats = pytest.importorskip("nats")
+    import nats
 
     async def main():
         nc = await nats.connect(f"nats://127.0.0.1:{clean_node['port']}", connect_timeout=5,
@@ -752,6 +753,21 @@ def test_clean_install_metadata(clean_node):
     dist_version, module_version, license_, has_file = out.stdout.split()
     assert version == f"mq9 {module_version}" and dist_version == module_version
     assert (license_, has_file) == ("Apache-2.0", "True")
+
+
+def test_wheel_holds_no_tests(clean_node):
+    """The unit tests beside their modules stay in the repository: no ``*_test.py`` and no
+    conftest in the wheel (so none in the image), while their modules, those of the linked
+    cluster/ folder too, are all there."""
+    names = zipfile.ZipFile(clean_node["wheel"]).namelist()
+    tests = [n for n in names if n.endswith(("_test.py", "conftest.py")) or n.startswith("tests/")]
+    assert tests == []
+    modules = {n for n in names if n.endswith(".py")}
+    for source in [*(ROOT / "mq9").rglob("*.py"), *(ROOT / "cluster").glob("*.py")]:
+        rel = source.relative_to(ROOT).as_posix()
+        name = "mq9/" + rel if rel.startswith("cluster/") else rel
+        if not source.name.endswith("_test.py") and "__pycache__" not in rel:
+            assert name in modules, name
 
 
 def test_cluster_code_installs_as_mq9_cluster(clean_node):

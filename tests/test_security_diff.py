@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import natsraw  # noqa: E402
 from natsraw import RawConn  # noqa: E402
-from nodeproc import Node, real_node_missing  # noqa: E402
+from nodeproc import Node  # noqa: E402
 
 MAX_SUBS = 3
 
@@ -65,9 +65,6 @@ def side_by_side(node: Node, ns: "natsraw.NatsServer"):
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """(nats-server port, mq9 port) with the same users and max_subscriptions."""
-    reason = real_node_missing()
-    if reason:
-        pytest.skip(reason)
     doc = users_doc()
     base = tmp_path_factory.mktemp("security-diff")
     users = base / "users.json"
@@ -221,9 +218,6 @@ def test_deny_filters_deliveries_and_responses_expire(servers):
 @pytest.fixture(scope="module")
 def tls_servers(tmp_path_factory):
     """(nats-server port, mq9 port), both requiring TLS with client certificates."""
-    reason = real_node_missing()
-    if reason:
-        pytest.skip(reason)
     import certs
 
     base = tmp_path_factory.mktemp("tls-diff")

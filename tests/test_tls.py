@@ -33,11 +33,8 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tls_node(tmp_path_factory, pki):
-    from nodeproc import Node, real_node_missing
+    from nodeproc import Node
 
-    reason = real_node_missing()
-    if reason:
-        pytest.skip(reason)
     import bcrypt
 
     base = tmp_path_factory.mktemp("tls-node")

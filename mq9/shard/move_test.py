@@ -264,67 +264,6 @@ def test_nonsense_is_bad_request_and_changes_nothing(pair):
     assert len(b.store.db.get(b"F\0") or b"") == 0
 
 
-# ---- over real shard processes ---------------------------------------------------------
-
-def test_move_between_shard_processes(tmp_path):
-    from mq9.config import Config
-    from mq9.shard.server_test import TOK as GW_TOK
-    from mq9.shard.server_test import Gateway, ShardProc
-
-    cfg = Config(data_dir=str(tmp_path / "data"))
-    src, dst = ShardProc(cfg, 0), ShardProc(cfg, 1)
-    src.start()
-    dst.start()
-    gw0, gw1 = Gateway(cfg, b"gw", 0), Gateway(cfg, b"gw", 1)
-    mv0, mv1 = Gateway(cfg, b"mover-n1", 0), Gateway(cfg, b"mover-n1", 1)
-    try:
-        assert gw0.create("alpha").code is None
-        sent = [gw0.call(gw0.send("alpha", "normal", b"m%d" % i)).data["msg_id"] for i in range(50)]
-        slots = [slot_of("alpha")]
-
-        def copy(max_bytes):
-            after, pages = None, []
-            while True:
-                res = mv0.call(wire.Export(mv0.next_rid(), slots, after, max_bytes))
-                assert res.code is None, res
-                pages.append(res.data["pairs"])
-                after = res.data["next"]
-                if after is None:
-                    break
-            for i, page in enumerate(pages):
-                res = mv1.call(wire.Import(mv1.next_rid(), slots, page, reset=i == 0,
-                                           done=i == len(pages) - 1))
-                assert res.code is None, res
-            return len(pages)
-
-        assert copy(300) > 3  # copy phase, the source keeps serving
-        assert gw0.call(gw0.send("alpha", "urgent", b"during")).code is None
-        assert mv0.call(wire.Freeze(mv0.next_rid(), slots)).code is None
-        assert gw0.call(gw0.send("alpha")).code == "moved"
-        # A subscription at the target before the flip: the copy already loaded there is
-        # pumped, and again after the flip's reset (at least once, never lost).
-        gw1.post(wire.Subscribe(1, "alpha", ALL))
-        copy(1 << 20)  # flip phase
-        assert mv0.call(wire.Drop(mv0.next_rid(), slots)).data["dropped"] == 1
-
-        got = gw1.drain_delivers()
-        want = [b"during"] + [b"m%d" % i for i in range(50)]
-        assert {d.payload for d in got} == set(want)
-        assert [d.payload for d in got][-len(want):] == want  # the flipped copy, in order
-        q = gw1.call(wire.Query(gw1.next_rid(), "alpha", GW_TOK, 10, False))
-        assert q.data["unread"] == 0  # Delivered reports reached the new owner
-        assert gw1.call(gw1.send("alpha")).data["msg_id"] == max(sent) + 2
-        src.stop()
-        src.start()
-        q = gw0.call(wire.Query(gw0.next_rid(), "alpha", GW_TOK, 1, False))
-        assert q.code == "moved"
-    finally:
-        for g in (gw0, gw1, mv0, mv1):
-            g.close()
-        src.stop()
-        dst.stop()
-
-
 def test_empty_done_import_unfreezes_source_after_failed_flip(pair):
     """The mover's abort: the source gets its slots back, data and subscriptions intact."""
     a, _ = pair

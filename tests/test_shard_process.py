@@ -1,5 +1,6 @@
 """The shard process end to end: a real ZeroMQ DEALER speaking wire structs to
-``server.run`` in a spawned child, including kill -9 and restart."""
+``server.run`` in a spawned child, including kill -9 and restart, and a slot moved between
+two shard processes (the shard side of moves, in one process, is mq9/shard/move_test.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import zmq
 
 from mq9 import endpoints, subjects, wire
+from mq9.cluster.slots import slot_of
 from mq9.config import Config
 from mq9.shard import server
 from mq9.shard.store import Store
@@ -316,3 +318,58 @@ def test_tick_delay_follows_deadlines_and_survives_wall_clock_steps():
     assert server.tick_delay(1000.0, 1000.1) == pytest.approx(0.1)
     assert server.tick_delay(1000.0, 1000.0 + 3600) == server.TICK
     assert server.tick_delay(1000.0, 10.0) == 0.01
+
+
+def test_move_between_shard_processes(tmp_path):
+    cfg = Config(data_dir=str(tmp_path / "data"))
+    src, dst = ShardProc(cfg, 0), ShardProc(cfg, 1)
+    src.start()
+    dst.start()
+    gw0, gw1 = Gateway(cfg, b"gw", 0), Gateway(cfg, b"gw", 1)
+    mv0, mv1 = Gateway(cfg, b"mover-n1", 0), Gateway(cfg, b"mover-n1", 1)
+    try:
+        assert gw0.create("alpha").code is None
+        sent = [gw0.call(gw0.send("alpha", "normal", b"m%d" % i)).data["msg_id"] for i in range(50)]
+        slots = [slot_of("alpha")]
+
+        def copy(max_bytes):
+            after, pages = None, []
+            while True:
+                res = mv0.call(wire.Export(mv0.next_rid(), slots, after, max_bytes))
+                assert res.code is None, res
+                pages.append(res.data["pairs"])
+                after = res.data["next"]
+                if after is None:
+                    break
+            for i, page in enumerate(pages):
+                res = mv1.call(wire.Import(mv1.next_rid(), slots, page, reset=i == 0,
+                                           done=i == len(pages) - 1))
+                assert res.code is None, res
+            return len(pages)
+
+        assert copy(300) > 3  # copy phase, the source keeps serving
+        assert gw0.call(gw0.send("alpha", "urgent", b"during")).code is None
+        assert mv0.call(wire.Freeze(mv0.next_rid(), slots)).code is None
+        assert gw0.call(gw0.send("alpha")).code == "moved"
+        # A subscription at the target before the flip: the copy already loaded there is
+        # pumped, and again after the flip's reset (at least once, never lost).
+        gw1.post(wire.Subscribe(1, "alpha", ALL))
+        copy(1 << 20)  # flip phase
+        assert mv0.call(wire.Drop(mv0.next_rid(), slots)).data["dropped"] == 1
+
+        got = gw1.drain_delivers()
+        want = [b"during"] + [b"m%d" % i for i in range(50)]
+        assert {d.payload for d in got} == set(want)
+        assert [d.payload for d in got][-len(want):] == want  # the flipped copy, in order
+        q = gw1.call(wire.Query(gw1.next_rid(), "alpha", TOK, 10, False))
+        assert q.data["unread"] == 0  # Delivered reports reached the new owner
+        assert gw1.call(gw1.send("alpha")).data["msg_id"] == max(sent) + 2
+        src.stop()
+        src.start()
+        q = gw0.call(wire.Query(gw0.next_rid(), "alpha", TOK, 1, False))
+        assert q.code == "moved"
+    finally:
+        for g in (gw0, gw1, mv0, mv1):
+            g.close()
+        src.stop()
+        dst.stop()

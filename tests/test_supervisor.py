@@ -1,9 +1,10 @@
 """The supervisor and the ``mq9`` command, run as real processes.
 
-Process tests run twice: with the real gateway and shard (``real``; skipped while
-``mq9.gateway.server`` / ``mq9.shard.server`` do not import) and with small stand-ins
-defined below (``standin``), which pin down the supervisor's own behaviour independently of
-the gateway and shard code.
+Process tests run twice: with the real gateway and shard (``real``) and with small
+stand-ins defined below (``standin``), which pin down the supervisor's own behaviour
+independently of the gateway and shard code. The failure-mode tests need children that
+misbehave, so they run with the stand-ins only. The supervisor's children import the
+stand-ins from this file as ``test_supervisor`` (tests/ is on their path).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+TESTS = str(Path(__file__).resolve().parent)
+sys.path.insert(0, TESTS)
 
-from nodeproc import Node, child_env, free_port, real_node_missing  # noqa: E402
+from nodeproc import Node, child_env, free_port  # noqa: E402
 
 from mq9 import __version__, config  # noqa: E402
 
@@ -102,12 +104,14 @@ def standin_node(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     config.add_arguments(parser)
     cfg = config.from_args(parser.parse_args(argv))
-    return supervisor.run_node(cfg, targets={"gateway": "mq9.supervisor_test:standin_gateway",
-                                             "shard": "mq9.supervisor_test:standin_shard"})
+    return supervisor.run_node(cfg, targets={"gateway": "test_supervisor:standin_gateway",
+                                             "shard": "test_supervisor:standin_shard"})
 
 
+# spawned children inherit sys.path, so they find test_supervisor too
 STANDIN_COMMAND = [sys.executable, "-c",
-                   "import sys; from mq9.supervisor_test import standin_node; "
+                   f"import sys; sys.path.insert(0, {TESTS!r}); "
+                   "from test_supervisor import standin_node; "
                    "sys.exit(standin_node(sys.argv[1:]))"]
 
 # ---- fixtures ------------------------------------------------------------------------------
@@ -115,24 +119,33 @@ STANDIN_COMMAND = [sys.executable, "-c",
 
 @pytest.fixture(params=["standin", "real"])
 def mode(request):
-    if request.param == "real":
-        reason = real_node_missing()
-        if reason:
-            pytest.skip(reason)
     return request.param
 
 
-@pytest.fixture
-def make_node(tmp_path, mode):
+def _maker(base: Path, mode: str):
     made = []
 
     def make(start=True, **kw):
         if mode == "standin":
             kw.setdefault("command", STANDIN_COMMAND)
-        n = Node(tmp_path / f"node{len(made)}", **kw)
+        n = Node(base / f"node{len(made)}", **kw)
         made.append(n)
         return n.start() if start else n
 
+    return make, made
+
+
+@pytest.fixture
+def make_node(tmp_path, mode):
+    make, made = _maker(tmp_path, mode)
+    yield make
+    for n in made:
+        n.close()
+
+
+@pytest.fixture
+def make_standin(tmp_path):
+    make, made = _maker(tmp_path, "standin")
     yield make
     for n in made:
         n.close()
@@ -292,34 +305,28 @@ def test_mq9_port_variable_is_honoured(make_node):
 # ---- failure modes (stand-ins only: they need children that misbehave) -----------------------
 
 
-@pytest.fixture
-def standin_only(mode):
-    if mode != "standin":
-        pytest.skip("needs misbehaving stand-in children")
-
-
-def test_second_node_on_the_same_data_dir_is_refused(make_node, standin_only, tmp_path):
-    first = make_node()
-    second = make_node(start=False, data_dir=first.data_dir)
+def test_second_node_on_the_same_data_dir_is_refused(make_standin, tmp_path):
+    first = make_standin()
+    second = make_standin(start=False, data_dir=first.data_dir)
     second.start(wait=False)
     assert second.proc.wait(15) == 1
     assert "event=data_dir_in_use" in second.log_text()
     assert first.http_get("/readyz") == (200, OK)  # and the first one did not notice
 
 
-def test_nats_port_in_use_is_refused(make_node, standin_only):
+def test_nats_port_in_use_is_refused(make_standin):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
-        node = make_node(start=False, port=holder.getsockname()[1])
+        node = make_standin(start=False, port=holder.getsockname()[1])
         node.start(wait=False)
         assert node.proc.wait(15) == 1
     assert "event=port_unavailable" in node.log_text()
     assert node.wait_gone(timeout=1) == []
 
 
-def test_a_shard_that_cannot_start_fails_the_node(make_node, standin_only):
-    node = make_node(start=False, env={"STANDIN_SHARD": "crash"})
+def test_a_shard_that_cannot_start_fails_the_node(make_standin):
+    node = make_standin(start=False, env={"STANDIN_SHARD": "crash"})
     node.start(wait=False)
     assert node.proc.wait(15) == 1, node.log_tail()
     log = node.log_text()
@@ -327,8 +334,8 @@ def test_a_shard_that_cannot_start_fails_the_node(make_node, standin_only):
     assert re.search(r"level=error proc=shard-\d event=child_crashed .*crashing on purpose", log), log
 
 
-def test_a_crash_looping_gateway_backs_off_and_sigterm_still_works(make_node, standin_only):
-    node = make_node(start=False, env={"STANDIN_GATEWAY": "crash"})
+def test_a_crash_looping_gateway_backs_off_and_sigterm_still_works(make_standin):
+    node = make_standin(start=False, env={"STANDIN_GATEWAY": "crash"})
     node.start(wait=False)
     _wait(lambda: len(re.findall(r"event=child_died child=gateway-0 ", node.log_text())) >= 3,
           15, "three deaths of gateway-0", node)
@@ -344,8 +351,8 @@ def test_a_crash_looping_gateway_backs_off_and_sigterm_still_works(make_node, st
     assert time.monotonic() - started < 5
 
 
-def test_a_second_signal_kills_children_that_ignore_sigterm(make_node, standin_only):
-    node = make_node(start=False, env={"STANDIN_SHARD": "slow-stop"})
+def test_a_second_signal_kills_children_that_ignore_sigterm(make_standin):
+    node = make_standin(start=False, env={"STANDIN_SHARD": "slow-stop"})
     node.start()
     children = node.pids()
     node.signal(signal.SIGTERM)
@@ -357,72 +364,10 @@ def test_a_second_signal_kills_children_that_ignore_sigterm(make_node, standin_o
     assert "event=child_killed" in node.log_text()
 
 
-def test_sigterm_while_shards_start_exits_0(make_node, standin_only):
-    node = make_node(start=False, env={"STANDIN_SHARD": "silent"})
+def test_sigterm_while_shards_start_exits_0(make_standin):
+    node = make_standin(start=False, env={"STANDIN_SHARD": "silent"})
     node.start(wait=False)
     _wait(lambda: node.log_text().count("event=child_started") >= 2, 15, "shards spawned", node)
     children = node.pids()
     assert node.stop(timeout=15) == 0, node.log_tail()
     assert node.wait_gone(children, timeout=2) == []
-
-
-# ---- log and process helpers ---------------------------------------------------------------
-
-
-def test_log_lines_are_logfmt_one_per_event():
-    import io
-    import logging
-
-    from mq9 import log
-
-    out = io.StringIO()
-    root = logging.getLogger()
-    level_before = root.level
-    log.setup("debug", "gateway-3", stream=out)
-    try:
-        log.info("client_connected", cid=7, addr="127.0.0.1:5000", name="a b", quote='say "hi"',
-                 empty="", none=None, ok=True, ratio=0.5, raw=b"\xff")
-        log.bind(cid=9).debug("sub", subject="$mq9.AI.INBOX.m-1.*")
-        try:
-            raise ValueError("bad\nthing")
-        except ValueError:
-            log.exception("client_parser_failure", cid=9)
-        logging.getLogger("pysyncobj").warning("lost %d", 3)
-    finally:
-        for h in [h for h in root.handlers if getattr(h, "_mq9", False)]:
-            root.removeHandler(h)
-        root.setLevel(level_before)
-    lines = out.getvalue().splitlines()
-    assert len(lines) == 4, lines
-    assert re.match(r"^ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=info proc=gateway-3 "
-                    r"event=client_connected cid=7 addr=127.0.0.1:5000 name=\"a b\" "
-                    r"quote=\"say \\\"hi\\\"\" empty=\"\" none=null ok=true ratio=0.5 raw=\"\\\\xff\"$",
-                    lines[0]), lines[0]
-    assert lines[1].endswith("level=debug proc=gateway-3 event=sub cid=9 subject=$mq9.AI.INBOX.m-1.*")
-    assert "level=error" in lines[2] and "event=client_parser_failure cid=9" in lines[2]
-    assert 'error="ValueError: bad\\nthing"' in lines[2] and "traceback=\"Traceback" in lines[2]
-    assert lines[3].endswith('level=warning proc=gateway-3 event=log logger=pysyncobj msg="lost 3"')
-
-
-def test_log_setup_rejects_unknown_level():
-    from mq9 import log
-
-    with pytest.raises(ValueError):
-        log.setup("loud", "x")
-
-
-def test_die_with_parent_exits_at_once_when_the_parent_is_already_gone():
-    code = ("from mq9 import process; process.die_with_parent(parent_pid=1); "
-            "print('still here')")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=child_env(), timeout=30)
-    assert r.returncode == 1 and "still here" not in r.stdout
-
-
-def test_die_with_parent_keeps_a_child_whose_parent_lives():
-    code = ("import os; from mq9 import process; process.die_with_parent(parent_pid=os.getppid()); "
-            "process.set_name('mq9-test-name'); print(open('/proc/self/comm').read().strip())")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=child_env(), timeout=30)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "mq9-test-name"
