@@ -35,6 +35,7 @@ from mq9.gateway.topology import Topology, gateway_id
 from mq9.protocol import NATS_VERSION, errors
 
 NO_RESPONDERS_GRACE = 0.005  # seconds
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 MAX_CONNZ = 5000  # above this many connections, /connz is refreshed every 10 s, not every second
 
 
@@ -113,9 +114,11 @@ class Gateway:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((self.cfg.host, self.cfg.port))
-        sock.listen(4096)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
-        self.server = await self.loop.create_server(self._new_client, sock=sock)
+        # create_server listens again, with its own default (100) unless told: thousands of
+        # clients reconnecting at once would overflow it and wait out SYN retransmits.
+        self.server = await self.loop.create_server(self._new_client, sock=sock, backlog=LISTEN_BACKLOG)
         self._pinger = self.loop.call_later(self.cfg.ping_interval, self._ping_clients)
         self._stats_timer = self.loop.call_later(1.0, self._report_stats)
         self.log.info("gateway_listening", host=self.cfg.host, port=self.cfg.port, index=self.index)
