@@ -29,6 +29,8 @@ BYTES_OUT = Counter("mq9_bytes_out", "Payload bytes delivered to clients", ["kin
 DROPS = Counter("mq9_drops", "Messages dropped, by reason", ["reason"])
 MAILBOX_OPS = Counter("mq9_mailbox_ops", "Mailbox operations handled by shards", ["op", "result"])
 AUTH_FAILURES = Counter("mq9_auth_failures", "Rejected client credentials and mailbox tokens", ["kind"])
+BCRYPT_CHECKS = Counter("mq9_bcrypt_checks", "bcrypt password checks run by gateways (logins with the same "
+                        "credentials share one; a remembered success skips it)")
 SLOW_CONSUMERS = Counter("mq9_slow_consumers", "Clients cut off for not reading")
 PROCESS_RESTARTS = Counter("mq9_process_restarts", "Child processes restarted by the supervisor", ["kind"])
 

@@ -32,14 +32,19 @@ Semantics, measured against nats-server v2.15.1 (tests/test_security_diff.py):
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
+import os
 import re
 import time
 import tomllib
 
 MAX_CACHE = 4096  # cached verdicts per user, per gateway; cleared when full
+# A password bcrypt accepted is taken without a new check for this long (per user, per
+# gateway); refusals are never remembered. One hash accepts one password (bcrypt refuses
+# more than 72 bytes), so the bound only matters for odd files.
+VERIFIED_FOR = 300.0  # seconds
+MAX_VERIFIED = 16
 MAX_REPLIES = 4096  # reply subjects remembered per connection for allow_responses
 DEFAULT_RESPONSE_MAX = 1
 DEFAULT_RESPONSE_EXPIRES = 120.0  # seconds, nats-server's default
@@ -47,6 +52,7 @@ DEFAULT_RESPONSE_EXPIRES = 120.0  # seconds, nats-server's default
 _BCRYPT = re.compile(r"^\$2[abxy]?\$\d\d\$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SECRET = os.urandom(32)  # keys the digests of remembered passwords
 
 
 # ---- subject matching --------------------------------------------------------------------
@@ -230,13 +236,16 @@ class User:
         self.password = password
         self.bcrypt = bool(_BCRYPT.match(password))
         self.perms = perms
-        self._verified: set[bytes] = set()  # digests of passwords bcrypt accepted
+        # Passwords bcrypt accepted, by keyed digest, until when the verdict holds. Kept by
+        # this object: a reload that changes the user makes a new one, which knows none.
+        self._verified: dict[bytes, float] = {}
 
     def check_fast(self, password: str) -> bool | None:
         """True/False, or None when only a bcrypt check (slow: run it off the loop) can tell."""
         if not self.bcrypt:
             return hmac.compare_digest(password.encode(), self.password.encode())
-        if _digest(self.name, password) in self._verified:
+        until = self._verified.get(self._digest(password))
+        if until is not None and until > time.monotonic():
             return True
         return None
 
@@ -245,14 +254,26 @@ class User:
         import bcrypt
 
         try:
-            ok = bcrypt.checkpw(password.encode(), self.password.encode())
+            return bcrypt.checkpw(password.encode(), self.password.encode())
         except ValueError:  # a malformed hash in the file (checked at load) or password
             return False
-        if ok:
-            if len(self._verified) >= MAX_CACHE:
-                self._verified.clear()
-            self._verified.add(_digest(self.name, password))
-        return ok
+
+    def remember(self, password: str) -> None:
+        """bcrypt accepted ``password``: ``check_fast`` says so for ``VERIFIED_FOR`` seconds."""
+        now = time.monotonic()
+        verified = self._verified
+        if len(verified) >= MAX_VERIFIED:
+            for k in [k for k, until in verified.items() if until <= now]:
+                del verified[k]
+            if len(verified) >= MAX_VERIFIED:
+                verified.clear()
+        verified[self._digest(password)] = now + VERIFIED_FOR
+
+    def _digest(self, password: str) -> bytes:
+        # Keyed with a secret of this process, and over the hash as written too, so that an
+        # entry answers for this user, this hash and this password only.
+        return hmac.digest(_SECRET, b"\0".join((self.name.encode(), self.password.encode(),
+                                                password.encode())), "sha256")
 
     def conn_perms(self) -> ConnPerms | None:
         return ConnPerms(self.perms) if self.perms is not None else None
@@ -261,10 +282,6 @@ class User:
         """The same entry in the file: same name, password as written and permissions."""
         return (self.name == other.name and self.password == other.password
                 and (self.perms.doc if self.perms else None) == (other.perms.doc if other.perms else None))
-
-
-def _digest(user: str, password: str) -> bytes:
-    return hashlib.sha256(user.encode() + b"\0" + password.encode()).digest()
 
 
 class Users(dict):

@@ -86,14 +86,44 @@ def test_parse_file_forms(tmp_path):
     assert users["b"].perms.pub_allow is None and users["b"].conn_perms().replies is None
 
 
-def test_bcrypt_checked_slowly_once():
+def test_bcrypt_success_remembered_for_a_while_refusal_never(monkeypatch):
     import bcrypt
 
     u = auth.User("h", bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode(), None)
     assert u.bcrypt and u.check_fast("pw") is None
     assert u.check_slow("pw") is True
-    assert u.check_fast("pw") is True              # cached after the first success
-    assert u.check_fast("other") is None and u.check_slow("other") is False
+    assert u.check_fast("pw") is None              # the check itself remembers nothing
+    u.remember("pw")
+    assert u.check_fast("pw") is True
+    assert u.check_fast("pw2") is None and u.check_fast("other") is None
+    assert u.check_slow("other") is False and u.check_fast("other") is None
+    later = auth.time.monotonic() + auth.VERIFIED_FOR + 1
+    monkeypatch.setattr(auth.time, "monotonic", lambda: later)
+    assert u.check_fast("pw") is None              # expired: bcrypt decides again
+
+
+def test_remembered_success_is_for_that_user_and_hash_only():
+    import bcrypt
+
+    h = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
+    a, b = auth.User("a", h, None), auth.User("b", h, None)
+    a.remember("pw")
+    assert a.check_fast("pw") is True and b.check_fast("pw") is None
+    # a reload that changes the user gives a new object, which remembers nothing; one that
+    # leaves it as it was keeps the object and what it remembers
+    changed = auth.User("a", bcrypt.hashpw(b"pw2", bcrypt.gensalt(4)).decode(), None)
+    new = auth.carry_over(auth.Users(a=a), auth.Users(a=changed))
+    assert new["a"] is not a and new["a"].check_fast("pw") is None
+    same = auth.carry_over(auth.Users(a=a), auth.Users(a=auth.User("a", h, None)))
+    assert same["a"] is a and same["a"].check_fast("pw") is True
+
+
+def test_remembered_successes_are_bounded():
+    u = auth.User("h", "$2b$04$" + "x" * 53, None)
+    for i in range(auth.MAX_VERIFIED * 3):
+        u.remember(f"p{i}")
+    assert u.check_fast(f"p{auth.MAX_VERIFIED * 3 - 1}") is True
+    assert sum(u.check_fast(f"p{i}") is True for i in range(auth.MAX_VERIFIED * 3)) <= auth.MAX_VERIFIED
 
 
 @pytest.mark.parametrize("doc, message", [

@@ -14,14 +14,12 @@ v2.15.1 in tests/test_reload.py):
 
 A connection whose user the reload left as it was (the same ``auth.User`` object, see
 ``auth.carry_over``) costs a dict lookup. ``BATCH`` connections are handled per loop turn,
-so thousands of them do not stall the loop; bcrypt checks run in the default executor, as
-at CONNECT, once per distinct (user, password), and the verdict applies to every
-connection that gave that password.
+so thousands of them do not stall the loop; bcrypt checks go through the gateway's
+``BcryptChecks``, as at CONNECT: one per distinct (user, password), whose verdict reaches
+every connection that gave that password, a batch per loop turn.
 """
 
 from __future__ import annotations
-
-import asyncio
 
 from mq9.protocol import errors
 
@@ -50,7 +48,7 @@ class Recheck:
         # Connections made from now on authenticate against the new settings already.
         self.clients = [c for c in gateway.clients.values() if c.connected]
         self.next = 0
-        self.slow: dict[tuple[str, str], list] = {}  # (user, password) -> connections waiting
+        self.waiting = 0  # connections waiting for a bcrypt verdict
         self.stopped = False
         self.removed = self.refused = self.subs_removed = self.bcrypt_checks = 0
 
@@ -100,41 +98,23 @@ class Recheck:
         password = creds.get("pass")
         ok = user.check_fast(password) if isinstance(password, str) else False
         if ok is None:
-            key = (name, password)
-            waiting = self.slow.get(key)
-            if waiting is None:
-                self.slow[key] = [c]
+            self.waiting += 1
+            if self.gw.bcrypt.wait(user, password, lambda ok: self._checked(c, user, ok)):
                 self.bcrypt_checks += 1
-                self.gw.loop.run_in_executor(None, user.check_slow, password).add_done_callback(
-                    lambda fut: self._checked(key, user, fut))
-            else:
-                waiting.append(c)
         elif ok:
             self._keep(c, user)
         else:
             self._refuse(c)
 
-    def _checked(self, key: tuple[str, str], user, fut: asyncio.Future) -> None:
-        ok = not fut.cancelled() and fut.exception() is None and fut.result()
-        self._apply(key, user, ok)
-
-    def _apply(self, key: tuple[str, str], user, ok: bool) -> None:
-        """A bcrypt verdict, for the connections that gave that password, BATCH per turn."""
+    def _checked(self, c, user, ok: bool) -> None:
+        self.waiting -= 1
         if self.stopped:
-            return  # a newer pass checks these connections against newer settings
-        waiting = self.slow[key]
-        for c in waiting[-BATCH:]:
-            if c.closed:
-                continue
+            return  # a newer pass checks this connection against newer settings
+        if not c.closed:
             if ok:
                 self._keep(c, user)
             else:
                 self._refuse(c)
-        del waiting[-BATCH:]
-        if waiting:
-            self.gw.loop.call_soon(self._apply, key, user, ok)
-            return
-        del self.slow[key]
         self._finish()
 
     def _keep(self, c, user) -> None:
@@ -152,7 +132,7 @@ class Recheck:
         c.close()
 
     def _finish(self) -> None:
-        if self.next < len(self.clients) or self.slow:
+        if self.next < len(self.clients) or self.waiting:
             return
         self.gw.log.info("auth_rechecked", generation=self.generation, clients=len(self.clients),
                          closed_user_removed=self.removed, closed_auth_violation=self.refused,

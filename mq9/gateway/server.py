@@ -24,6 +24,7 @@ from mq9 import __version__, log, metrics, nodefile, process, subjects
 from mq9 import reload as reloading
 from mq9.config import Config
 from mq9.gateway import auth, reauth, tls
+from mq9.gateway.bcryptchecks import BcryptChecks
 from mq9.gateway.client import PING, PONG, Client, Subscription
 from mq9.gateway.conncount import ConnCounter
 from mq9.gateway.mailboxes import Mailboxes
@@ -34,6 +35,7 @@ from mq9.gateway.topology import Topology, gateway_id
 from mq9.protocol import NATS_VERSION, errors
 
 NO_RESPONDERS_GRACE = 0.005  # seconds
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 MAX_CONNZ = 5000  # above this many connections, /connz is refreshed every 10 s, not every second
 
 
@@ -61,6 +63,7 @@ class Gateway:
         self._flush_scheduled = False
         self.users = auth.load(cfg.auth_file) if cfg.auth_file else None
         self.auth_required = bool(cfg.auth_token or cfg.user or self.users)
+        self.bcrypt = BcryptChecks(loop)
         self._recheck: reauth.Recheck | None = None  # the pass after the last reload
         self.tls = tls.server_context(cfg) if cfg.tls_cert else None
         # One server_id and name per node, chosen by the supervisor: INFO and /varz agree
@@ -111,9 +114,11 @@ class Gateway:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((self.cfg.host, self.cfg.port))
-        sock.listen(4096)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
-        self.server = await self.loop.create_server(self._new_client, sock=sock)
+        # create_server listens again, with its own default (100) unless told: thousands of
+        # clients reconnecting at once would overflow it and wait out SYN retransmits.
+        self.server = await self.loop.create_server(self._new_client, sock=sock, backlog=LISTEN_BACKLOG)
         self._pinger = self.loop.call_later(self.cfg.ping_interval, self._ping_clients)
         self._stats_timer = self.loop.call_later(1.0, self._report_stats)
         self.log.info("gateway_listening", host=self.cfg.host, port=self.cfg.port, index=self.index)
@@ -226,8 +231,8 @@ class Gateway:
             t["out_bytes"] += client.bytes_out
 
     def check_auth(self, opts: dict, client: Client) -> bool | None:
-        """True or False; None when a bcrypt check was started in a thread, whose answer
-        goes to ``client.auth_done``. Sets ``client.perms`` for a user with permissions."""
+        """True or False; None when a bcrypt check decides, whose answer goes to
+        ``client.auth_done``. Sets ``client.perms`` for a user with permissions."""
         cfg = self.cfg
         if self.users is not None:
             return self._check_user(opts, client)
@@ -249,19 +254,20 @@ class Gateway:
             return False
         ok = user.check_fast(pw)
         if ok is None:
-            def done(fut: asyncio.Future) -> None:
+            def done(ok: bool) -> None:
+                if client.closed:  # the auth timeout came first
+                    return
                 if self.users is None or self.users.get(name) is not user:
                     # a reload changed this user meanwhile: the new settings decide
                     again = self.check_auth(opts, client) if self.auth_required else True
                     if again is not None:
                         client.auth_done(again)
                     return
-                ok = not fut.cancelled() and fut.exception() is None and fut.result()
                 if ok:
                     client.user, client.perms = user, user.conn_perms()
                 client.auth_done(ok)
 
-            self.loop.run_in_executor(None, user.check_slow, pw).add_done_callback(done)
+            self.bcrypt.wait(user, pw, done)
             return None
         if ok:
             client.user, client.perms = user, user.conn_perms()
