@@ -109,11 +109,10 @@ def _token(body: dict) -> str:
 
 
 class Mailboxes:
-    def __init__(self, cfg, link, router, publish_reply):
+    def __init__(self, cfg, link, router):
         self.cfg = cfg
         self.link = link
         self.router = router
-        self.reply = publish_reply  # reply(subject, body_bytes)
         self.owner_subs: dict[int, Subscription] = {}
         self.sub_target: dict[int, tuple] = {}  # key -> the shard its Subscribe went to
         self._ack_times: list[float] = []  # observed into the histogram once a second
@@ -129,6 +128,8 @@ class Mailboxes:
         if subject.startswith(subjects.INBOX):
             self._send(subject, reply, headers, payload)
             return True
+        if not subject.startswith(subjects.MAILBOX):
+            return False
         try:
             if subject == subjects.MAILBOX_CREATE:
                 self._create(reply, payload)
@@ -136,27 +137,41 @@ class Mailboxes:
                 self._query(subject[len(subjects.MAILBOX_QUERY):], reply, payload)
             elif subject.startswith(subjects.MAILBOX_DELETE):
                 self._delete(subject[len(subjects.MAILBOX_DELETE):], reply, payload)
-            elif subject.startswith(subjects.MAILBOX):
+            else:
                 raise BadRequest("unknown mailbox operation: use $mq9.AI.MAILBOX.CREATE, "
                                  "QUERY.{mail_id} or DELETE.{mail_id}")
-            else:
-                return False
         except BadRequest as e:
             self._error(reply, "bad_request", str(e))
+        # Watchers of '$mq9.AI.#' see requests too (without the reply subject, so a watcher
+        # can never answer in the broker's place); INBOX sends reach them once stored.
+        self.router.route(subject, None, headers, payload, client)
+        return True
+
+    def handle_run(self, subject: str, replies: list | None, payloads: list[bytes],
+                   client) -> bool:
+        """``handle`` for header-less publishes in a row to one subject: INBOX sends go to
+        the shard as one request, other mailbox operations are one request each."""
+        if subject.startswith(subjects.INBOX):
+            self.send_run(subject, replies, payloads)
+            return True
+        if not subject.startswith(subjects.MAILBOX):
+            return False
+        for i, p in enumerate(payloads):
+            self.handle(subject, None if replies is None else replies[i], None, p, client)
         return True
 
     def _error(self, reply: str | None, code: str, text: str) -> None:
         if reply:
-            self.reply(reply, error_body(code, text))
+            self.router.route(reply, None, None, error_body(code, text), None)
 
     def _answer(self, reply: str | None):
         def done(res: wire.Result, _arg=None) -> None:
             if not reply:
                 return
             if res.code:
-                self.reply(reply, error_body(res.code, res.error or res.code))
+                self.router.route(reply, None, None, error_body(res.code, res.error or res.code), None)
             else:
-                self.reply(reply, _json(res.data or {}))
+                self.router.route(reply, None, None, _json(res.data or {}), None)
         return done
 
     def _create(self, reply: str | None, payload: bytes) -> None:
@@ -185,10 +200,10 @@ class Mailboxes:
             if not reply:
                 return
             if res.code:
-                self.reply(reply, error_body(res.code, res.error or res.code))
+                self.router.route(reply, None, None, error_body(res.code, res.error or res.code), None)
             else:
                 res.data["token"] = token  # the decoded answer is ours to change
-                self.reply(reply, _json(res.data))
+                self.router.route(reply, None, None, _json(res.data), None)
 
         rid = self.link.next_rid()
         op = wire.Create(rid=rid, mail_id=name, type=mtype, ttl=ttl, token_hash=token_hash(token), auto=auto)
@@ -269,7 +284,7 @@ class Mailboxes:
                 return
             for reply in replies:
                 if reply:
-                    self.reply(reply, body)
+                    self.router.route(reply, None, None, body, None)
                 else:
                     metrics.DROPS.labels(res.code).inc()
             return
@@ -282,7 +297,7 @@ class Mailboxes:
                     continue
                 if r.__class__ is int:
                     times.append(dt)
-                    self.reply(reply, b"%s%d%s" % (ack_head, r, ack_tail))
+                    self.router.route(reply, None, None, b"%s%d%s" % (ack_head, r, ack_tail), None)
                 else:
                     self._error(reply, r[0], r[1])
         if self.router.has_interest(subject):  # monitors see what was stored
@@ -303,7 +318,7 @@ class Mailboxes:
         if reply:
             self._ack_times.append(time.perf_counter() - t0)
             # mail_id and priority were validated to plain ASCII: no JSON escaping.
-            self.reply(reply, b"%s%d%s" % (ack_head, res.msg_id, ack_tail))
+            self.router.route(reply, None, None, b"%s%d%s" % (ack_head, res.msg_id, ack_tail), None)
         # Monitors (wildcard subscriptions) see the message once it is stored.
         if self.router.has_interest(subject):
             self.router.route(subject, None, _with_mq9_headers(headers, res.msg_id, priority),
@@ -369,23 +384,6 @@ class Mailboxes:
                 self.sub_target[sub.key] = target
                 self.link.post(target, wire.Subscribe(key=sub.key, mail_id=mail_id,
                                                       priorities=prios, queue=sub.queue))
-
-    def on_deliver(self, d: wire.Deliver) -> None:
-        sub = self.owner_subs.get(d.key)
-        if sub is None or sub.client.closed:
-            self.link.post(self.link.shard_of(d.mail_id),
-                           wire.Undelivered(key=d.key, mail_id=d.mail_id, msg_ids=[d.msg_id]))
-            return
-        shard = self.sub_target[d.key]  # follows the slot map like shard_of, without a hash
-        k = (shard, d.key, d.mail_id)
-        acks = self._acks.get(k)
-        if acks is None:
-            if not self._acks:
-                self.link.loop.call_soon(self.flush_acks)
-            acks = self._acks[k] = []
-        acks.append(d.msg_id)
-        sub.client.deliver(sub, d.subject, None, _with_mq9_headers(d.headers, d.msg_id, d.priority),
-                           d.payload)
 
     def on_deliver_run(self, d: wire.DeliverRun) -> None:
         sub = self.owner_subs.get(d.key)

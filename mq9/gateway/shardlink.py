@@ -17,7 +17,7 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from mq9 import curve, metrics, wire
+from mq9 import curve, log, metrics, wire
 from mq9.gateway.topology import Target, Topology
 from mq9.gateway.zsock import Outbox, watch
 
@@ -37,7 +37,7 @@ class ShardLink:
         self.ctx = ctx
         self.loop = loop
         self.timeout = timeout
-        self.handler = None  # on_deliver(Deliver), on_shard_connected(target)
+        self.handler = None  # the gateway's Mailboxes: on_deliver_run, on_shard_connected
         self.pending: dict[int, list] = {}  # rid -> [deadline, callback, op, give_up_at, arg]
         self._rid = 0
         self.shards: dict[Target, _Shard] = {}
@@ -119,8 +119,6 @@ class ShardLink:
         for m in msgs:
             if m.__class__ is wire.DeliverRun:
                 self.handler.on_deliver_run(m)
-            elif m.__class__ is wire.Deliver:
-                self.handler.on_deliver(m)
             elif m.code == "moved" and m.rid in self.pending:
                 # The mailbox's slot is moving: ask the new owner once the slot map says who.
                 entry = self.pending[m.rid]
@@ -164,6 +162,7 @@ class ShardLink:
                 # Hello and Subscribes in order: re-sending them could only cause duplicates.
                 sh.connected = True
                 continue
+            log.info("shard_connected", shard=target)
             self.handler.on_shard_connected(target)
 
     def _sweep(self) -> None:

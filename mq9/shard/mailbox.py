@@ -5,7 +5,7 @@
     shard.begin(now)                 # once per batch: the clock for TTLs and timestamps
     shard.apply(gw, op)              # every operation of the batch, any gateway
     shard.expire()                   # when the expiry tick is due
-    out = shard.finish()             # pump deliveries, write the batch, -> {gw: [Result|Deliver]}
+    out = shard.finish()             # pump deliveries, write the batch, -> {gw: [answers, DeliverRuns]}
 
 Nothing in ``out`` may leave the process before ``finish`` returns: ``finish`` writes the
 batch's RocksDB WriteBatch first, so every acknowledged write and every pushed message is

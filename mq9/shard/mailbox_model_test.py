@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mq9 import subjects, wire
 from mq9.shard.mailbox import DELIVERED, INFLIGHT, PENDING, Shard
-from mq9.shard.mailbox_test import TOK, Clock
+from mq9.shard.mailbox_test import TOK, Clock, pushed
 from mq9.shard.store import Store
 
 PRIOS = subjects.PRIORITIES
@@ -56,15 +56,14 @@ class World:
                     self.undelivered.add(it.data["msg_id"])
         before = {k: set(v) for k, v in self.held.items()}
         for gw, items in out.items():
-            for it in wire.delivers(items):
-                if isinstance(it, wire.Deliver):
-                    k = (gw, it.key)
-                    assert k in self.held, f"push to unknown subscription {k}"
-                    for other, ids in before.items():
-                        assert it.msg_id not in ids, f"{it.msg_id} pushed while in flight to {other}"
-                    assert it.msg_id in self.undelivered
-                    if it.msg_id not in self.held[k]:  # one push may reach several subs
-                        self.held[k].append(it.msg_id)
+            for it in pushed(items):
+                k = (gw, it.key)
+                assert k in self.held, f"push to unknown subscription {k}"
+                for other, ids in before.items():
+                    assert it.msg_id not in ids, f"{it.msg_id} pushed while in flight to {other}"
+                assert it.msg_id in self.undelivered
+                if it.msg_id not in self.held[k]:  # one push may reach several subs
+                    self.held[k].append(it.msg_id)
         return out
 
     def forget(self, ids):

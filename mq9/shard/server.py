@@ -262,7 +262,8 @@ def run(cfg: Config, index: int) -> None:
                     # that gateway's subscriptions are dead and their messages go back.
                     if e.errno != zmq.EHOSTUNREACH:
                         log.warning("shard_send_failed", shard=index, gateway=gw, error=str(e))
-                    m.unreachable.inc(len(wire.delivers(items)))
+                    m.unreachable.inc(sum(len(it.msg_ids) for it in items
+                                            if type(it) is wire.DeliverRun))
                     shard.drop_gateway(gw)
             m.batch(shard, time.perf_counter() - started, nops)
     finally:
