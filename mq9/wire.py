@@ -197,7 +197,7 @@ class MailboxList(_Msg):
 
 class Result(_Msg):
     rid: int
-    code: str | None = None  # None = success; else bad_request | exists | not_found | auth | full | ...
+    code: str | None = None  # None = success; else an ``api.Code``
     error: str | None = None  # readable text for the client
     data: dict[str, Any] | None = None
 

@@ -25,7 +25,6 @@ gets a message that is already in flight to the first.
 
 from __future__ import annotations
 
-import base64
 import heapq
 import hmac
 import time
@@ -34,7 +33,8 @@ from collections import deque
 import msgspec
 
 from mq9.cluster.slots import NUM_SLOTS, slot_of
-from mq9 import log, subjects, wire
+from mq9 import api, log, subjects, wire
+from mq9.api import Code
 from mq9.shard.store import (
     META,
     MSG,
@@ -56,9 +56,7 @@ WINDOW = 1000  # messages in flight per mailbox
 # messages must not become a 1 GiB frame.
 PUMP_BYTES = 8 * 1024 * 1024
 PUMP_READ = 256  # pending messages read from the store at a time
-QUERY_MAX = 1000
 QUERY_BYTES = 8 * 1024 * 1024
-MAILBOX_TYPES = ("standard", "latest")
 # The operator's list (ListMailboxes) runs inside a batch, so one page is bounded in work,
 # not only in items: it stops early (``more``) after this many mailbox keys looked at or
 # stored messages counted, and the caller asks again from where it stopped.
@@ -235,25 +233,15 @@ class Mailbox:
 
 
 _meta_check = msgspec.msgpack.Decoder(Meta)
-MOVED = "mailbox is moving; retry"
 
 
 # Operations that change stored data (Export commits the batch before reading).
 _STORING_OPS = frozenset((wire.Create, wire.Send, wire.SendRun, wire.Delete, wire.Export,
                           wire.Import, wire.Freeze, wire.Drop))
 
-STORAGE_FAILING = "mailbox storage is failing (disk full or not writable); retry later"
-
 
 def _err(rid: int, code: str, text: str) -> wire.Result:
     return wire.Result(rid=rid, code=code, error=text)
-
-
-def _payload_json(payload: bytes) -> dict:
-    try:
-        return {"payload": payload.decode("utf-8")}
-    except UnicodeDecodeError:
-        return {"payload": base64.b64encode(payload).decode(), "encoding": "base64"}
 
 
 class Shard:
@@ -345,15 +333,15 @@ class Shard:
             return
         if self.storage_error is not None and type(op) in _STORING_OPS:
             name = type(op).__name__.lower()
-            self._count(name, "unavailable")
-            return self._reply(gw, _err(op.rid, "unavailable", STORAGE_FAILING))
+            self._count(name, Code.UNAVAILABLE)
+            return self._reply(gw, _err(op.rid, Code.UNAVAILABLE, api.STORAGE_FAILING))
         try:
             handler(self, gw, op)
         except Exception as e:  # noqa: BLE001 - one bad op must not take the shard down
-            self._count(type(op).__name__.lower(), "internal")
+            self._count(type(op).__name__.lower(), Code.INTERNAL)
             rid = getattr(op, "rid", None)
             if rid is not None:
-                self._reply(gw, _err(rid, "internal", f"internal error: {type(e).__name__}"))
+                self._reply(gw, _err(rid, Code.INTERNAL, api.INTERNAL.format(type(e).__name__)))
 
     def finish(self) -> dict[bytes, list]:
         """Pump, write the batch, and hand over everything to send, per gateway.
@@ -387,7 +375,7 @@ class Shard:
     def failed_outputs(self) -> dict[bytes, list]:
         out: dict[bytes, list] = {}
         for gw, items in self.out.items():
-            errs = [_err(r.rid, "unavailable", STORAGE_FAILING)
+            errs = [_err(r.rid, Code.UNAVAILABLE, api.STORAGE_FAILING)
                     for r in items if type(r) in wire.ANSWERS]
             if errs:
                 out[gw] = errs
@@ -497,8 +485,8 @@ class Shard:
         """Answer ``moved`` if the op's mailbox is in a frozen slot."""
         if slot_of(op.mail_id) not in self.frozen:
             return False
-        self._count(name, "moved")
-        self._reply(gw, _err(op.rid, "moved", MOVED))
+        self._count(name, Code.MOVED)
+        self._reply(gw, _err(op.rid, Code.MOVED, api.MOVED))
         return True
 
     def _check_token(self, mb: Mailbox, token_hash: bytes) -> bool:
@@ -507,20 +495,16 @@ class Shard:
     # ---- operations ------------------------------------------------------------------------
 
     def _create(self, gw: bytes, op: wire.Create) -> None:
-        if not subjects.valid_mail_id(op.mail_id):
-            self._count("create", "bad_request")
-            return self._reply(gw, _err(op.rid, "bad_request", "invalid mail_id"))
-        if op.type not in MAILBOX_TYPES:
-            self._count("create", "bad_request")
-            return self._reply(gw, _err(op.rid, "bad_request", "'type' must be \"standard\" or \"latest\""))
-        if op.ttl < 0:
-            self._count("create", "bad_request")
-            return self._reply(gw, _err(op.rid, "bad_request", "'ttl' must be >= 0"))
+        why = (None if subjects.valid_mail_id(op.mail_id) else api.BAD_MAIL_ID) \
+            or api.check_type(op.type) or api.check_int("ttl", op.ttl, 0)
+        if why:
+            self._count("create", Code.BAD_REQUEST)
+            return self._reply(gw, _err(op.rid, Code.BAD_REQUEST, why))
         if self.frozen and self._moved(gw, op, "create"):
             return
         if self._live(op.mail_id) is not None:
-            self._count("create", "exists")
-            return self._reply(gw, _err(op.rid, "exists", f"mailbox '{op.mail_id}' already exists"))
+            self._count("create", Code.EXISTS)
+            return self._reply(gw, _err(op.rid, Code.EXISTS, api.EXISTS.format(op.mail_id)))
         now = self.now
         expires_at = now + op.ttl if op.ttl else 0.0
         meta = Meta(op.type, op.ttl, now, expires_at, op.token_hash)
@@ -528,9 +512,9 @@ class Shard:
         mb = Mailbox(op.mail_id, meta, op.type == "latest", self.store.prefixes(op.mail_id))
         self._add_mailbox(mb)
         self._count("create", "ok")
-        self._reply(gw, wire.Result(rid=op.rid, data={
-            "mail_id": op.mail_id, "type": op.type, "ttl": op.ttl,
-            "expires_at": -int(-expires_at // 1)}))  # ceil: never claim an earlier expiry
+        # ceil: never claim an earlier expiry
+        created = api.Created(op.mail_id, op.type, op.ttl, -int(-expires_at // 1))
+        self._reply(gw, wire.Result(rid=op.rid, data=api.to_builtins(created)))
 
     def _send(self, gw: bytes, op: wire.Send) -> None:
         target = self._send_target(gw, op)
@@ -564,14 +548,13 @@ class Shard:
         if mb is not None and mb.meta.expires_at and mb.meta.expires_at <= self.now:
             mb = self._live(mail_id)
         if mb is None:
-            self._count("send", "not_found")
-            self._reply(gw, _err(op.rid, "not_found", f"no mailbox '{mail_id}'"))
+            self._count("send", Code.NOT_FOUND)
+            self._reply(gw, _err(op.rid, Code.NOT_FOUND, api.NOT_FOUND.format(mail_id)))
             return None
         prio = PRIO_INDEX.get(op.priority)
         if prio is None:
-            self._count("send", "bad_request")
-            self._reply(gw, _err(op.rid, "bad_request",
-                                 f"unknown priority '{op.priority}': use urgent, normal or notify"))
+            self._count("send", Code.BAD_REQUEST)
+            self._reply(gw, _err(op.rid, Code.BAD_REQUEST, api.check_priority(op.priority)))
             return None
         return mb, prio
 
@@ -590,8 +573,8 @@ class Shard:
         elif len(msgs) >= self.max_msgs:
             over = len(msgs) - self.max_msgs + 1
             if len(mb.delivered) < over:
-                self._count("send", "full")
-                return ("full", f"mailbox '{mail_id}' is full ({self.max_msgs} undelivered messages)")
+                self._count("send", Code.FULL)
+                return (Code.FULL, api.FULL.format(mail_id, self.max_msgs))
             for _ in range(over):
                 old = heapq.heappop(mb.delivered)
                 v = msgs.pop(old)
@@ -642,12 +625,12 @@ class Shard:
             return None
         mb = self._live(op.mail_id)
         if mb is None:
-            self._count(name, "not_found")
-            self._reply(gw, _err(op.rid, "not_found", f"no mailbox '{op.mail_id}'"))
+            self._count(name, Code.NOT_FOUND)
+            self._reply(gw, _err(op.rid, Code.NOT_FOUND, api.NOT_FOUND.format(op.mail_id)))
             return None
         if not self._check_token(mb, op.token_hash):
-            self._count(name, "auth")
-            self._reply(gw, _err(op.rid, "auth", "wrong or missing token"))
+            self._count(name, Code.AUTH)
+            self._reply(gw, _err(op.rid, Code.AUTH, api.WRONG_TOKEN))
             return None
         return mb
 
@@ -655,9 +638,10 @@ class Shard:
         mb = self._authorized(gw, op, "query")
         if mb is None:
             return
-        if not 1 <= op.limit <= QUERY_MAX:
-            self._count("query", "bad_request")
-            return self._reply(gw, _err(op.rid, "bad_request", f"'limit' must be between 1 and {QUERY_MAX}"))
+        why = api.check_int("limit", op.limit, 1, api.QUERY_MAX)
+        if why:
+            self._count("query", Code.BAD_REQUEST)
+            return self._reply(gw, _err(op.rid, Code.BAD_REQUEST, why))
         ids = mb.undelivered_in_order(op.limit)
         messages = []
         budget = QUERY_BYTES
@@ -667,14 +651,12 @@ class Shard:
             if budget < 0 and messages:
                 del ids[i:]  # fewer than asked; "unread" tells the client there is more
                 break
-            m = {"msg_id": mid, "priority": PRIORITIES[prio], "subject": subject, "ts": ts}
-            m.update(_payload_json(payload))
-            messages.append(m)
+            messages.append(api.message(mid, PRIORITIES[prio], subject, ts, payload))
         if op.mark_read and ids:
             self._mark_delivered(mb, ids)
         self._count("query", "ok")
-        self._reply(gw, wire.Result(rid=op.rid, data={
-            "mail_id": mb.mail_id, "unread": mb.undelivered, "messages": messages}))
+        reply = api.QueryReply(mb.mail_id, mb.undelivered, messages)
+        self._reply(gw, wire.Result(rid=op.rid, data=api.to_builtins(reply)))
 
     def _delete(self, gw: bytes, op: wire.Delete) -> None:
         mb = self._authorized(gw, op, "delete")
@@ -682,7 +664,7 @@ class Shard:
             return
         self._drop_mailbox(mb)
         self._count("delete", "ok")
-        self._reply(gw, wire.Result(rid=op.rid, data={"mail_id": op.mail_id, "deleted": True}))
+        self._reply(gw, wire.Result(rid=op.rid, data=api.to_builtins(api.Deleted(op.mail_id))))
 
     def _subscribe(self, gw: bytes, op: wire.Subscribe) -> None:
         mask = op.priorities & subjects.ALL_PRIORITIES
@@ -796,8 +778,8 @@ class Shard:
     def _slot_set(self, gw: bytes, op, name: str) -> set[int] | None:
         slots = op.slots
         if not slots or not all(type(x) is int and 0 <= x < NUM_SLOTS for x in slots):
-            self._count(name, "bad_request")
-            self._reply(gw, _err(op.rid, "bad_request", f"'slots' must be a non-empty list of 0..{NUM_SLOTS - 1}"))
+            self._count(name, Code.BAD_REQUEST)
+            self._reply(gw, _err(op.rid, Code.BAD_REQUEST, f"'slots' must be a non-empty list of 0..{NUM_SLOTS - 1}"))
             return None
         return set(slots)
 
@@ -859,11 +841,11 @@ class Shard:
         if slots is None:
             return
         if op.max_bytes < 1:
-            self._count("export", "bad_request")
-            return self._reply(gw, _err(op.rid, "bad_request", "'max_bytes' must be >= 1"))
+            self._count("export", Code.BAD_REQUEST)
+            return self._reply(gw, _err(op.rid, Code.BAD_REQUEST, "'max_bytes' must be >= 1"))
         if op.after is not None and (mail_id_of(op.after) is None or slot_of(mail_id_of(op.after)) not in slots):
-            self._count("export", "bad_request")
-            return self._reply(gw, _err(op.rid, "bad_request", "'after' is no record key of these slots"))
+            self._count("export", Code.BAD_REQUEST)
+            return self._reply(gw, _err(op.rid, Code.BAD_REQUEST, "'after' is no record key of these slots"))
         self._commit_now()
         ids = [m for s in slots for m in self.by_slot.get(s, ())]
         pairs, nxt = self.store.export(ids, op.after, op.max_bytes)
@@ -895,8 +877,8 @@ class Shard:
                 elif fam == MSG:
                     bad = len(v) < 4 or record_payload_size(v) < 0
             if bad:
-                self._count("import", "bad_request")
-                return self._reply(gw, _err(op.rid, "bad_request", f"record {k[:80]!r} is not of these slots"))
+                self._count("import", Code.BAD_REQUEST)
+                return self._reply(gw, _err(op.rid, Code.BAD_REQUEST, f"record {k[:80]!r} is not of these slots"))
         # Frozen until "done": a half-copied mailbox is never served or pumped, even after
         # a restart mid-copy (the startup loader loads whatever pages arrived).
         self._freeze_slots(slots)
@@ -951,11 +933,11 @@ class Shard:
 
     def _list(self, gw: bytes, op: wire.ListMailboxes) -> None:
         if not 1 <= op.limit <= LIST_MAX:
-            self._count("list", "bad_request")
-            return self._reply(gw, _err(op.rid, "bad_request", f"'limit' must be between 1 and {LIST_MAX}"))
+            self._count("list", Code.BAD_REQUEST)
+            return self._reply(gw, _err(op.rid, Code.BAD_REQUEST, f"'limit' must be between 1 and {LIST_MAX}"))
         if not (subjects.valid_mail_id_part(op.prefix) and subjects.valid_mail_id_part(op.after)):
-            self._count("list", "bad_request")
-            return self._reply(gw, _err(op.rid, "bad_request",
+            self._count("list", Code.BAD_REQUEST)
+            return self._reply(gw, _err(op.rid, Code.BAD_REQUEST,
                                         "'prefix' and 'after' may hold only the characters of a mail_id"))
         # RocksDB's meta keys are the sorted index: walking them costs a page, whereas
         # sorting the in-memory dict would cost every mailbox of the shard, every page.

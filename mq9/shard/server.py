@@ -14,7 +14,7 @@ import time
 
 import zmq
 
-from mq9 import curve, endpoints, log, metrics, process, wire
+from mq9 import api, curve, endpoints, log, metrics, process, wire
 from mq9 import reload as reloading
 from mq9.config import Config
 from mq9.shard.mailbox import Shard
@@ -113,7 +113,7 @@ def _encode(items: list) -> bytes:
             except (OverflowError, UnicodeEncodeError, TypeError):
                 log.error("shard_unencodable_reply", kind=type(it).__name__)
                 if type(it) in wire.ANSWERS:
-                    good.append(wire.Result(rid=it.rid, code="internal", error="reply could not be encoded"))
+                    good.append(wire.Result(rid=it.rid, code=api.Code.INTERNAL, error=api.UNENCODABLE))
         return wire.encode(good)
 
 
