@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mq9 import subjects, wire
-from mq9.shard.mailbox import DELIVERED, INFLIGHT, PENDING, Shard
+from mq9.shard.batch import Shard
+from mq9.shard.state import DELIVERED, INFLIGHT, PENDING
 from mq9.shard.mailbox_test import TOK, Clock, pushed
 from mq9.shard.store import Store
 

@@ -10,7 +10,7 @@ import pytest
 
 from mq9 import subjects, wire
 from mq9.shard import store as store_mod
-from mq9.shard.mailbox import Shard
+from mq9.shard.batch import Shard
 from mq9.shard.store import Store
 
 TOK = hashlib.sha256(b"tok-secret").digest()
@@ -472,10 +472,10 @@ def test_key_layout_is_documented_one(rig):
 
 
 def test_pump_and_query_byte_budgets(rig, monkeypatch):
-    from mq9.shard import mailbox as mailbox_mod
+    from mq9.shard import ops, pump
 
-    monkeypatch.setattr(mailbox_mod, "PUMP_BYTES", 10)
-    monkeypatch.setattr(mailbox_mod, "QUERY_BYTES", 10)
+    monkeypatch.setattr(pump, "PUMP_BYTES", 10)
+    monkeypatch.setattr(ops, "QUERY_BYTES", 10)
     rig.create()
     for _ in range(5):
         rig.send_ok(payload=b"abcd")

@@ -17,7 +17,7 @@ import zmq
 from mq9 import api, curve, endpoints, log, metrics, process, wire
 from mq9 import reload as reloading
 from mq9.config import Config
-from mq9.shard.mailbox import Shard
+from mq9.shard.batch import Shard
 from mq9.shard.store import Store
 
 TICK = 0.25  # expiry checks at least this often (seconds)
