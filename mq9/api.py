@@ -8,11 +8,11 @@ codes and error texts.
 | ``$mq9.AI.MAILBOX.DELETE.{mail_id}`` | ``DeleteRequest`` | ``Deleted`` |
 | ``$mq9.AI.INBOX.{mail_id}.{priority}`` | the message itself | ``SendAck`` |
 
-Every refusal is an ``Error`` reply: a ``Code`` and a text from this module. The gateway
-validates a request body here (``create_request`` ...) before anything reaches a shard; the
-shard checks what it alone knows (exists, token, room) with the same texts, and checks the
-fields again with the same functions only because other processes than gateways talk to
-it. Bodies are read leniently, as clients of the first version were promised: unknown
+Every refusal is an ``Error`` reply: a ``Code`` and a text from this module. A request body
+is validated once, by the gateway (``create_request`` ...), before anything reaches a shard.
+The shard answers what only it knows (exists, token, room) with the same codes and texts;
+it does not trust a wire op's fields either, and checks them with the same functions
+(``check_type``, ``check_int``, ``check_priority``). Bodies are read leniently: unknown
 fields are ignored, ``null`` means the default, a token that is no string is a wrong token.
 
 Replies are on the acked-send hot path, so they are encoded by msgspec (field order is the
@@ -84,7 +84,7 @@ class BadRequest(Exception):
 
 class CreateRequest(msgspec.Struct):
     type: str = "standard"  # one of MAILBOX_TYPES
-    ttl: int = 0  # seconds, 0 = never expires
+    ttl: int = 0  # seconds, 0 = never expires; absent: the node's default_ttl setting
     name: str | None = None  # None: the gateway names the mailbox
 
 
