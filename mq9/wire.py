@@ -8,7 +8,7 @@ Gateway -> shard (DEALER -> ROUTER; the ROUTER sees the gateway's identity):
     Create, Send, SendRun, Query, Delete, Subscribe, Unsubscribe, Delivered, Hello
 Shard -> gateway:
     Result (answers Create/Send/Query/Delete by ``rid``), Sent and SentRun (stored sends),
-    DeliverRun (messages for an owner subscription; Deliver is one message)
+    DeliverRun (messages for an owner subscription)
 Supervisor -> shard (the operator's mailbox list, ``mq9.mailbox_list``):
     ListMailboxes, answered by MailboxList
 Gateway <-> gateway (PUSH -> PULL, one pipe per ordered pair, so order is kept):
@@ -197,7 +197,7 @@ class MailboxList(_Msg):
 
 class Result(_Msg):
     rid: int
-    code: str | None = None  # None = success; else bad_request | exists | not_found | auth | full | ...
+    code: str | None = None  # None = success; else an ``api.Code``
     error: str | None = None  # readable text for the client
     data: dict[str, Any] | None = None
 
@@ -229,16 +229,6 @@ class SentRun(_Msg):
     error: ClassVar[None] = None
 
 
-class Deliver(_Msg):
-    key: int
-    mail_id: str
-    msg_id: int
-    priority: str
-    subject: str
-    payload: bytes
-    headers: bytes | None = None
-
-
 class DeliverRun(_Msg):
     """Messages of one mailbox and priority for owner subscription ``key``, oldest first
     (what a shard pushes: one struct per subscription and batch, not per message)."""
@@ -250,22 +240,6 @@ class DeliverRun(_Msg):
     msg_ids: list[int]
     payloads: list[bytes]
     headers: list[bytes | None] | None = None  # None: no message of the run has headers
-
-    def each(self) -> list[Deliver]:
-        hs = self.headers or [None] * len(self.msg_ids)
-        return [Deliver(self.key, self.mail_id, mid, self.priority, self.subject, p, h)
-                for mid, p, h in zip(self.msg_ids, self.payloads, hs)]
-
-
-def delivers(items) -> list[Deliver]:
-    """Every message pushed in ``items`` (Deliver or DeliverRun), one Deliver each."""
-    out: list[Deliver] = []
-    for it in items:
-        if type(it) is DeliverRun:
-            out.extend(it.each())
-        elif type(it) is Deliver:
-            out.append(it)
-    return out
 
 
 # ---- gateway <-> gateway ----------------------------------------------------------------
@@ -347,7 +321,7 @@ class Reloaded(msgspec.Struct):
 
 ToShard = Union[Hello, Create, Send, SendRun, Query, Delete, Subscribe, Unsubscribe, Delivered, Undelivered,
                 Export, Import, Freeze, Drop, ListMailboxes]
-FromShard = Union[Result, Sent, SentRun, Deliver, DeliverRun, MailboxList]
+FromShard = Union[Result, Sent, SentRun, DeliverRun, MailboxList]
 ANSWERS = (Result, Sent, SentRun, MailboxList)  # what answers a request by rid
 PeerMsg = Union[PeerHello, Interest, Routed, RoutedRun, Mark, Ack]
 

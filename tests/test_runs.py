@@ -107,6 +107,32 @@ def test_a_run_to_a_missing_mailbox_answers_each_request(node):
     c.close()
 
 
+def test_a_run_of_mailbox_requests_answers_each_and_watchers_see_each(node):
+    """A run to MAILBOX.CREATE is one request per message, like single PUBs; watchers of
+    '$mq9.AI.#' see every request (without its reply subject); a run to another '$mq9.AI'
+    subject is plain NATS."""
+    c, watcher = conn(node), conn(node)
+    watcher.exchange(b"SUB $mq9.AI.# 1\r\nPING\r\n")
+    c.exchange(b"SUB _INBOX.c.* 1\r\nSUB $mq9.AI.OTHER.x 2\r\nPING\r\n")
+    bodies = [b'{"ttl":%d}' % (60 + i) for i in range(4)] + [b'{"type":"bogus"}']
+    c.send(b"".join(b"PUB $mq9.AI.MAILBOX.CREATE _INBOX.c.%d %d\r\n%s\r\n" % (i, len(b), b)
+                    for i, b in enumerate(bodies))
+           + b"".join(b"PUB $mq9.AI.OTHER.x %d\r\no%d\r\n" % (len(b"o%d" % i), i) for i in range(3)))
+    got = read_count(c, 8)
+    replies = {m[0]: json.loads(m[3]) for m in got if m[0].startswith(b"_INBOX.c.")}
+    assert sorted(replies) == [b"_INBOX.c.%d" % i for i in range(5)]
+    assert [replies[b"_INBOX.c.%d" % i]["ttl"] for i in range(4)] == [60, 61, 62, 63]
+    assert len({replies[b"_INBOX.c.%d" % i]["mail_id"] for i in range(4)}) == 4
+    assert replies[b"_INBOX.c.4"] == {"error": "'type' must be \"standard\" or \"latest\"",
+                                      "code": "bad_request"}
+    assert [m[3] for m in got if m[0] == b"$mq9.AI.OTHER.x"] == [b"o0", b"o1", b"o2"]
+    seen = read_count(watcher, 8)
+    requests = [m for m in seen if m[0] == b"$mq9.AI.MAILBOX.CREATE"]
+    assert [m[3] for m in requests] == bodies and all(m[1] is None for m in requests)
+    c.close()
+    watcher.close()
+
+
 def test_a_broadcast_run_reaches_every_subscriber_in_order_on_every_gateway(node):
     subs = [conn(node) for _ in range(6)]  # spread over both gateway processes
     for i, s in enumerate(subs):

@@ -17,6 +17,7 @@ from mq9 import endpoints, subjects, wire
 from mq9.cluster.slots import slot_of
 from mq9.config import Config
 from mq9.shard import server
+from mq9.shard.mailbox_test import Pushed, pushed
 from mq9.shard.store import Store
 
 TOK = hashlib.sha256(b"tok-test").digest()
@@ -82,7 +83,7 @@ class Gateway:
         self.sock.connect(endpoints.shard_endpoint(cfg, index))
         self.rid = 0
         self.results: dict[int, wire.Result] = {}
-        self.delivers: list[wire.Deliver] = []
+        self.delivers: list[Pushed] = []
 
     def close(self):
         self.sock.close()
@@ -106,7 +107,7 @@ class Gateway:
                 if isinstance(item, wire.ANSWERS):
                     self.results[item.rid] = item
                 else:
-                    self.delivers.extend(wire.delivers([item]))
+                    self.delivers.extend(pushed([item]))
 
     def wait(self, rid: int, timeout: float = 15.0) -> wire.Result:
         deadline = time.monotonic() + timeout
@@ -126,7 +127,7 @@ class Gateway:
     def send(self, mail_id: str, prio: str = "normal", payload: bytes = b"x") -> wire.Send:
         return wire.Send(self.next_rid(), mail_id, prio, f"$mq9.AI.INBOX.{mail_id}.{prio}", payload)
 
-    def drain_delivers(self, quiet_ms: int = 300) -> list[wire.Deliver]:
+    def drain_delivers(self, quiet_ms: int = 300) -> list[Pushed]:
         """Collect pushes, acknowledging each batch like a gateway, until the shard is quiet."""
         got = []
         while self.delivers or self.read(quiet_ms):

@@ -1,34 +1,23 @@
 """mq9 requests at the gateway: MAILBOX.CREATE / QUERY / DELETE, INBOX sends and owner
 subscriptions, turned into wire operations for the shard that owns the mailbox.
 
-Validation of request bodies happens here, once, before anything reaches a shard; every
-failure is a JSON reply ``{"error", "code"}``. Replies are published like any message, so a
-requester on another gateway gets them through normal routing.
+Request bodies are validated here by ``mq9.api`` before anything reaches a shard; every
+failure is an ``api.Error`` reply. Replies are published like any message, so a requester
+on another gateway gets them through normal routing.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 
-import msgspec
-
-from mq9 import metrics, subjects, wire
+from mq9 import api, metrics, subjects, wire
+from mq9.api import BadRequest, error_body
 from mq9.gateway.client import Subscription
 
-_QUERY_MAX = 1000
-# Replies are on the acked-send hot path: msgspec encodes them several times faster than
-# json.dumps (same JSON, without the optional spaces).
-_json = msgspec.json.Encoder().encode
-_json_dec = msgspec.json.Decoder().decode
-MAX_TTL = 100 * 365 * 86400  # a century: larger values only overflow timestamps
 _INBOX_CACHE = 65536  # parsed INBOX subjects kept (a send to a known mailbox skips parsing)
-
-
-class BadRequest(Exception):
-    pass
+_encode = api.encode
 
 
 def token_hash(token: str) -> bytes:
@@ -67,53 +56,11 @@ def new_token() -> str:
     return "tok-" + _random.take(16).hex()  # 128 random bits
 
 
-def error_body(code: str, text: str) -> bytes:
-    # The text may quote a subject, which need not be valid UTF-8.
-    return _json({"error": text.encode("utf-8", "replace").decode(), "code": code})
-
-
-def _json_object(payload: bytes) -> dict:
-    if not payload.strip():
-        return {}
-    try:
-        body = _json_dec(payload)
-    except (ValueError, RecursionError):  # DecodeError and UnicodeDecodeError are ValueErrors
-        # msgspec is stricter than json (NaN, 1e400, lone surrogates); whatever it accepts,
-        # json reads the same, so only its refusals get the slower second opinion.
-        try:
-            body = json.loads(payload)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise BadRequest("body is not valid JSON")
-    if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object")
-    return body
-
-
-def _int_field(body: dict, name: str, default: int, lo: int, hi: int | None = None) -> int:
-    v = body.get(name, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise BadRequest(f"'{name}' must be an integer")
-    if v < lo or (hi is not None and v > hi):
-        raise BadRequest(f"'{name}' must be between {lo} and {hi}" if hi is not None
-                         else f"'{name}' must be >= {lo}")
-    return v
-
-
-def _token(body: dict) -> str:
-    tok = body.get("token")
-    if not isinstance(tok, str) or not tok:
-        return ""
-    return tok
-
-
 class Mailboxes:
-    def __init__(self, cfg, link, router, publish_reply):
+    def __init__(self, cfg, link, router):
         self.cfg = cfg
         self.link = link
         self.router = router
-        self.reply = publish_reply  # reply(subject, body_bytes)
         self.owner_subs: dict[int, Subscription] = {}
         self.sub_target: dict[int, tuple] = {}  # key -> the shard its Subscribe went to
         self._ack_times: list[float] = []  # observed into the histogram once a second
@@ -129,6 +76,8 @@ class Mailboxes:
         if subject.startswith(subjects.INBOX):
             self._send(subject, reply, headers, payload)
             return True
+        if not subject.startswith(subjects.MAILBOX):
+            return False
         try:
             if subject == subjects.MAILBOX_CREATE:
                 self._create(reply, payload)
@@ -136,89 +85,76 @@ class Mailboxes:
                 self._query(subject[len(subjects.MAILBOX_QUERY):], reply, payload)
             elif subject.startswith(subjects.MAILBOX_DELETE):
                 self._delete(subject[len(subjects.MAILBOX_DELETE):], reply, payload)
-            elif subject.startswith(subjects.MAILBOX):
-                raise BadRequest("unknown mailbox operation: use $mq9.AI.MAILBOX.CREATE, "
-                                 "QUERY.{mail_id} or DELETE.{mail_id}")
             else:
-                return False
+                raise BadRequest(api.UNKNOWN_OPERATION)
         except BadRequest as e:
-            self._error(reply, "bad_request", str(e))
+            self._error(reply, api.Code.BAD_REQUEST, str(e))
+        # Watchers of '$mq9.AI.#' see requests too (without the reply subject, so a watcher
+        # can never answer in the broker's place); INBOX sends reach them once stored.
+        self.router.route(subject, None, headers, payload, client)
+        return True
+
+    def handle_run(self, subject: str, replies: list | None, payloads: list[bytes],
+                   client) -> bool:
+        """``handle`` for header-less publishes in a row to one subject: INBOX sends go to
+        the shard as one request, other mailbox operations are one request each."""
+        if subject.startswith(subjects.INBOX):
+            self.send_run(subject, replies, payloads)
+            return True
+        if not subject.startswith(subjects.MAILBOX):
+            return False
+        for i, p in enumerate(payloads):
+            self.handle(subject, None if replies is None else replies[i], None, p, client)
         return True
 
     def _error(self, reply: str | None, code: str, text: str) -> None:
         if reply:
-            self.reply(reply, error_body(code, text))
+            self.router.route(reply, None, None, error_body(code, text), None)
 
     def _answer(self, reply: str | None):
         def done(res: wire.Result, _arg=None) -> None:
             if not reply:
                 return
             if res.code:
-                self.reply(reply, error_body(res.code, res.error or res.code))
+                self.router.route(reply, None, None, error_body(res.code, res.error or res.code), None)
             else:
-                self.reply(reply, _json(res.data or {}))
+                self.router.route(reply, None, None, _encode(res.data or {}), None)
         return done
 
     def _create(self, reply: str | None, payload: bytes) -> None:
-        body = _json_object(payload)
-        mtype = body.get("type", "standard")
-        if mtype is None:
-            mtype = "standard"
-        if mtype not in ("standard", "latest"):
-            raise BadRequest("'type' must be \"standard\" or \"latest\"")
-        ttl = _int_field(body, "ttl", self.cfg.default_ttl, 0, MAX_TTL)
-        name = body.get("name")
-        auto = name is None
-        if auto:
-            name = new_mail_id()
-        elif not isinstance(name, str) or not subjects.valid_mail_id(name):
-            raise BadRequest("'name' must be 1-128 letters, digits, '-', '_', with '.' between tokens")
-        token = new_token()
-        self._do_create(reply, name, mtype, ttl, token, auto, attempts=3)
+        req = api.create_request(payload, self.cfg.default_ttl)
+        auto = req.name is None
+        self._do_create(reply, new_mail_id() if auto else req.name, req.type, req.ttl,
+                        new_token(), auto, attempts=3)
 
     def _do_create(self, reply, name, mtype, ttl, token, auto, attempts) -> None:
         def done(res: wire.Result, _arg) -> None:
-            if res.code == "exists" and auto and attempts > 1:
+            if res.code == api.Code.EXISTS and auto and attempts > 1:
                 # 120 random bits make this all but impossible; retry rather than fail.
                 self._do_create(reply, new_mail_id(), mtype, ttl, token, auto, attempts - 1)
                 return
             if not reply:
                 return
             if res.code:
-                self.reply(reply, error_body(res.code, res.error or res.code))
+                self.router.route(reply, None, None, error_body(res.code, res.error or res.code), None)
             else:
-                res.data["token"] = token  # the decoded answer is ours to change
-                self.reply(reply, _json(res.data))
+                self.router.route(reply, None, None, _encode(api.Created(**res.data, token=token)), None)
 
         rid = self.link.next_rid()
         op = wire.Create(rid=rid, mail_id=name, type=mtype, ttl=ttl, token_hash=token_hash(token), auto=auto)
         self.link.request(self.link.shard_of(name), op, done)
 
-    def _mail_id_or_error(self, mail_id: str, reply) -> bool:
-        if subjects.valid_mail_id(mail_id):
-            return True
-        self._error(reply, "bad_request", "invalid mail_id")
-        return False
-
     def _query(self, mail_id: str, reply: str | None, payload: bytes) -> None:
-        body = _json_object(payload)
-        if not self._mail_id_or_error(mail_id, reply):
-            return
-        limit = _int_field(body, "limit", 100, 1, _QUERY_MAX)
-        mark = body.get("mark_read", False)
-        if not isinstance(mark, bool):
-            raise BadRequest("'mark_read' must be true or false")
+        req = api.query_request(payload, mail_id)
         rid = self.link.next_rid()
-        op = wire.Query(rid=rid, mail_id=mail_id, token_hash=token_hash(_token(body)),
-                        limit=limit, mark_read=mark)
+        op = wire.Query(rid=rid, mail_id=mail_id, token_hash=token_hash(req.token),
+                        limit=req.limit, mark_read=req.mark_read)
         self.link.request(self.link.shard_of(mail_id), op, self._answer(reply))
 
     def _delete(self, mail_id: str, reply: str | None, payload: bytes) -> None:
-        body = _json_object(payload)
-        if not self._mail_id_or_error(mail_id, reply):
-            return
+        req = api.delete_request(payload, mail_id)
         rid = self.link.next_rid()
-        op = wire.Delete(rid=rid, mail_id=mail_id, token_hash=token_hash(_token(body)))
+        op = wire.Delete(rid=rid, mail_id=mail_id, token_hash=token_hash(req.token))
         self.link.request(self.link.shard_of(mail_id), op, self._answer(reply))
 
     def _inbox(self, subject: str, reply: str | None):
@@ -229,10 +165,9 @@ class Mailboxes:
             if target.__class__ is str:
                 if target == "bad_subject":
                     metrics.DROPS.labels("bad_subject").inc()
-                    self._error(reply, "bad_request",
-                                "send to $mq9.AI.INBOX.{mail_id}.{urgent|normal|notify}")
+                    self._error(reply, api.Code.BAD_REQUEST, api.BAD_INBOX_SUBJECT)
                 else:
-                    self._error(reply, "bad_request", target)
+                    self._error(reply, api.Code.BAD_REQUEST, target)
                 return None
         return target
 
@@ -269,7 +204,7 @@ class Mailboxes:
                 return
             for reply in replies:
                 if reply:
-                    self.reply(reply, body)
+                    self.router.route(reply, None, None, body, None)
                 else:
                     metrics.DROPS.labels(res.code).inc()
             return
@@ -282,7 +217,7 @@ class Mailboxes:
                     continue
                 if r.__class__ is int:
                     times.append(dt)
-                    self.reply(reply, b"%s%d%s" % (ack_head, r, ack_tail))
+                    self.router.route(reply, None, None, b"%s%d%s" % (ack_head, r, ack_tail), None)
                 else:
                     self._error(reply, r[0], r[1])
         if self.router.has_interest(subject):  # monitors see what was stored
@@ -302,8 +237,7 @@ class Mailboxes:
             return
         if reply:
             self._ack_times.append(time.perf_counter() - t0)
-            # mail_id and priority were validated to plain ASCII: no JSON escaping.
-            self.reply(reply, b"%s%d%s" % (ack_head, res.msg_id, ack_tail))
+            self.router.route(reply, None, None, b"%s%d%s" % (ack_head, res.msg_id, ack_tail), None)
         # Monitors (wildcard subscriptions) see the message once it is stored.
         if self.router.has_interest(subject):
             self.router.route(subject, None, _with_mq9_headers(headers, res.msg_id, priority),
@@ -316,13 +250,13 @@ class Mailboxes:
         if parsed is None or not subjects.valid_mail_id(parsed[0]):
             return "bad_subject"
         mail_id, priority = parsed
-        if priority not in subjects.PRIORITY_BIT:
-            return f"unknown priority '{priority}': use urgent, normal or notify"
+        why = api.check_priority(priority)
+        if why:
+            return why
         if len(self._inboxes) >= _INBOX_CACHE:
             self._inboxes.clear()  # unique subjects at this rate are not worth evicting one by one
-        target = self._inboxes[subject] = (
-            subject, priority, b'{"mail_id":"%s","msg_id":' % mail_id.encode(),
-            b',"priority":"%s"}' % priority.encode(), mail_id)
+        head, tail = api.send_ack_template(mail_id, priority)
+        target = self._inboxes[subject] = (subject, priority, head, tail, mail_id)
         return target
 
     # ---- owner subscriptions --------------------------------------------------------
@@ -369,23 +303,6 @@ class Mailboxes:
                 self.sub_target[sub.key] = target
                 self.link.post(target, wire.Subscribe(key=sub.key, mail_id=mail_id,
                                                       priorities=prios, queue=sub.queue))
-
-    def on_deliver(self, d: wire.Deliver) -> None:
-        sub = self.owner_subs.get(d.key)
-        if sub is None or sub.client.closed:
-            self.link.post(self.link.shard_of(d.mail_id),
-                           wire.Undelivered(key=d.key, mail_id=d.mail_id, msg_ids=[d.msg_id]))
-            return
-        shard = self.sub_target[d.key]  # follows the slot map like shard_of, without a hash
-        k = (shard, d.key, d.mail_id)
-        acks = self._acks.get(k)
-        if acks is None:
-            if not self._acks:
-                self.link.loop.call_soon(self.flush_acks)
-            acks = self._acks[k] = []
-        acks.append(d.msg_id)
-        sub.client.deliver(sub, d.subject, None, _with_mq9_headers(d.headers, d.msg_id, d.priority),
-                           d.payload)
 
     def on_deliver_run(self, d: wire.DeliverRun) -> None:
         sub = self.owner_subs.get(d.key)

@@ -54,7 +54,7 @@ class Gateway:
         self.peers = Peers(cfg, self.gw_id, index, self.ctx, loop)
         self.router = Router(self.gw_id, self.peers)
         self.link = ShardLink(self.topology, self.gw_id.encode(), self.ctx, loop)
-        self.mailboxes = Mailboxes(cfg, self.link, self.router, self._publish_reply)
+        self.mailboxes = Mailboxes(cfg, self.link, self.router)
         self.conns = ConnCounter(cfg, index)
         self.clients: dict[int, Client] = {}
         self._cid = index << 40  # client ids unique across the node's gateways
@@ -108,7 +108,7 @@ class Gateway:
 
     async def start(self) -> None:
         self.peers.start(self.router, self.topology.gateways())
-        self.link.start(self)
+        self.link.start(self.mailboxes)
         self._topology_timer = self.loop.call_later(0.2, self._watch_topology)
         sock = socket.socket(socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -324,11 +324,6 @@ class Gateway:
         k[0] += 1
         k[1] += len(payload)
         if subject.startswith(subjects.PREFIX) and self.mailboxes.handle(subject, reply, headers, payload, client):
-            if not subject.startswith(subjects.INBOX):
-                # Watchers of '$mq9.AI.#' see requests too (without the reply subject, so a
-                # watcher can never answer in the broker's place); INBOX sends reach them
-                # once stored.
-                self.router.route(subject, None, headers, payload, client)
             return
         if not self.router.route(subject, reply, headers, payload, client):
             self._nobody_listens(subject, reply, headers, payload, client)
@@ -338,18 +333,11 @@ class Gateway:
         """Several header-less messages published in a row to one subject (``replies``:
         None, or each one's reply subject)."""
         kind = subjects.kind_of(subject)
-        if kind == 2:
-            if subject.startswith(subjects.INBOX):
-                self.kinds[2][0] += len(payloads)
-                self.kinds[2][1] += nbytes
-                self.mailboxes.send_run(subject, replies, payloads)
-            else:  # other mailbox operations are one request each
-                for i, p in enumerate(payloads):
-                    self.publish(subject, None if replies is None else replies[i], None, p, client)
-            return
         k = self.kinds[kind]
         k[0] += len(payloads)
         k[1] += nbytes
+        if kind == 2 and self.mailboxes.handle_run(subject, replies, payloads, client):
+            return
         if replies is None:
             if not self.router.route_run(subject, None, payloads, client):
                 for p in payloads:
@@ -402,21 +390,6 @@ class Gateway:
             self.mailboxes.unsubscribe(sub)
         else:
             self.router.remove_local(sub)
-
-    def _publish_reply(self, subject: str, body: bytes) -> None:
-        self.router.route(subject, None, None, body, None)
-
-    # ---- ShardLink handler -----------------------------------------------------------
-
-    def on_deliver(self, d) -> None:
-        self.mailboxes.on_deliver(d)
-
-    def on_deliver_run(self, d) -> None:
-        self.mailboxes.on_deliver_run(d)
-
-    def on_shard_connected(self, shard: int) -> None:
-        self.log.info("shard_connected", shard=shard)
-        self.mailboxes.on_shard_connected(shard)
 
     def reload(self) -> None:
         """SIGHUP from the supervisor: new users, TLS context and INFO for new connections;

@@ -17,12 +17,13 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from mq9 import curve, metrics, wire
+from mq9 import api, curve, log, metrics, wire
 from mq9.gateway.topology import Target, Topology
 from mq9.gateway.zsock import Outbox, watch
 
 MOVED_RETRY = 0.05  # seconds between asks while a slot moves
 MOVE_PATIENCE = 10.0  # how long a request may chase a moving slot
+_MOVED = api.Code.MOVED
 
 
 class _Shard:
@@ -37,7 +38,7 @@ class ShardLink:
         self.ctx = ctx
         self.loop = loop
         self.timeout = timeout
-        self.handler = None  # on_deliver(Deliver), on_shard_connected(target)
+        self.handler = None  # the gateway's Mailboxes: on_deliver_run, on_shard_connected
         self.pending: dict[int, list] = {}  # rid -> [deadline, callback, op, give_up_at, arg]
         self._rid = 0
         self.shards: dict[Target, _Shard] = {}
@@ -100,8 +101,8 @@ class ShardLink:
         (a bound method and an argument cost less per request than a fresh closure)."""
         sh = self._shard(target)
         if sh is None:
-            callback(wire.Result(rid=op.rid, code="unavailable",
-                                 error=f"no route to the shard that owns this mailbox ({target[0]})"), arg)
+            callback(wire.Result(rid=op.rid, code=api.Code.UNAVAILABLE,
+                                 error=api.NO_ROUTE.format(target[0])), arg)
             return
         now = time.monotonic()
         self.pending[op.rid] = [now + self.timeout, callback, op, now + MOVE_PATIENCE, arg]
@@ -119,9 +120,7 @@ class ShardLink:
         for m in msgs:
             if m.__class__ is wire.DeliverRun:
                 self.handler.on_deliver_run(m)
-            elif m.__class__ is wire.Deliver:
-                self.handler.on_deliver(m)
-            elif m.code == "moved" and m.rid in self.pending:
+            elif m.code is not None and m.code == _MOVED and m.rid in self.pending:
                 # The mailbox's slot is moving: ask the new owner once the slot map says who.
                 entry = self.pending[m.rid]
                 if time.monotonic() < entry[3]:
@@ -129,8 +128,8 @@ class ShardLink:
                     self.loop.call_later(MOVED_RETRY, self._resend, m.rid)
                 else:
                     self.pending.pop(m.rid)
-                    entry[1](wire.Result(rid=m.rid, code="unavailable",
-                                         error="mailbox is moving between nodes; retry"), entry[4])
+                    entry[1](wire.Result(rid=m.rid, code=api.Code.UNAVAILABLE,
+                                         error=api.STILL_MOVING), entry[4])
             else:
                 entry = self.pending.pop(m.rid, None)
                 if entry is not None:
@@ -144,7 +143,7 @@ class ShardLink:
         sh = self._shard(self.topology.owner(op.mail_id))
         if sh is None:
             self.pending.pop(rid)
-            entry[1](wire.Result(rid=rid, code="unavailable", error="no route to the new owner"),
+            entry[1](wire.Result(rid=rid, code=api.Code.UNAVAILABLE, error=api.NO_ROUTE_TO_NEW_OWNER),
                      entry[4])
             return
         sh.out.put(op)
@@ -164,6 +163,7 @@ class ShardLink:
                 # Hello and Subscribes in order: re-sending them could only cause duplicates.
                 sh.connected = True
                 continue
+            log.info("shard_connected", shard=target)
             self.handler.on_shard_connected(target)
 
     def _sweep(self) -> None:
@@ -171,8 +171,8 @@ class ShardLink:
         expired = [rid for rid, entry in self.pending.items() if entry[0] <= now]
         for rid in expired:
             entry = self.pending.pop(rid)
-            entry[1](wire.Result(rid=rid, code="unavailable",
-                                 error="mailbox shard did not answer in time"), entry[4])
+            entry[1](wire.Result(rid=rid, code=api.Code.UNAVAILABLE, error=api.SHARD_TIMEOUT),
+                     entry[4])
         self._sweeper = self.loop.call_later(0.25, self._sweep)
 
     def close(self) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from mq9.cluster.slots import slot_of
 from mq9 import wire
-from mq9.shard import mailbox as mailbox_mod
+from mq9.shard import listing as listing_mod
 from mq9.shard.mailbox_test import ALL, TOK, Rig
 
 PAYLOAD = b"payload-secret-7f3a"
@@ -104,12 +104,12 @@ def test_work_bound_stops_a_page_early(rig, monkeypatch):
         rig.create(f"w{i}")
         for _ in range(3):
             rig.send_ok(mail_id=f"w{i}")
-    monkeypatch.setattr(mailbox_mod, "LIST_COUNT", 7)
+    monkeypatch.setattr(listing_mod, "LIST_COUNT", 7)
     res = listing(rig, limit=100)
     assert res.more and len(res.items) == 3 and res.last == "w2"
     items, _ = list_all(rig, limit=100)
     assert [i.mail_id for i in items] == [f"w{i}" for i in range(10)]
-    monkeypatch.setattr(mailbox_mod, "LIST_SCAN", 4)
+    monkeypatch.setattr(listing_mod, "LIST_SCAN", 4)
     items, pages = list_all(rig, limit=100)
     assert len(items) == 10 and pages >= 3
 
@@ -137,7 +137,7 @@ def test_expired_deleted_and_frozen_are_left_out(rig):
 
 @pytest.mark.parametrize("op", [
     wire.ListMailboxes(1, limit=0),
-    wire.ListMailboxes(1, limit=mailbox_mod.LIST_MAX + 1),
+    wire.ListMailboxes(1, limit=listing_mod.LIST_MAX + 1),
     wire.ListMailboxes(1, prefix="a b"),
     wire.ListMailboxes(1, after="x*"),
     wire.ListMailboxes(1, prefix="p" * 129),

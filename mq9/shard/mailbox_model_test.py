@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mq9 import subjects, wire
-from mq9.shard.mailbox import DELIVERED, INFLIGHT, PENDING, Shard
-from mq9.shard.mailbox_test import TOK, Clock
+from mq9.shard.batch import Shard
+from mq9.shard.state import DELIVERED, INFLIGHT, PENDING, prio_of, state_of
+from mq9.shard.mailbox_test import TOK, Clock, pushed
 from mq9.shard.store import Store
 
 PRIOS = subjects.PRIORITIES
@@ -56,15 +57,14 @@ class World:
                     self.undelivered.add(it.data["msg_id"])
         before = {k: set(v) for k, v in self.held.items()}
         for gw, items in out.items():
-            for it in wire.delivers(items):
-                if isinstance(it, wire.Deliver):
-                    k = (gw, it.key)
-                    assert k in self.held, f"push to unknown subscription {k}"
-                    for other, ids in before.items():
-                        assert it.msg_id not in ids, f"{it.msg_id} pushed while in flight to {other}"
-                    assert it.msg_id in self.undelivered
-                    if it.msg_id not in self.held[k]:  # one push may reach several subs
-                        self.held[k].append(it.msg_id)
+            for it in pushed(items):
+                k = (gw, it.key)
+                assert k in self.held, f"push to unknown subscription {k}"
+                for other, ids in before.items():
+                    assert it.msg_id not in ids, f"{it.msg_id} pushed while in flight to {other}"
+                assert it.msg_id in self.undelivered
+                if it.msg_id not in self.held[k]:  # one push may reach several subs
+                    self.held[k].append(it.msg_id)
         return out
 
     def forget(self, ids):
@@ -122,7 +122,7 @@ class World:
     def check(self):
         mb = self.shard.mailboxes["box"]
         assert mb.undelivered == len(self.undelivered)
-        states = {mid: (v >> 2) & 3 for mid, v in mb.msgs.items()}
+        states = {mid: state_of(v) for mid, v in mb.msgs.items()}
         assert {m for m, s in states.items() if s != DELIVERED} == self.undelivered
         pend = [m for dq in mb.pending for m in dq if states.get(m) == PENDING]
         assert sorted(pend) == sorted(m for m, s in states.items() if s == PENDING)
@@ -147,7 +147,7 @@ class World:
             self.batch([(b"g9", wire.Delivered(1, "box", ids))])
         assert not self.undelivered, f"never replayed: {sorted(self.undelivered)}"
         assert len(seen) == len(set(seen))
-        prio = {mid: v & 3 for mid, v in self.shard.mailboxes["box"].msgs.items()}
+        prio = {mid: prio_of(v) for mid, v in self.shard.mailboxes["box"].msgs.items()}
         order = [(prio[m], m) for m in seen]
         assert order == sorted(order)
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from typing import NamedTuple
 
 import pytest
 
 from mq9 import subjects, wire
 from mq9.shard import store as store_mod
-from mq9.shard.mailbox import Shard
+from mq9.shard.batch import Shard
 from mq9.shard.store import Store
 
 TOK = hashlib.sha256(b"tok-secret").digest()
@@ -89,8 +90,30 @@ def rig(tmp_path):
     r.close()
 
 
+class Pushed(NamedTuple):
+    """One message of a DeliverRun, for assertions."""
+    key: int
+    mail_id: str
+    msg_id: int
+    priority: str
+    subject: str
+    payload: bytes
+    headers: bytes | None
+
+
+def pushed(items) -> list[Pushed]:
+    """Every message pushed in ``items`` (a shard's output for one gateway), in order."""
+    out = []
+    for d in items:
+        if type(d) is wire.DeliverRun:
+            hs = d.headers or [None] * len(d.msg_ids)
+            out.extend(Pushed(d.key, d.mail_id, mid, d.priority, d.subject, p, h)
+                       for mid, p, h in zip(d.msg_ids, d.payloads, hs))
+    return out
+
+
 def delivers(out, gw=b"g1", key=None):
-    return [(d.msg_id, d.priority) for d in wire.delivers(out.get(gw, []))
+    return [(d.msg_id, d.priority) for d in pushed(out.get(gw, []))
             if key is None or d.key == key]
 
 
@@ -130,7 +153,7 @@ def test_replay_order_urgent_normal_notify(rig):
     out = rig.run(wire.Subscribe(1, "box", ALL))
     assert delivers(out) == [(3, "urgent"), (6, "urgent"), (2, "normal"), (4, "normal"),
                              (1, "notify"), (5, "notify")]
-    d = wire.delivers(out[b"g1"])[0]
+    d = pushed(out[b"g1"])[0]
     assert d.subject == "$mq9.AI.INBOX.box.urgent" and d.payload == b"x" and d.key == 1
     # Live messages follow at once.
     out = rig.send("normal")
@@ -154,7 +177,7 @@ def test_headers_kept(rig):
                       b"NATS/1.0\r\nX-A: 1\r\n\r\n"))
     rig.reopen()
     out = rig.run(wire.Subscribe(1, "box", ALL))
-    d = wire.delivers(out[b"g1"])[0]
+    d = pushed(out[b"g1"])[0]
     assert d.headers == b"NATS/1.0\r\nX-A: 1\r\n\r\n" and d.payload == b"p"
 
 
@@ -168,7 +191,7 @@ def test_queue_group_one_member_each(rig):
     for _ in range(10):
         out = rig.send()
         for gw in (b"g1", b"g2"):
-            for d in wire.delivers(out.get(gw, [])):
+            for d in pushed(out.get(gw, [])):
                 got[d.key].append(d.msg_id)
     assert sorted(got[1] + got[2]) == list(range(1, 11))
     assert len(got[1]) == len(got[2]) == 5
@@ -449,10 +472,10 @@ def test_key_layout_is_documented_one(rig):
 
 
 def test_pump_and_query_byte_budgets(rig, monkeypatch):
-    from mq9.shard import mailbox as mailbox_mod
+    from mq9.shard import ops, pump
 
-    monkeypatch.setattr(mailbox_mod, "PUMP_BYTES", 10)
-    monkeypatch.setattr(mailbox_mod, "QUERY_BYTES", 10)
+    monkeypatch.setattr(pump, "PUMP_BYTES", 10)
+    monkeypatch.setattr(ops, "QUERY_BYTES", 10)
     rig.create()
     for _ in range(5):
         rig.send_ok(payload=b"abcd")

@@ -9,6 +9,7 @@ import pytest
 from mq9.cluster.slots import slot_of
 from mq9 import wire
 from mq9.shard.mailbox_test import ALL, TOK, Clock, Rig, delivers
+from mq9.shard.state import size_of, state_of
 from mq9.shard.store import FAMILIES
 
 MOVING = ["alpha", "beta.x", "gamma-7", "ttl-box", "last"]
@@ -108,8 +109,8 @@ def test_export_import_round_trip(pair, clock):
     assert b.query("alpha").data["unread"] == 10  # 12 sent, 2 delivered
     assert b.shard.total_msgs == a.shard.total_msgs - 1
     ma, mb = a.shard.mailboxes["alpha"], b.shard.mailboxes["alpha"]
-    assert {k: (v >> 4, (v >> 2) & 3) for k, v in mb.msgs.items()} == \
-        {k: (v >> 4, (v >> 2) & 3) for k, v in ma.msgs.items()}
+    assert {k: (size_of(v), state_of(v)) for k, v in mb.msgs.items()} == \
+        {k: (size_of(v), state_of(v)) for k, v in ma.msgs.items()}
     assert sorted(mb.delivered) == [3, 6] and mb.nbytes == ma.nbytes
 
     # Replay in priority order, delivered ones skipped; ids continue after the copy.

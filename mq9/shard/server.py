@@ -14,10 +14,10 @@ import time
 
 import zmq
 
-from mq9 import curve, endpoints, log, metrics, process, wire
+from mq9 import api, curve, endpoints, log, metrics, process, wire
 from mq9 import reload as reloading
 from mq9.config import Config
-from mq9.shard.mailbox import Shard
+from mq9.shard.batch import Shard
 from mq9.shard.store import Store
 
 TICK = 0.25  # expiry checks at least this often (seconds)
@@ -113,7 +113,7 @@ def _encode(items: list) -> bytes:
             except (OverflowError, UnicodeEncodeError, TypeError):
                 log.error("shard_unencodable_reply", kind=type(it).__name__)
                 if type(it) in wire.ANSWERS:
-                    good.append(wire.Result(rid=it.rid, code="internal", error="reply could not be encoded"))
+                    good.append(wire.Result(rid=it.rid, code=api.Code.INTERNAL, error=api.UNENCODABLE))
         return wire.encode(good)
 
 
@@ -262,7 +262,8 @@ def run(cfg: Config, index: int) -> None:
                     # that gateway's subscriptions are dead and their messages go back.
                     if e.errno != zmq.EHOSTUNREACH:
                         log.warning("shard_send_failed", shard=index, gateway=gw, error=str(e))
-                    m.unreachable.inc(len(wire.delivers(items)))
+                    m.unreachable.inc(sum(len(it.msg_ids) for it in items
+                                            if type(it) is wire.DeliverRun))
                     shard.drop_gateway(gw)
             m.batch(shard, time.perf_counter() - started, nops)
     finally:
