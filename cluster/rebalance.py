@@ -12,8 +12,9 @@ slots goes through:
     finish_moves                    ownership flips; routing follows the new owner
 
 If the mover fails the batch is aborted and the source keeps the slots. The mover is
-where data moves (the broker's shard processes); ``MetadataOnlyMover`` moves none and
-is only right when no shard holds data for those slots (tests, a metadata-only node).
+where data moves (``mover.ShardMover``, between the broker's shard processes);
+``MetadataOnlyMover`` moves none and is only right when no shard holds data for those
+slots (tests, a metadata-only node).
 A mover must tolerate being asked again for the same moves: after a leader change the
 new leader repeats the step the old one may have been in.
 """

@@ -27,9 +27,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field, replace
 
-from mq9.cluster.slots import NUM_SLOTS, slot_of
-
-Owner = tuple[str, int]  # (node_id, shard index on that node)
+from mq9.cluster.slots import NUM_SLOTS, ShardId, slot_of
 
 MOVE_STATES = ("copying", "flipping")
 MEMBER_STATES = ("active", "leaving")
@@ -60,7 +58,7 @@ class ClusterState:
     members: dict = field(default_factory=dict)
     # NUM_SLOTS owners once bootstrapped, empty before
     slots: tuple = ()
-    # slot -> {"id", "from": Owner, "to": Owner, "state"}
+    # slot -> {"id", "from": ShardId, "to": ShardId, "state"}
     moves: dict = field(default_factory=dict)
     # node_id -> sorted tuple of (subject, queue) that have members on that node
     queue_groups: dict = field(default_factory=dict)
@@ -69,10 +67,10 @@ class ClusterState:
     def bootstrapped(self) -> bool:
         return bool(self.members)
 
-    def owner(self, slot: int) -> Owner:
+    def owner(self, slot: int) -> ShardId:
         return self.slots[slot]
 
-    def owner_of(self, mail_id: str) -> Owner:
+    def owner_of(self, mail_id: str) -> ShardId:
         return self.slots[slot_of(mail_id)]
 
     def address_of(self, node_id: str) -> str:
@@ -202,14 +200,14 @@ def _member_info(info) -> dict:
     }
 
 
-def _owner(v, what: str) -> Owner:
+def _owner(v, what: str) -> ShardId:
     if (not isinstance(v, (list, tuple)) or len(v) != 2 or not isinstance(v[0], str)
             or type(v[1]) is not int):
         raise StateError("bad_request", f"move {what} must be [node_id, shard], got {v!r}")
     return (v[0], v[1])
 
 
-def _is_shard_of(state: ClusterState, owner: Owner) -> bool:
+def _is_shard_of(state: ClusterState, owner: ShardId) -> bool:
     info = state.members.get(owner[0])
     return info is not None and 0 <= owner[1] < info["shards"]
 
@@ -533,8 +531,8 @@ def plan_rebalance(state: ClusterState, exclude: frozenset = frozenset()) -> lis
     if not eligible:
         return []
     eligible_set = set(eligible)
-    held: dict[Owner, list[int]] = {o: [] for o in eligible}  # movable slots per shard
-    pinned: dict[Owner, int] = {o: 0 for o in eligible}
+    held: dict[ShardId, list[int]] = {o: [] for o in eligible}  # movable slots per shard
+    pinned: dict[ShardId, int] = {o: 0 for o in eligible}
     orphans: list[int] = []
     for slot, owner in enumerate(state.slots):
         move = state.moves.get(slot)
