@@ -7,7 +7,8 @@ source (every ``import`` statement, those inside functions included):
   config and ``mq9.shardclient``;
 - the data plane (gateways, shards, protocol, wire, config) imports from ``mq9.cluster``
   only ``slots`` and ``state`` (plain data), never the Raft group or the rebalancer;
-- no import cycle passes through ``mq9.cluster``.
+- no import cycle passes through ``mq9.cluster``;
+- only ``mq9.cluster.raft`` imports pysyncobj.
 
 ``python cluster/imports_test.py`` prints the edges between mq9.cluster and the rest.
 """
@@ -130,10 +131,28 @@ def violations(g: dict[str, set[str]]) -> list[str]:
     return out
 
 
+def importers_of(package: str, mods: dict[str, str]) -> set[str]:
+    out = set()
+    for name, path in mods.items():
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module
+                     else [])
+            if any(n == package or n.startswith(package + ".") for n in names):
+                out.add(name)
+    return out
+
+
 # ---- tests -------------------------------------------------------------------------------
 
 def test_the_cluster_boundary_holds():
     assert violations(graph(modules())) == []
+
+
+def test_only_the_adapter_touches_pysyncobj():
+    assert importers_of("pysyncobj", modules()) == {"mq9.cluster.raft"}
 
 
 def test_the_graph_sees_the_cluster_and_its_users():

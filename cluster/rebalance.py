@@ -105,7 +105,9 @@ class Rebalancer:
             plan = st.plan_rebalance(s)
             if not plan:
                 return False
-            refs = g.start_moves(plan[:self.batch])
+            moves = [{"slot": m["slot"], "from": list(m["from"]), "to": list(m["to"])}
+                     for m in plan[:self.batch]]
+            refs = g.write("start_moves", {"moves": moves})["started"]
             s = g.snapshot()
             batch = [{"slot": slot, **s.moves[slot]} for slot, _ in refs if slot in s.moves]
             self.log.info("rebalance_batch", moves=len(batch), remaining=len(plan) - len(batch))
@@ -115,17 +117,18 @@ class Rebalancer:
             if copying:
                 self.mover.copy(copying)
                 self._still_leader()
-                g.set_moves_state([[m["slot"], m["id"]] for m in copying], "flipping")
+                g.write("set_moves_state", {"moves": [[m["slot"], m["id"]] for m in copying],
+                                            "move_state": "flipping"})
             self.mover.flip(batch)
             self._still_leader()
         except (ClusterError, StateError):
             raise
         except Exception:
             self.log.exception("rebalance_move_failed", moves=len(refs))
-            g.abort_moves(refs)
+            g.write("abort_moves", {"moves": refs})
             self._stop.wait(self.retry_delay)
             return True
-        g.finish_moves(refs)
+        g.write("finish_moves", {"moves": refs})
         finish = getattr(self.mover, "finish", None)
         if finish is not None:
             try:
