@@ -10,11 +10,10 @@ Ports: one, the node's ``--cluster-port``. It carries Raft traffic and, as pysyn
 is pysyncobj behind ``raft.RaftNode``, the only module that touches it.
 
 Files, in ``<data_dir>/cluster/``:
-  raft.journal(.meta)  pysyncobj's log, current term and vote
+  raft.journal(.meta)  pysyncobj's log, current term and vote (``raft.py``)
   raft.dump            pysyncobj's snapshot after log compaction (our state as a dict)
-  node.json            who this node is and its Raft peers: a restart without ``--join``
-                       needs the peer list before it can hear from anyone
-  state.json           the latest ClusterState as JSON, for gateways (``state.read_snapshot``)
+  node.json            who this node is and its Raft peers (``local_files.py``)
+  state.json           the latest ClusterState as JSON, for gateways (``local_files.py``)
 
 How a node joins (``join(seed)``), on the wire:
   1. ``status`` to the seed (any member): cluster id, Raft members, state members.
@@ -34,10 +33,8 @@ to run on it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import socket
 import threading
 import time
@@ -47,6 +44,7 @@ from mq9.cluster import raft
 from mq9.cluster import state as st
 from mq9.cluster.control import ControlError, call, call_retry, check_address
 from mq9.cluster.control_server import ControlServer
+from mq9.cluster.local_files import NodeFile, StateFileWriter, saved_node_id
 from mq9.cluster.raft import RaftNode, RaftTiming
 from mq9.cluster.state import ClusterState, StateError
 from mq9 import log
@@ -74,11 +72,9 @@ class WriteTimeout(ClusterError):
 def default_node_id(data_dir: str, cluster_port: int = DEFAULT_CLUSTER_PORT) -> str:
     """The id this data dir already has; else the host name, which is stable for a
     StatefulSet pod (mq9-0, mq9-1...). Several nodes on one host differ by port."""
-    try:
-        with open(os.path.join(data_dir, "cluster", "node.json")) as f:
-            return json.load(f)["node_id"]
-    except (OSError, ValueError, KeyError):
-        pass
+    saved = saved_node_id(os.path.join(data_dir, "cluster"))
+    if saved:
+        return saved
     name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0]).strip("-.")
     name = name[:50] or "mq9"
     return name if cluster_port == DEFAULT_CLUSTER_PORT else f"{name}-{cluster_port}"
@@ -198,13 +194,12 @@ class MetadataGroup:
         self._last_leader = None
         self._was_member = False
         self.removed = False
-        self._node_file: dict = {}
-        self._file_lock = threading.Lock()  # node.json is written from two threads
+        self._node_file = NodeFile(self.dir)
         self._tick_calls: list = []  # work that must run on pysyncobj's thread
         self.membership_results: dict[str, dict] = {}  # address -> last Raft change asked
         self._closed = threading.Event()
-        self._snap_thread: threading.Thread | None = None
-        self._snap_version = -1
+        self._state_file = (StateFileWriter(self.snapshot_file, lambda: self._sm.state)
+                            if self.snapshot_file else None)
         self.log = log.bind(node=self.node_id)
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -279,19 +274,16 @@ class MetadataGroup:
                     f"this node was {local['address']} and is now {self.address}; members "
                     f"know each other by address, so keep --advertise stable (a DNS name)"))
         partners = sorted(set(self._partners) | set(local.get("peers", ())) - {self.address})
-        self._node_file = {"node_id": self.node_id, "address": self.address,
-                           "cluster_id": local.get("cluster_id", ""), "peers": partners,
-                           "joining": bool(local.get("joining")), "removed": False}
-        self._write_node_file()
+        self._node_file.replace({"node_id": self.node_id, "address": self.address,
+                                 "cluster_id": local.get("cluster_id", ""), "peers": partners,
+                                 "joining": bool(local.get("joining")), "removed": False})
         self.log.info("metadata_starting", address=self.address, bind=self.bind,
                       partners=",".join(partners) or "-", data_dir=self.dir)
         self._raft = RaftNode(self.address, partners, bind=self.bind, directory=self.dir,
                               password=self.password, timing=self.timing, machine=self._sm,
                               on_control=self._control.handle, on_tick=self._on_tick)
-        if self.snapshot_file:
-            self._snap_thread = threading.Thread(target=self._snapshot_writer,
-                                                 name="mq9-metadata-snapshot", daemon=True)
-            self._snap_thread.start()
+        if self._state_file is not None:
+            self._state_file.start()
         return self
 
     def bootstrap(self, timeout: float = 30.0) -> None:
@@ -343,10 +335,10 @@ class MetadataGroup:
             if m["address"] == self.address and nid != self.node_id:
                 raise ClusterError("exists", f"{self.address} is already member {nid}")
         os.makedirs(self.dir, exist_ok=True)
-        self._node_file = {"node_id": self.node_id, "address": self.address, "cluster_id": cid,
-                           "peers": sorted(set(info["raft_members"]) - {self.address}),
-                           "joining": True, "removed": False}
-        self._write_node_file()
+        self._node_file.replace({"node_id": self.node_id, "address": self.address,
+                                 "cluster_id": cid,
+                                 "peers": sorted(set(info["raft_members"]) - {self.address}),
+                                 "joining": True, "removed": False})
         self.log.info("cluster_joining", seed=seed, cluster_id=cid)
         asked = 0.0
         while self.address not in info["raft_members"]:
@@ -412,9 +404,8 @@ class MetadataGroup:
         if self._raft is not None:
             node, self._raft = self._raft, None
             node.destroy(wait=5.0 if threading.get_ident() != self._tick_ident else 0.0)
-        if self._snap_thread is not None:
-            self._snap_thread.join(2.0)
-            self._write_snapshot_file()
+        if self._state_file is not None:
+            self._state_file.close()
 
     # ---- reads (local replica) -------------------------------------------------------
 
@@ -546,6 +537,8 @@ class MetadataGroup:
                 self._cond.wait(min(left, 0.05))
 
     def _applied(self, op: str, state: ClusterState) -> None:
+        if self._state_file is not None:
+            self._state_file.changed()
         for cb in list(self._callbacks):
             try:
                 cb(state, op)
@@ -708,53 +701,18 @@ class MetadataGroup:
 
     def _read_node_file(self) -> dict:
         try:
-            with open(os.path.join(self.dir, "node.json")) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return {}
+            return self._node_file.read()
         except (OSError, ValueError) as e:
-            raise ClusterError("bad_request", f"{self.dir}/node.json: {e}") from None
+            raise ClusterError("bad_request", f"{self._node_file.path}: {e}") from None
 
     def _write_node_file(self, **changes) -> None:
-        with self._file_lock:
-            self._node_file.update(changes)
-            os.makedirs(self.dir, exist_ok=True)
-            path = os.path.join(self.dir, "node.json")
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self._node_file, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+        self._node_file.update(**changes)
 
     def _save_cluster_id(self) -> None:
         self._write_node_file(cluster_id=self._sm.state.cluster_id
-                              or self._node_file.get("cluster_id", ""), joining=False)
+                              or self._node_file.content.get("cluster_id", ""), joining=False)
 
     def _wipe(self) -> None:
         """Forgets the metadata of a removed member before it joins again."""
         self.log.info("metadata_wiped", dir=self.dir)
-        shutil.rmtree(self.dir, ignore_errors=True)
-        os.makedirs(self.dir, exist_ok=True)
-
-    def _snapshot_writer(self) -> None:
-        # Off the tick thread, and at most every 50 ms: a rebalance applies many changes
-        # per second and readers only need the latest.
-        while not self._closed.is_set():
-            with self._cond:
-                s = self._sm.state
-                if s.version == self._snap_version or not s.bootstrapped:
-                    self._cond.wait(1.0)
-                    continue
-            self._write_snapshot_file()
-            self._closed.wait(0.05)
-
-    def _write_snapshot_file(self) -> None:
-        s = self._sm.state
-        if not self.snapshot_file or s.version == self._snap_version or not s.bootstrapped:
-            return
-        try:
-            st.write_snapshot(self.snapshot_file, s)
-            self._snap_version = s.version
-        except OSError:
-            self.log.exception("metadata_snapshot_write_failed", path=self.snapshot_file)
+        self._node_file.wipe()
