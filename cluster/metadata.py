@@ -163,7 +163,7 @@ class MetadataGroup:
         self.data_dir = os.path.abspath(data_dir)
         self.dir = os.path.join(self.data_dir, "cluster")
         self.node_id = node_id or default_node_id(self.data_dir, self.cluster_port)
-        st._check_node_id(self.node_id)
+        st.check_node_id(self.node_id)
         self.advertise = advertise or default_advertise(bind_host)
         self.address = f"{self.advertise}:{self.cluster_port}"
         self.password = password or None

@@ -165,7 +165,7 @@ def moves_touching(state: ClusterState, node_id: str) -> list[int]:
 
 # ---- validation ------------------------------------------------------------------------
 
-def _check_node_id(node_id) -> str:
+def check_node_id(node_id) -> str:
     if not isinstance(node_id, str) or not _NODE_ID.match(node_id):
         raise StateError("bad_request", f"invalid node id {node_id!r}: 1-64 of letters, "
                                         "digits, '.', '_', '-', starting with a letter or digit")
@@ -240,7 +240,7 @@ def _need_bootstrap(state: ClusterState) -> None:
 def bootstrap(state: ClusterState, *, cluster_id: str, node_id: str, info: dict):
     """The first member: it owns every slot, spread over its shards the way a single node
     spreads them (slot % shards), so a lone node's data stays where it was."""
-    _check_node_id(node_id)
+    check_node_id(node_id)
     info = _member_info(info)
     if not isinstance(cluster_id, str) or not cluster_id:
         raise StateError("bad_request", "cluster_id must be a non-empty string")
@@ -258,7 +258,7 @@ def add_member(state: ClusterState, *, node_id: str, info: dict):
     A node that comes back with fewer shards leaves slots on shards it no longer has;
     ``plan_rebalance`` moves those first."""
     _need_bootstrap(state)
-    _check_node_id(node_id)
+    check_node_id(node_id)
     info = _member_info(info)
     address = raft_address(info)
     other = state.node_at(address)
