@@ -1,8 +1,9 @@
-"""Client side of the metadata group's control channel.
+"""Client side of the metadata group's control channel (the member's side is
+``control_server.py``).
 
 There is no separate admin port: pysyncobj's Raft port already answers "utility"
 messages (a connection whose first message is a list, the way its ``syncobj_admin`` tool
-sends ``['status']`` or ``['add', 'host:port']``). ``MetadataGroup`` registers one more
+sends ``['status']`` or ``['add', 'host:port']``). ``raft.RaftNode`` registers one more
 utility command, ``'mq9'``, and requests travel as ``['mq9', op, args]``; the reply is a
 dict with ``ok`` and, on failure, ``code`` and ``error``. Messages are pickled by
 pysyncobj, and encrypted and authenticated with the cluster secret (Fernet: AES-CBC plus
@@ -22,7 +23,7 @@ from __future__ import annotations
 import socket
 import time
 
-from pysyncobj.utility import TcpUtility, UtilityException
+from mq9.cluster.raft import UtilityError, utility_call
 
 
 UNAUTHENTICATED_TRIES = 4  # dropped connections in a row before call_retry gives up
@@ -47,14 +48,12 @@ def call(address: str, op: str, args: dict | None = None, *, password: str | Non
     request may not have arrived, "unauthenticated" that the member dropped it unread
     (another secret, or none), anything else is the member's answer."""
     check_address(address)
-    try:
-        util = TcpUtility(password=password, timeout=timeout)
-    except ImportError as e:  # a password needs the cryptography package
-        raise ControlError("unavailable", str(e)) from None
     started = time.monotonic()
     try:
-        res = util.executeCommand(address, ["mq9", op, args or {}])
-    except UtilityException as e:
+        res = utility_call(address, [op, args or {}], password=password, timeout=timeout)
+    except ImportError as e:  # a password needs the cryptography package
+        raise ControlError("unavailable", str(e)) from None
+    except UtilityError as e:
         if (str(e) == "connection lost" and time.monotonic() - started < timeout * 0.8
                 and _listens(address)):
             # pysyncobj says "connection lost" for a refused connect, a timeout and a
@@ -63,7 +62,7 @@ def call(address: str, op: str, args: dict | None = None, *, password: str | Non
             raise ControlError("unauthenticated", f"{address} closed the connection without "
                                f"answering: wrong or missing cluster secret?") from None
         raise ControlError("unreachable", f"{address}: {e}") from None
-    if res is None:  # TcpUtility returns None when the connect itself fails at once
+    if res is None:  # the connect itself failed at once
         raise ControlError("unreachable", f"{address}: cannot connect")
     if isinstance(res, str):  # an exception text, or an unknown command on an old member
         raise ControlError("failed", f"{address}: {res}")

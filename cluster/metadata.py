@@ -5,15 +5,15 @@ replica and never block; writes go through the Raft leader and block until this 
 has applied them. A group of N members keeps working while a majority is up.
 
 Ports: one, the node's ``--cluster-port``. It carries Raft traffic and, as pysyncobj
-"utility" messages, the control channel (``mq9.cluster.control``): ``status``, ``snapshot``,
-``write``, ``add_node``, ``remove_node``, ``transfer``, ``bench``.
+"utility" messages, the control channel (``control.py``, answered by ``control_server.py``):
+``status``, ``snapshot``, ``write``, ``add_node``, ``remove_node``, ``transfer``. Raft itself
+is pysyncobj behind ``raft.RaftNode``, the only module that touches it.
 
 Files, in ``<data_dir>/cluster/``:
-  raft.journal(.meta)  pysyncobj's log, current term and vote
+  raft.journal(.meta)  pysyncobj's log, current term and vote (``raft.py``)
   raft.dump            pysyncobj's snapshot after log compaction (our state as a dict)
-  node.json            who this node is and its Raft peers: a restart without ``--join``
-                       needs the peer list before it can hear from anyone
-  state.json           the latest ClusterState as JSON, for gateways (``state.read_snapshot``)
+  node.json            who this node is and its Raft peers (``local_files.py``)
+  state.json           the latest ClusterState as JSON, for gateways (``local_files.py``)
 
 How a node joins (``join(seed)``), on the wire:
   1. ``status`` to the seed (any member): cluster id, Raft members, state members.
@@ -33,30 +33,26 @@ to run on it.
 
 from __future__ import annotations
 
-import json
 import os
-import pickle
 import re
-import shutil
 import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
-from pysyncobj.encryptor import HAS_CRYPTO
-from pysyncobj.transport import TCPTransport
-
+from mq9.cluster import raft
 from mq9.cluster import state as st
 from mq9.cluster.control import ControlError, call, call_retry, check_address
+from mq9.cluster.control_server import ControlServer
+from mq9.cluster.local_files import NodeFile, StateFileWriter, saved_node_id
+from mq9.cluster.raft import RaftNode, RaftTiming
 from mq9.cluster.state import ClusterState, StateError
 from mq9 import log
 
+__all__ = ["ClusterError", "MetadataGroup", "RaftTiming", "WriteTimeout", "default_node_id",
+           "from_config"]
+
 DEFAULT_CLUSTER_PORT = 6222
-# A log entry this large would be split by pysyncobj, whose reassembly of split entries
-# is unreliable; nothing the state needs comes close.
-MAX_ENTRY_BYTES = 60_000
 
 
 class ClusterError(Exception):
@@ -73,50 +69,12 @@ class WriteTimeout(ClusterError):
         super().__init__("timeout", message)
 
 
-_FAIL_CODES = {
-    FAIL_REASON.QUEUE_FULL: "busy",
-    FAIL_REASON.MISSING_LEADER: "no_leader",
-    FAIL_REASON.DISCARDED: "retry",
-    FAIL_REASON.NOT_LEADER: "retry",
-    FAIL_REASON.LEADER_CHANGED: "retry",
-    FAIL_REASON.REQUEST_DENIED: "denied",
-    FAIL_REASON.UNKNOWN_OUTCOME: "retry",
-}
-_RETRYABLE = {"busy", "no_leader", "retry"}
-
-
-@dataclass(frozen=True)
-class RaftTiming:
-    """pysyncobj timeouts, in seconds. pysyncobj's own defaults wait 5 s before
-    reconnecting to a restarted peer, 30 s before a leader cut off from the majority
-    steps down, and cache DNS for 10 minutes (a restarted pod's new IP stays unknown);
-    these are tuned down for a LAN."""
-
-    append_entries_period: float = 0.1   # leader heartbeat
-    raft_min_timeout: float = 1.0        # election timeout range
-    raft_max_timeout: float = 2.0
-    connection_timeout: float = 3.5      # silence before a peer connection counts as dead
-    connection_retry_time: float = 0.5
-    leader_fallback_timeout: float = 5.0
-    dns_cache_time: float = 10.0
-    auto_tick_period: float = 0.05
-
-    @classmethod
-    def fast(cls) -> RaftTiming:
-        """For tests on one machine: elections in well under a second."""
-        return cls(append_entries_period=0.05, raft_min_timeout=0.3, raft_max_timeout=0.6,
-                   connection_timeout=2.0, connection_retry_time=0.1,
-                   leader_fallback_timeout=1.5, dns_cache_time=1.0, auto_tick_period=0.02)
-
-
 def default_node_id(data_dir: str, cluster_port: int = DEFAULT_CLUSTER_PORT) -> str:
     """The id this data dir already has; else the host name, which is stable for a
     StatefulSet pod (mq9-0, mq9-1...). Several nodes on one host differ by port."""
-    try:
-        with open(os.path.join(data_dir, "cluster", "node.json")) as f:
-            return json.load(f)["node_id"]
-    except (OSError, ValueError, KeyError):
-        pass
+    saved = saved_node_id(os.path.join(data_dir, "cluster"))
+    if saved:
+        return saved
     name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0]).strip("-.")
     name = name[:50] or "mq9"
     return name if cluster_port == DEFAULT_CLUSTER_PORT else f"{name}-{cluster_port}"
@@ -159,21 +117,14 @@ def from_config(cfg, *, node_id: str | None = None, advertise: str | None = None
                          gateways=cfg.gateway_count, timing=timing)
 
 
-class _StateMachine(SyncObjConsumer):
-    """The replicated object. One replicated method, ``apply(op, args)``, dispatching by
-    name: pysyncobj numbers replicated methods by their sorted names and writes the
-    number into the log, so adding a method would renumber the others and make an old
-    journal replay the wrong ones."""
+class _StateMachine:
+    """The replicated object (``raft.Machine``): the cluster state and its transitions."""
 
     def __init__(self, on_applied):
-        # set before SyncObjConsumer.__init__, which marks existing attributes as
-        # not-replicated (excluded from snapshots)
         self._on_applied = on_applied
-        super().__init__()
         self.state = ClusterState()
 
-    @replicated
-    def apply(self, op, args):
+    def apply(self, op, args) -> dict:
         # An exception here would stop pysyncobj applying the log for good (it retries
         # the same entry forever), so every failure becomes a result.
         try:
@@ -188,22 +139,12 @@ class _StateMachine(SyncObjConsumer):
             self._on_applied(op, new)
         return {"ok": True, "version": new.version, **result}
 
-    def _serialize(self):
+    def serialize(self) -> dict:
         return {"state": self.state.to_dict()}
 
-    def _deserialize(self, data):
+    def deserialize(self, data: dict) -> None:
         self.state = ClusterState.from_dict(data["state"])
         self._on_applied("restore", self.state)
-
-
-class _Transport(TCPTransport):
-    """pysyncobj's TCP transport plus the ``mq9`` control command on the same port."""
-
-    handler = None  # set per class instance by MetadataGroup before SyncObj is built
-
-    def __init__(self, syncObj, selfNode, otherNodes):
-        super().__init__(syncObj, selfNode, otherNodes)
-        self.setOnUtilityMessageCallback("mq9", self.handler)
 
 
 class MetadataGroup:
@@ -222,11 +163,11 @@ class MetadataGroup:
         self.data_dir = os.path.abspath(data_dir)
         self.dir = os.path.join(self.data_dir, "cluster")
         self.node_id = node_id or default_node_id(self.data_dir, self.cluster_port)
-        st._check_node_id(self.node_id)
+        st.check_node_id(self.node_id)
         self.advertise = advertise or default_advertise(bind_host)
         self.address = f"{self.advertise}:{self.cluster_port}"
         self.password = password or None
-        if self.password and not HAS_CRYPTO:
+        if self.password and not raft.CAN_ENCRYPT:
             raise ClusterError("unavailable", "a cluster secret needs the 'cryptography' package")
         if not self.password and not _is_loopback(bind_host):
             # Without a secret pysyncobj unpickles whatever reaches the port: only this
@@ -242,8 +183,9 @@ class MetadataGroup:
             snapshot_file = os.path.join(self.dir, "state.json")
         self.snapshot_file = snapshot_file or None
 
-        self._obj: SyncObj | None = None
+        self._raft: RaftNode | None = None
         self._sm = _StateMachine(self._applied)
+        self._control = ControlServer(self)
         self._callbacks: list = []
         self._removed_callbacks: list = []
         self._cond = threading.Condition()
@@ -252,13 +194,12 @@ class MetadataGroup:
         self._last_leader = None
         self._was_member = False
         self.removed = False
-        self._node_file: dict = {}
-        self._file_lock = threading.Lock()  # node.json is written from two threads
+        self._node_file = NodeFile(self.dir)
         self._tick_calls: list = []  # work that must run on pysyncobj's thread
-        self._membership_results: dict[str, dict] = {}
+        self.membership_results: dict[str, dict] = {}  # address -> last Raft change asked
         self._closed = threading.Event()
-        self._snap_thread: threading.Thread | None = None
-        self._snap_version = -1
+        self._state_file = (StateFileWriter(self.snapshot_file, lambda: self._sm.state)
+                            if self.snapshot_file else None)
         self.log = log.bind(node=self.node_id)
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -320,7 +261,7 @@ class MetadataGroup:
 
     def start(self) -> MetadataGroup:
         """Starts the Raft member with the partners given or saved in node.json."""
-        if self._obj is not None:
+        if self._raft is not None:
             return self
         os.makedirs(self.dir, exist_ok=True)
         local = self._read_node_file()
@@ -333,47 +274,16 @@ class MetadataGroup:
                     f"this node was {local['address']} and is now {self.address}; members "
                     f"know each other by address, so keep --advertise stable (a DNS name)"))
         partners = sorted(set(self._partners) | set(local.get("peers", ())) - {self.address})
-        self._node_file = {"node_id": self.node_id, "address": self.address,
-                           "cluster_id": local.get("cluster_id", ""), "peers": partners,
-                           "joining": bool(local.get("joining")), "removed": False}
-        self._write_node_file()
-        t = self.timing
-        conf = SyncObjConf(
-            dynamicMembershipChange=True,
-            journalFile=os.path.join(self.dir, "raft.journal"),
-            fullDumpFile=os.path.join(self.dir, "raft.dump"),
-            password=self.password,
-            bindAddress=self.bind,
-            appendEntriesPeriod=t.append_entries_period,
-            raftMinTimeout=t.raft_min_timeout,
-            raftMaxTimeout=t.raft_max_timeout,
-            connectionTimeout=t.connection_timeout,
-            connectionRetryTime=t.connection_retry_time,
-            leaderFallbackTimeout=t.leader_fallback_timeout,
-            dnsCacheTime=t.dns_cache_time,
-            dnsFailCacheTime=min(2.0, t.dns_cache_time),
-            autoTickPeriod=t.auto_tick_period,
-            # Metadata writes are rare and small; without batching the leader sends each
-            # entry at once instead of on the next heartbeat (2 ms instead of ~100 ms).
-            appendEntriesUseBatch=False,
-            # fork() in a process with other threads can deadlock the child on a lock
-            # some thread held; the state pickles in milliseconds, so dump inline.
-            useFork=False,
-            maxBindRetries=0,
-        )
-        transport = type("_BoundTransport", (_Transport,), {"handler": self._on_control})
+        self._node_file.replace({"node_id": self.node_id, "address": self.address,
+                                 "cluster_id": local.get("cluster_id", ""), "peers": partners,
+                                 "joining": bool(local.get("joining")), "removed": False})
         self.log.info("metadata_starting", address=self.address, bind=self.bind,
                       partners=",".join(partners) or "-", data_dir=self.dir)
-        self._obj = SyncObj(self.address, partners, conf, consumers=[self._sm],
-                            transportClass=transport)
-        # pysyncobj stops its tick thread once the thread that built it ends; a group
-        # started from a short-lived thread would silently stop.
-        self._obj._SyncObj__mainThread = threading.main_thread()
-        self._obj.addOnTickCallback(self._on_tick)
-        if self.snapshot_file:
-            self._snap_thread = threading.Thread(target=self._snapshot_writer,
-                                                 name="mq9-metadata-snapshot", daemon=True)
-            self._snap_thread.start()
+        self._raft = RaftNode(self.address, partners, bind=self.bind, directory=self.dir,
+                              password=self.password, timing=self.timing, machine=self._sm,
+                              on_control=self._control.handle, on_tick=self._on_tick)
+        if self._state_file is not None:
+            self._state_file.start()
         return self
 
     def bootstrap(self, timeout: float = 30.0) -> None:
@@ -425,10 +335,10 @@ class MetadataGroup:
             if m["address"] == self.address and nid != self.node_id:
                 raise ClusterError("exists", f"{self.address} is already member {nid}")
         os.makedirs(self.dir, exist_ok=True)
-        self._node_file = {"node_id": self.node_id, "address": self.address, "cluster_id": cid,
-                           "peers": sorted(set(info["raft_members"]) - {self.address}),
-                           "joining": True, "removed": False}
-        self._write_node_file()
+        self._node_file.replace({"node_id": self.node_id, "address": self.address,
+                                 "cluster_id": cid,
+                                 "peers": sorted(set(info["raft_members"]) - {self.address}),
+                                 "joining": True, "removed": False})
         self.log.info("cluster_joining", seed=seed, cluster_id=cid)
         asked = 0.0
         while self.address not in info["raft_members"]:
@@ -491,14 +401,11 @@ class MetadataGroup:
         self._closed.set()
         with self._cond:
             self._cond.notify_all()
-        if self._obj is not None:
-            obj, self._obj = self._obj, None
-            obj.destroy()
-            if threading.get_ident() != self._tick_ident:
-                obj._SyncObj__thread.join(5.0)
-        if self._snap_thread is not None:
-            self._snap_thread.join(2.0)
-            self._write_snapshot_file()
+        if self._raft is not None:
+            node, self._raft = self._raft, None
+            node.destroy(wait=5.0 if threading.get_ident() != self._tick_ident else 0.0)
+        if self._state_file is not None:
+            self._state_file.close()
 
     # ---- reads (local replica) -------------------------------------------------------
 
@@ -507,7 +414,7 @@ class MetadataGroup:
 
     def is_ready(self) -> bool:
         """True once this replica has caught up with the leader's log (stays true)."""
-        return self._obj is not None and self._obj.isReady()
+        return self._raft is not None and self._raft.is_ready()
 
     def wait_ready(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -518,11 +425,10 @@ class MetadataGroup:
         return False
 
     def is_leader(self) -> bool:
-        return self._obj is not None and self._obj._isLeader()
+        return self._raft is not None and self._raft.is_leader()
 
     def leader_address(self) -> str | None:
-        leader = self._obj._getLeader() if self._obj is not None else None
-        return leader.address if leader is not None else None
+        return self._raft.leader_address() if self._raft is not None else None
 
     def leader(self) -> str | None:
         """The leader's node id (its address while it is not in the state yet)."""
@@ -532,17 +438,23 @@ class MetadataGroup:
         return self._sm.state.node_at(addr) or addr
 
     def term(self) -> int:
-        return self._obj.raftCurrentTerm if self._obj is not None else 0
+        return self._raft.term if self._raft is not None else 0
 
     def raft_members(self) -> list[str]:
-        if self._obj is None:
+        if self._raft is None:
             return []
-        return sorted({n.address for n in self._obj.otherNodes} | {self.address})
+        return sorted(set(self._raft.peers()) | {self.address})
 
     def connected_peers(self) -> list[str]:
-        if self._obj is None:
+        if self._raft is None:
             return []
-        return sorted(n.address for n in self._obj.otherNodes if self._obj.isNodeConnected(n))
+        return sorted(a for a, up in self._raft.peers().items() if up)
+
+    @property
+    def raft(self) -> RaftNode:
+        """The started Raft member (for the control server and tests)."""
+        self._require_started()
+        return self._raft
 
     def status(self) -> dict:
         for _ in range(5):
@@ -553,11 +465,11 @@ class MetadataGroup:
         return self._status()
 
     def _status(self) -> dict:
-        obj = self._obj
+        node = self._raft
         s = self._sm.state
-        if obj is None:
+        if node is None:
             raise ClusterError("unavailable", "metadata group not started")
-        others = {n.address: obj.isNodeConnected(n) for n in obj.otherNodes}
+        others = node.peers()
         raft = set(others) | {self.address}
         per_node = st.slots_per_node(s)
         per_shard = st.slots_per_shard(s)
@@ -578,14 +490,14 @@ class MetadataGroup:
             "address": self.address,
             "cluster_id": s.cluster_id,
             "version": s.version,
-            "ready": obj.isReady(),
-            "role": "leader" if obj._isLeader() else ("follower" if leader_addr else "candidate"),
+            "ready": node.is_ready(),
+            "role": "leader" if node.is_leader() else ("follower" if leader_addr else "candidate"),
             "leader": (s.node_at(leader_addr) or leader_addr) if leader_addr else None,
             "leader_address": leader_addr,
-            "term": obj.raftCurrentTerm,
-            "commit_index": obj.raftCommitIndex,
-            "last_applied": obj.raftLastApplied,
-            "has_quorum": obj.hasQuorum,
+            "term": node.term,
+            "commit_index": node.commit_index,
+            "last_applied": node.last_applied,
+            "has_quorum": node.has_quorum,
             "raft_members": sorted(raft),
             "raft_only": sorted(raft - state_addrs),
             "members": members,
@@ -595,7 +507,7 @@ class MetadataGroup:
             "moves_total": len(moves),
             "moves_by_state": {k: sum(1 for m in moves if m["state"] == k) for k in st.MOVE_STATES},
             "queue_groups": sum(len(g) for g in s.queue_groups.values()),
-            "membership_results": dict(self._membership_results),
+            "membership_results": dict(self.membership_results),
         }
 
     # ---- change notification ---------------------------------------------------------
@@ -625,6 +537,8 @@ class MetadataGroup:
                 self._cond.wait(min(left, 0.05))
 
     def _applied(self, op: str, state: ClusterState) -> None:
+        if self._state_file is not None:
+            self._state_file.changed()
         for cb in list(self._callbacks):
             try:
                 cb(state, op)
@@ -633,7 +547,7 @@ class MetadataGroup:
         if self.node_id in state.members:
             self._was_member = True
         elif (self._was_member and state.bootstrapped and not self.removed
-              and self._obj is not None and self._obj.isReady()):
+              and self._raft is not None and self._raft.is_ready()):
             # Only once caught up: a member that rejoined replays the log of its earlier
             # removal on the way to its new add_member.
             self.removed = True
@@ -649,8 +563,8 @@ class MetadataGroup:
 
     def _on_tick(self) -> None:
         self._tick_ident = threading.get_ident()
-        obj = self._obj
-        if obj is None:
+        node = self._raft
+        if node is None:
             return
         while self._tick_calls:
             fn = self._tick_calls.pop(0)
@@ -658,17 +572,17 @@ class MetadataGroup:
                 fn()
             except Exception:
                 self.log.exception("metadata_tick_call_failed")
-        peers = frozenset(n.address for n in obj.otherNodes)
+        peers = node.peer_addresses()
         if peers != self._peers_saved:
             # Raft's configuration changes take effect when appended, so the list saved
             # for the next start follows pysyncobj's view, not the committed state.
             self._peers_saved = peers
             self._write_node_file(peers=sorted(peers))
-        leader = obj._getLeader()
+        leader = node.leader_address()
         if leader != self._last_leader:
             self._last_leader = leader
-            self.log.info("metadata_leader", leader=leader.address if leader else None,
-                          term=obj.raftCurrentTerm, self_leader=obj._isLeader())
+            self.log.info("metadata_leader", leader=leader, term=node.term,
+                          self_leader=node.is_leader())
             with self._cond:
                 self._cond.notify_all()
 
@@ -682,135 +596,96 @@ class MetadataGroup:
         if threading.get_ident() == self._tick_ident:
             raise RuntimeError("metadata writes block; never issue them on pysyncobj's thread")
         args = args or {}
-        if len(pickle.dumps((op, args), protocol=2)) > MAX_ENTRY_BYTES:
-            raise ValueError(f"{op}: arguments too large for one log entry")
+        raft.check_entry(op, args)
         deadline = time.monotonic() + timeout
         delay = 0.02
         while True:
             done = threading.Event()
             box = {}
 
-            def cb(res, err, box=box, done=done):
-                box["res"], box["err"] = res, err
+            def cb(res, code, box=box, done=done):
+                box["res"], box["code"] = res, code
                 done.set()
 
-            self._sm.apply(op, args, callback=cb)
+            self._raft.submit(op, args, cb)
             if not done.wait(max(0.0, deadline - time.monotonic())):
                 raise WriteTimeout(f"{op}: no answer in {timeout:.1f}s "
                                    f"(leader {self.leader_address()})")
-            err = box["err"]
-            if err == FAIL_REASON.SUCCESS:
+            code = box["code"]
+            if code is None:
                 res = box["res"]
                 if not res["ok"]:
                     raise StateError(res["code"], res["error"])
                 return res
-            code = _FAIL_CODES.get(err, "failed")
-            if code not in _RETRYABLE or time.monotonic() + delay > deadline:
+            if code not in raft.RETRYABLE or time.monotonic() + delay > deadline:
                 raise ClusterError(code, f"{op}: {code}")
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    def add_member(self, node_id: str, info: dict, timeout: float = 10.0) -> dict:
-        return self.write("add_member", {"node_id": node_id, "info": info}, timeout)
-
-    def remove_member(self, node_id: str, force: bool = False, timeout: float = 10.0) -> dict:
-        return self.write("remove_member", {"node_id": node_id, "force": force}, timeout)
-
-    def set_leaving(self, node_id: str, leaving: bool = True, timeout: float = 10.0) -> dict:
-        return self.write("set_leaving", {"node_id": node_id, "leaving": leaving}, timeout)
-
     def set_lame_duck(self, lame_duck: bool = True, timeout: float = 10.0) -> dict:
+        """Marks this node as in lame-duck mode (or not) in the state."""
         return self.write("set_lame_duck", {"node_id": self.node_id, "lame_duck": lame_duck},
                           timeout)
-
-    def start_moves(self, moves: list[dict], timeout: float = 10.0) -> list[list[int]]:
-        """Returns [slot, move_id] references for the other move operations."""
-        moves = [{"slot": m["slot"], "from": list(m["from"]), "to": list(m["to"])} for m in moves]
-        return self.write("start_moves", {"moves": moves}, timeout)["started"]
-
-    def start_move(self, slot: int, src, dst, timeout: float = 10.0) -> list[int]:
-        return self.start_moves([{"slot": slot, "from": src, "to": dst}], timeout)[0]
-
-    def set_moves_state(self, refs, move_state: str, timeout: float = 10.0) -> dict:
-        return self.write("set_moves_state", {"moves": [list(r) for r in refs],
-                                              "move_state": move_state}, timeout)
-
-    def finish_moves(self, refs, timeout: float = 10.0) -> dict:
-        return self.write("finish_moves", {"moves": [list(r) for r in refs]}, timeout)
-
-    def finish_move(self, ref, timeout: float = 10.0) -> dict:
-        return self.finish_moves([ref], timeout)
-
-    def abort_moves(self, refs, timeout: float = 10.0) -> dict:
-        return self.write("abort_moves", {"moves": [list(r) for r in refs]}, timeout)
-
-    def abort_move(self, ref, timeout: float = 10.0) -> dict:
-        return self.abort_moves([ref], timeout)
-
-    def set_queue_groups(self, groups, node_id: str | None = None, timeout: float = 10.0):
-        return self.write("set_queue_groups", {"node_id": node_id or self.node_id,
-                                               "groups": [list(g) for g in groups]}, timeout)
-
-    def queue_group_add(self, subject: str, queue: str, node_id: str | None = None,
-                        timeout: float = 10.0):
-        return self.write("queue_group_add", {"node_id": node_id or self.node_id,
-                                              "subject": subject, "queue": queue}, timeout)
-
-    def queue_group_remove(self, subject: str, queue: str, node_id: str | None = None,
-                           timeout: float = 10.0):
-        return self.write("queue_group_remove", {"node_id": node_id or self.node_id,
-                                                 "subject": subject, "queue": queue}, timeout)
-
-    def noop(self, timeout: float = 10.0) -> dict:
-        return self.write("noop", {}, timeout)
 
     def sync(self, timeout: float = 10.0) -> None:
         """Read barrier: returns once this replica has applied every write committed
         before the call. (A restarted replica only knows the commit index it saved, up
         to a second old, until the leader tells it more.)"""
-        self.noop(timeout)
+        self.write("noop", {}, timeout)
 
     # ---- Raft membership -------------------------------------------------------------
 
-    def _raft_call(self, fn, *args, timeout: float, on_tick: bool = False) -> None:
+    def _raft_call(self, what: str, start, timeout: float, on_tick: bool = False) -> None:
+        """``start(callback)`` begins a Raft change; waits for ``callback(code)``."""
         if threading.get_ident() == self._tick_ident:
             raise RuntimeError("never block pysyncobj's thread")
         done, box = threading.Event(), {}
 
-        def cb(res, err):
-            box["err"] = err
+        def cb(code):
+            box["code"] = code
             done.set()
 
         if on_tick:  # reads and sends Raft state directly: not safe from other threads
-            self._tick_calls.append(lambda: fn(*args, callback=cb))
+            self._tick_calls.append(lambda: start(cb))
         else:
-            fn(*args, callback=cb)
+            start(cb)
         if not done.wait(timeout):
-            raise WriteTimeout(f"{getattr(fn, '__name__', 'raft')}: no answer in {timeout:.1f}s")
-        if box["err"] not in (None, FAIL_REASON.SUCCESS):
-            code = _FAIL_CODES.get(box["err"], "failed")
-            raise ClusterError(code, f"{getattr(fn, '__name__', 'raft')}: {code}")
+            raise WriteTimeout(f"{what}: no answer in {timeout:.1f}s")
+        if box["code"] is not None:
+            raise ClusterError(box["code"], f"{what}: {box['code']}")
 
     def add_raft_node(self, address: str, timeout: float = 10.0) -> None:
         """The Raft half of adding a member (``join`` asks a seed to do this)."""
-        self._require_started()
+        node = self.raft
         if address not in self.raft_members():
-            self._raft_call(self._obj.addNodeToCluster, address, timeout=timeout)
+            self._raft_call("add_node", lambda cb: node.add_node(address, cb), timeout)
 
     def remove_raft_node(self, address: str, timeout: float = 10.0) -> None:
         """The Raft half of removing a member. The leader cannot remove itself:
         ``transfer_leadership`` first."""
-        self._require_started()
+        node = self.raft
         if address in self.raft_members():
-            self._raft_call(self._obj.removeNodeFromCluster, address, timeout=timeout)
+            self._raft_call("remove_node", lambda cb: node.remove_node(address, cb), timeout)
+
+    def change_raft_membership(self, address: str, adding: bool) -> None:
+        """Starts adding or removing ``address`` without waiting; the outcome shows in
+        ``status()["membership_results"]``. Safe on pysyncobj's thread."""
+        op = "add_node" if adding else "remove_node"
+
+        def changed(code):
+            result = "ok" if code is None else code
+            self.membership_results[address] = {"op": op, "result": result}
+            self.log.info("metadata_membership", op=op, address=address, result=result)
+        (self.raft.add_node if adding else self.raft.remove_node)(address, changed)
 
     def transfer_leadership(self, to: str | None = None, timeout: float = 10.0) -> None:
         """Asks this node, the leader, to hand over (to a caught-up follower, or ``to``)
         and waits until someone else leads."""
-        self._require_started()
-        if not hasattr(self._obj, "transferLeadership"):
+        node = self.raft
+        if not node.can_transfer:
             raise ClusterError("unavailable", "this pysyncobj has no leadership transfer")
-        self._raft_call(self._obj.transferLeadership, to, timeout=timeout, on_tick=True)
+        self._raft_call("transfer", lambda cb: node.transfer_leadership(to, cb), timeout,
+                        on_tick=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.leader_address() not in (None, self.address):
@@ -818,157 +693,26 @@ class MetadataGroup:
             time.sleep(0.02)
         raise WriteTimeout("leadership did not move")
 
-    # ---- control channel (runs on pysyncobj's thread) --------------------------------
-
-    def _on_control(self, message: list, reply) -> None:
-        def ok(**fields):
-            reply({"ok": True, **fields}, None)
-
-        def fail(code, error):
-            reply({"ok": False, "code": code, "error": error}, None)
-
-        try:
-            op, args = message[0], (message[1] if len(message) > 1 else {}) or {}
-            if not isinstance(args, dict):
-                return fail("bad_request", "arguments must be an object")
-            obj = self._obj
-            if op == "status":
-                return reply(self.status(), None)
-            if op == "snapshot":
-                return ok(state=self._sm.state.to_dict())
-            if op == "write":
-                def done(res, err):
-                    if err != FAIL_REASON.SUCCESS:
-                        return fail(_FAIL_CODES.get(err, "failed"), f"write: {err}")
-                    reply(res, None)
-                wop, wargs = args.get("op"), args.get("args") or {}
-                if len(pickle.dumps((wop, wargs), protocol=2)) > MAX_ENTRY_BYTES:
-                    return fail("too_large", "arguments too large for one log entry")
-                self._sm.apply(wop, wargs, callback=done)
-                return None
-            if op == "add_node" or op == "remove_node":
-                address = check_address(str(args.get("address")))
-                adding = op == "add_node"
-                if (address in self.raft_members()) == adding:
-                    return ok(changed=False)
-
-                def changed(res, err, address=address, op=op):
-                    self._membership_results[address] = {
-                        "op": op, "result": "ok" if err == FAIL_REASON.SUCCESS
-                        else _FAIL_CODES.get(err, "failed")}
-                    self.log.info("metadata_membership", op=op, address=address,
-                                  result=self._membership_results[address]["result"])
-                (obj.addNodeToCluster if adding else obj.removeNodeFromCluster)(
-                    address, callback=changed)
-                # The change commits only once the new member runs and catches up (for a
-                # one-member cluster), so the caller polls ``status`` instead of waiting.
-                return ok(changed=True)
-            if op == "transfer":
-                if not obj._isLeader():
-                    return fail("not_leader", f"leader is {self.leader_address()}")
-
-                def moved(res, err):
-                    if err == FAIL_REASON.SUCCESS:
-                        return ok()
-                    fail(_FAIL_CODES.get(err, "failed"), "transfer refused (no caught-up follower?)")
-                obj.transferLeadership(args.get("to") or None, callback=moved)
-                return None
-            if op == "bench":
-                return self._bench(int(args.get("n", 100)), reply, bool(args.get("blocking")))
-            return fail("bad_request", f"unknown control operation {op!r}")
-        except (ValueError, TypeError) as e:
-            return fail("bad_request", str(e))
-
-    def _bench(self, n: int, reply, blocking: bool) -> None:
-        """n sequential no-op writes from this member; answers with each one's latency
-        in ms. ``blocking``: through ``write()`` on a separate thread, as an application
-        calls it; otherwise chained through callbacks on the tick thread (the Raft round
-        trip alone). Keep n small enough to finish within the connection timeout."""
-        n = max(1, min(n, 2000))
-        lat: list[float] = []
-        if blocking:
-            def run():
-                try:
-                    for _ in range(n):
-                        t0 = time.perf_counter()
-                        self.write("noop", {}, timeout=5.0)
-                        lat.append((time.perf_counter() - t0) * 1000)
-                    res = {"ok": True, "latencies_ms": lat}
-                except ClusterError as e:
-                    res = {"ok": False, "code": e.code, "error": str(e)}
-                self._tick_calls.append(lambda: reply(res, None))
-            threading.Thread(target=run, name="mq9-metadata-bench", daemon=True).start()
-            return
-
-        def one(res=None, err=None):
-            now = time.perf_counter()
-            if err is not None:
-                if err != FAIL_REASON.SUCCESS:
-                    return reply({"ok": False, "code": _FAIL_CODES.get(err, "failed"),
-                                  "error": "bench write failed"}, None)
-                lat.append((now - one.t0) * 1000)
-            if len(lat) == n:
-                return reply({"ok": True, "latencies_ms": lat}, None)
-            one.t0 = time.perf_counter()
-            self._sm.apply("noop", {}, callback=one)
-
-        one()
-
     # ---- files -----------------------------------------------------------------------
 
     def _require_started(self) -> None:
-        if self._obj is None:
+        if self._raft is None:
             raise ClusterError("unavailable", "metadata group not started")
 
     def _read_node_file(self) -> dict:
         try:
-            with open(os.path.join(self.dir, "node.json")) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return {}
+            return self._node_file.read()
         except (OSError, ValueError) as e:
-            raise ClusterError("bad_request", f"{self.dir}/node.json: {e}") from None
+            raise ClusterError("bad_request", f"{self._node_file.path}: {e}") from None
 
     def _write_node_file(self, **changes) -> None:
-        with self._file_lock:
-            self._node_file.update(changes)
-            os.makedirs(self.dir, exist_ok=True)
-            path = os.path.join(self.dir, "node.json")
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self._node_file, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+        self._node_file.update(**changes)
 
     def _save_cluster_id(self) -> None:
         self._write_node_file(cluster_id=self._sm.state.cluster_id
-                              or self._node_file.get("cluster_id", ""), joining=False)
+                              or self._node_file.content.get("cluster_id", ""), joining=False)
 
     def _wipe(self) -> None:
         """Forgets the metadata of a removed member before it joins again."""
         self.log.info("metadata_wiped", dir=self.dir)
-        shutil.rmtree(self.dir, ignore_errors=True)
-        os.makedirs(self.dir, exist_ok=True)
-
-    def _snapshot_writer(self) -> None:
-        # Off the tick thread, and at most every 50 ms: a rebalance applies many changes
-        # per second and readers only need the latest.
-        while not self._closed.is_set():
-            with self._cond:
-                s = self._sm.state
-                if s.version == self._snap_version or not s.bootstrapped:
-                    self._cond.wait(1.0)
-                    continue
-            self._write_snapshot_file()
-            self._closed.wait(0.05)
-
-    def _write_snapshot_file(self) -> None:
-        s = self._sm.state
-        if not self.snapshot_file or s.version == self._snap_version or not s.bootstrapped:
-            return
-        try:
-            st.write_snapshot(self.snapshot_file, s)
-            self._snap_version = s.version
-        except OSError:
-            self.log.exception("metadata_snapshot_write_failed", path=self.snapshot_file)
+        self._node_file.wipe()

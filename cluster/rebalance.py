@@ -12,8 +12,9 @@ slots goes through:
     finish_moves                    ownership flips; routing follows the new owner
 
 If the mover fails the batch is aborted and the source keeps the slots. The mover is
-where data moves (the broker's shard processes); ``MetadataOnlyMover`` moves none and
-is only right when no shard holds data for those slots (tests, a metadata-only node).
+where data moves (``mover.ShardMover``, between the broker's shard processes);
+``MetadataOnlyMover`` moves none and is only right when no shard holds data for those
+slots (tests, a metadata-only node).
 A mover must tolerate being asked again for the same moves: after a leader change the
 new leader repeats the step the old one may have been in.
 """
@@ -104,7 +105,9 @@ class Rebalancer:
             plan = st.plan_rebalance(s)
             if not plan:
                 return False
-            refs = g.start_moves(plan[:self.batch])
+            moves = [{"slot": m["slot"], "from": list(m["from"]), "to": list(m["to"])}
+                     for m in plan[:self.batch]]
+            refs = g.write("start_moves", {"moves": moves})["started"]
             s = g.snapshot()
             batch = [{"slot": slot, **s.moves[slot]} for slot, _ in refs if slot in s.moves]
             self.log.info("rebalance_batch", moves=len(batch), remaining=len(plan) - len(batch))
@@ -114,17 +117,18 @@ class Rebalancer:
             if copying:
                 self.mover.copy(copying)
                 self._still_leader()
-                g.set_moves_state([[m["slot"], m["id"]] for m in copying], "flipping")
+                g.write("set_moves_state", {"moves": [[m["slot"], m["id"]] for m in copying],
+                                            "move_state": "flipping"})
             self.mover.flip(batch)
             self._still_leader()
         except (ClusterError, StateError):
             raise
         except Exception:
             self.log.exception("rebalance_move_failed", moves=len(refs))
-            g.abort_moves(refs)
+            g.write("abort_moves", {"moves": refs})
             self._stop.wait(self.retry_delay)
             return True
-        g.finish_moves(refs)
+        g.write("finish_moves", {"moves": refs})
         finish = getattr(self.mover, "finish", None)
         if finish is not None:
             try:

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 
 NUM_SLOTS = 4096
 
+# One shard of the cluster: (node_id, shard index on that node). A slot's owner, a move's
+# source or target, a socket's peer: everywhere a shard is named, it is named this way.
+ShardId = tuple[str, int]
+
 
 def slot_of(mail_id: str) -> int:
     return zlib.crc32(mail_id.encode()) % NUM_SLOTS

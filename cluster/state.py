@@ -27,9 +27,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field, replace
 
-from mq9.cluster.slots import NUM_SLOTS, slot_of
-
-Owner = tuple[str, int]  # (node_id, shard index on that node)
+from mq9.cluster.slots import NUM_SLOTS, ShardId, slot_of
 
 MOVE_STATES = ("copying", "flipping")
 MEMBER_STATES = ("active", "leaving")
@@ -60,7 +58,7 @@ class ClusterState:
     members: dict = field(default_factory=dict)
     # NUM_SLOTS owners once bootstrapped, empty before
     slots: tuple = ()
-    # slot -> {"id", "from": Owner, "to": Owner, "state"}
+    # slot -> {"id", "from": ShardId, "to": ShardId, "state"}
     moves: dict = field(default_factory=dict)
     # node_id -> sorted tuple of (subject, queue) that have members on that node
     queue_groups: dict = field(default_factory=dict)
@@ -69,10 +67,10 @@ class ClusterState:
     def bootstrapped(self) -> bool:
         return bool(self.members)
 
-    def owner(self, slot: int) -> Owner:
+    def owner(self, slot: int) -> ShardId:
         return self.slots[slot]
 
-    def owner_of(self, mail_id: str) -> Owner:
+    def owner_of(self, mail_id: str) -> ShardId:
         return self.slots[slot_of(mail_id)]
 
     def address_of(self, node_id: str) -> str:
@@ -167,7 +165,7 @@ def moves_touching(state: ClusterState, node_id: str) -> list[int]:
 
 # ---- validation ------------------------------------------------------------------------
 
-def _check_node_id(node_id) -> str:
+def check_node_id(node_id) -> str:
     if not isinstance(node_id, str) or not _NODE_ID.match(node_id):
         raise StateError("bad_request", f"invalid node id {node_id!r}: 1-64 of letters, "
                                         "digits, '.', '_', '-', starting with a letter or digit")
@@ -202,14 +200,14 @@ def _member_info(info) -> dict:
     }
 
 
-def _owner(v, what: str) -> Owner:
+def _owner(v, what: str) -> ShardId:
     if (not isinstance(v, (list, tuple)) or len(v) != 2 or not isinstance(v[0], str)
             or type(v[1]) is not int):
         raise StateError("bad_request", f"move {what} must be [node_id, shard], got {v!r}")
     return (v[0], v[1])
 
 
-def _is_shard_of(state: ClusterState, owner: Owner) -> bool:
+def _is_shard_of(state: ClusterState, owner: ShardId) -> bool:
     info = state.members.get(owner[0])
     return info is not None and 0 <= owner[1] < info["shards"]
 
@@ -242,7 +240,7 @@ def _need_bootstrap(state: ClusterState) -> None:
 def bootstrap(state: ClusterState, *, cluster_id: str, node_id: str, info: dict):
     """The first member: it owns every slot, spread over its shards the way a single node
     spreads them (slot % shards), so a lone node's data stays where it was."""
-    _check_node_id(node_id)
+    check_node_id(node_id)
     info = _member_info(info)
     if not isinstance(cluster_id, str) or not cluster_id:
         raise StateError("bad_request", "cluster_id must be a non-empty string")
@@ -260,7 +258,7 @@ def add_member(state: ClusterState, *, node_id: str, info: dict):
     A node that comes back with fewer shards leaves slots on shards it no longer has;
     ``plan_rebalance`` moves those first."""
     _need_bootstrap(state)
-    _check_node_id(node_id)
+    check_node_id(node_id)
     info = _member_info(info)
     address = raft_address(info)
     other = state.node_at(address)
@@ -533,8 +531,8 @@ def plan_rebalance(state: ClusterState, exclude: frozenset = frozenset()) -> lis
     if not eligible:
         return []
     eligible_set = set(eligible)
-    held: dict[Owner, list[int]] = {o: [] for o in eligible}  # movable slots per shard
-    pinned: dict[Owner, int] = {o: 0 for o in eligible}
+    held: dict[ShardId, list[int]] = {o: [] for o in eligible}  # movable slots per shard
+    pinned: dict[ShardId, int] = {o: 0 for o in eligible}
     orphans: list[int] = []
     for slot, owner in enumerate(state.slots):
         move = state.moves.get(slot)

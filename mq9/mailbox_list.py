@@ -24,9 +24,9 @@ from urllib.parse import parse_qsl
 import zmq
 
 from mq9 import log, shardclient, subjects, wire
+from mq9.cluster.slots import ShardId
 from mq9.config import Config
 from mq9.monitor import _iso
-from mq9.shardclient import Owner
 
 TIMEOUT = 3.0  # as long as a gateway waits for a shard
 DEFAULT_LIMIT = 100
@@ -69,7 +69,7 @@ def parse(query: dict[str, str]) -> tuple[str, str, int]:
     return prefix, after, limit
 
 
-def shards(cfg: Config, group) -> tuple[str, list[tuple[Owner, str]]]:
+def shards(cfg: Config, group) -> tuple[str, list[tuple[ShardId, str]]]:
     """(this node's id, every shard to ask with its endpoint): this node's alone, or every
     member's once the metadata group knows its members."""
     if group is None:
@@ -85,14 +85,14 @@ def shards(cfg: Config, group) -> tuple[str, list[tuple[Owner, str]]]:
     return node, out
 
 
-def ask(cfg: Config, targets: list[tuple[Owner, str]], make_op, timeout: float = TIMEOUT,
-        ) -> tuple[dict[Owner, object], dict[Owner, str]]:
+def ask(cfg: Config, targets: list[tuple[ShardId, str]], make_op, timeout: float = TIMEOUT,
+        ) -> tuple[dict[ShardId, object], dict[ShardId, str]]:
     """Send ``make_op(rid)`` to every target at once and wait for the answers until
     ``timeout``. -> (answers, {owner: why it has none})."""
     ctx = _context()
-    answers: dict[Owner, object] = {}
-    failed: dict[Owner, str] = {}
-    waiting: dict[zmq.Socket, tuple[Owner, int]] = {}  # every socket made, to close
+    answers: dict[ShardId, object] = {}
+    failed: dict[ShardId, str] = {}
+    waiting: dict[zmq.Socket, tuple[ShardId, int]] = {}  # every socket made, to close
     pending = 0  # sockets registered with the poller, not answered yet
     poller = zmq.Poller()
     try:
@@ -142,8 +142,8 @@ def ask(cfg: Config, targets: list[tuple[Owner, str]], make_op, timeout: float =
     return answers, failed
 
 
-def merge(pages: list[tuple[Owner, wire.MailboxList]], limit: int,
-          ) -> tuple[list[tuple[Owner, wire.MailboxInfo]], str | None]:
+def merge(pages: list[tuple[ShardId, wire.MailboxList]], limit: int,
+          ) -> tuple[list[tuple[ShardId, wire.MailboxInfo]], str | None]:
     """One page out of the shards' pages, and the cursor after it (None: nothing after).
 
     A shard that has more stopped at its ``last``; beyond the lowest such point some shard
@@ -152,7 +152,7 @@ def merge(pages: list[tuple[Owner, wire.MailboxList]], limit: int,
     bound = min((p.last for _, p in pages if p.more and p.last is not None), default=None)
     items = sorted(((i.mail_id, owner, i) for owner, p in pages for i in p.items
                     if bound is None or i.mail_id <= bound), key=lambda t: t[0])
-    out: list[tuple[Owner, wire.MailboxInfo]] = []
+    out: list[tuple[ShardId, wire.MailboxInfo]] = []
     for mail_id, owner, info in items:
         if out and out[-1][1].mail_id == mail_id:
             continue
@@ -194,7 +194,7 @@ def page(cfg: Config, group, prefix: str = "", after: str = "", limit: int = DEF
     }
 
 
-def _item(owner: Owner, i: wire.MailboxInfo, now: float) -> dict:
+def _item(owner: ShardId, i: wire.MailboxInfo, now: float) -> dict:
     return {
         "mail_id": i.mail_id,
         "type": i.type,

@@ -9,12 +9,11 @@ from __future__ import annotations
 import zmq
 
 from mq9 import curve, endpoints, wire
+from mq9.cluster.slots import ShardId
 from mq9.config import Config
 
-Owner = tuple[str, int]  # (node_id, shard index)
 
-
-def endpoint(cfg: Config, node_id: str, members: dict, owner: Owner) -> str:
+def endpoint(cfg: Config, node_id: str, members: dict, owner: ShardId) -> str:
     """Shard ``owner``'s endpoint for a process of node ``node_id``; ``members`` is the
     metadata group's member table (only read for another node's shard)."""
     node, shard = owner
@@ -47,5 +46,5 @@ def answer_in(frame: bytes, rid: int):
     return None
 
 
-def name(owner: Owner) -> str:
+def name(owner: ShardId) -> str:
     return f"{owner[0]}/shard-{owner[1]}"

@@ -1,7 +1,8 @@
 """The mq9 subject namespace: what a subject means to the broker.
 
 One place knows how ``$mq9.AI.*`` subjects are spelled, so the gateway (which routes) and the
-shard (which stores) never disagree about which mailbox a subject names.
+shard (which stores) never disagree about which mailbox a subject names. Whether a string
+is a valid NATS subject at all is ``mq9.protocol.subject_syntax``.
 """
 
 from __future__ import annotations

@@ -180,7 +180,7 @@ class _Supervisor:
         self.started_wall = time.time()
         self._next_gauges = 0.0
         self.group = None  # mq9.cluster.metadata.MetadataGroup in cluster mode
-        self.rebalancer = None  # mq9.cluster.rebalance.Rebalancer, driving mq9.mover.ShardMover
+        self.rebalancer = None  # mq9.cluster.rebalance.Rebalancer, driving mq9.cluster.mover.ShardMover
         self.mover = None
         self.signals: list[int] = []
         self.removed: str | None = None  # why this data dir's member stays out of its cluster
@@ -371,7 +371,7 @@ class _Supervisor:
     def _start_rebalancer(self) -> None:
         """Every member runs one; only the Raft leader's acts (cluster/rebalance.py)."""
         from mq9.cluster.rebalance import Rebalancer
-        from mq9.mover import ShardMover
+        from mq9.cluster.mover import ShardMover
 
         self.mover = ShardMover(self.cfg, self.group)
         self.rebalancer = Rebalancer(self.group, self.mover).start()

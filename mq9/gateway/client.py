@@ -16,7 +16,7 @@ import time
 from mq9.gateway.tls import NotTLS, ServerTLS
 from mq9.protocol import errors
 from mq9.protocol.parser import Parser
-from mq9.protocol.subjects import valid_publish_subject, valid_subject
+from mq9.protocol.subject_syntax import valid_publish_subject, valid_subject
 from mq9.subjects import kind_of
 
 PING = b"PING\r\n"

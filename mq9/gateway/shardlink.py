@@ -1,6 +1,6 @@
 """The gateway's side of the gateway <-> shard link: one DEALER per shard it talks to.
 
-Shards are named by ``Target`` (node_id, shard index): this node's over ipc, other nodes'
+Shards are named by ``ShardId`` (node_id, shard index): this node's over ipc, other nodes'
 over TCP, sockets opened on first use. Requests carry a gateway-unique ``rid``; the answer
 (``Result``) finds its callback here. A request unanswered within ``timeout`` is answered
 locally with ``unavailable``, so a client never waits forever on a dead or stopped shard.
@@ -18,7 +18,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from mq9 import api, curve, log, metrics, wire
-from mq9.gateway.topology import Target, Topology
+from mq9.cluster.slots import ShardId
+from mq9.gateway.topology import Topology
 from mq9.gateway.zsock import Outbox, watch
 
 MOVED_RETRY = 0.05  # seconds between asks while a slot moves
@@ -41,7 +42,7 @@ class ShardLink:
         self.handler = None  # the gateway's Mailboxes: on_deliver_run, on_shard_connected
         self.pending: dict[int, list] = {}  # rid -> [deadline, callback, op, give_up_at, arg]
         self._rid = 0
-        self.shards: dict[Target, _Shard] = {}
+        self.shards: dict[ShardId, _Shard] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     def start(self, handler) -> None:
@@ -52,7 +53,7 @@ class ShardLink:
             self._shard((self.topology.node, i))
         self._sweeper = self.loop.call_later(0.25, self._sweep)
 
-    def _shard(self, target: Target) -> _Shard | None:
+    def _shard(self, target: ShardId) -> _Shard | None:
         sh = self.shards.get(target)
         if sh is not None:
             return sh
@@ -84,10 +85,10 @@ class ShardLink:
         self.shards[target] = sh
         return sh
 
-    def shard_of(self, mail_id: str) -> Target:
+    def shard_of(self, mail_id: str) -> ShardId:
         return self.topology.owner(mail_id)
 
-    def post(self, target: Target, op) -> None:
+    def post(self, target: ShardId, op) -> None:
         sh = self._shard(target)
         if sh is not None:
             sh.out.put(op)
@@ -96,7 +97,7 @@ class ShardLink:
         self._rid += 1
         return self._rid
 
-    def request(self, target: Target, op, callback, arg=None) -> None:
+    def request(self, target: ShardId, op, callback, arg=None) -> None:
         """``op.rid`` must come from ``next_rid``; ``callback(answer, arg)`` is called once
         (a bound method and an argument cost less per request than a fresh closure)."""
         sh = self._shard(target)
@@ -148,7 +149,7 @@ class ShardLink:
             return
         sh.out.put(op)
 
-    def _on_monitor(self, target: Target) -> None:
+    def _on_monitor(self, target: ShardId) -> None:
         sh = self.shards.get(target)
         if sh is None:
             return

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import os
 
-from mq9.cluster.slots import SlotMap, slot_of
+from mq9.cluster.slots import ShardId, SlotMap, slot_of
 from mq9 import endpoints
 from mq9.config import Config
-
-Target = tuple[str, int]  # (node_id, shard index)
 
 
 def gateway_id(node: str, index: int) -> str:
@@ -30,19 +28,19 @@ class Topology:
         self.node = node_id
         self.version = -1
         self._local = SlotMap(cfg.shards)
-        self.owners: list[Target] | None = None  # None: single node, use _local
+        self.owners: list[ShardId] | None = None  # None: single node, use _local
         self.members: dict[str, dict] = {}
         self.path = os.path.join(cfg.data_dir, "cluster", "state.json")
         self._mtime = 0.0
 
     # ---- lookups -------------------------------------------------------------------
 
-    def owner(self, mail_id: str) -> Target:
+    def owner(self, mail_id: str) -> ShardId:
         if self.owners is None:
             return (self.node, self._local.shard_for(mail_id))
         return self.owners[slot_of(mail_id)]
 
-    def shard_endpoint(self, target: Target) -> str | None:
+    def shard_endpoint(self, target: ShardId) -> str | None:
         node, shard = target
         if node == self.node:
             return endpoints.shard_endpoint(self.cfg, shard)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from mq9.protocol import errors
 from mq9.protocol.errors import err_line
 from mq9.protocol.parser import Parser
-from mq9.protocol.subjects import valid_subject
+from mq9.protocol.subject_syntax import valid_subject
 
 
 class Recorder:

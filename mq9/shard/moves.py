@@ -1,4 +1,4 @@
-"""Slot moves, the shard's side (driven by ``mq9.mover``): Export pages of raw records,
+"""Slot moves, the shard's side (driven by ``mq9.cluster.mover``): Export pages of raw records,
 Import them on the new owner, Freeze and Drop the old copy. A frozen slot is not served:
 its ops are answered ``moved`` and nothing of it is pumped."""
 

@@ -1,8 +1,9 @@
 """The slot mover: copies the mailboxes of moving slots from one shard to another.
 
-Driven by the Raft leader's ``mq9.cluster.rebalance.Rebalancer`` in the supervisor process, on
-its own thread, with blocking ZeroMQ DEALER sockets (one per shard it talks to, ipc on this
-node, TCP to others). For a batch of moves:
+The data half of a move, beside the ``Rebalancer`` (``rebalance.py``) that plans moves and
+drives it: in the supervisor process, on the rebalancer's thread, with blocking ZeroMQ
+DEALER sockets (one per shard it talks to, ipc on this node, TCP to others). For a batch of
+moves:
 
     copy:   Export pages from each source, Import into each target (reset on the first
             page, so a repeated copy overwrites); the source keeps serving meanwhile.
@@ -23,8 +24,9 @@ from collections import defaultdict
 import zmq
 
 from mq9 import log, shardclient, wire
+from mq9.cluster.slots import ShardId
 from mq9.config import Config
-from mq9.shardclient import Owner, name as _name
+from mq9.shardclient import name as _name
 
 
 class MoveError(Exception):
@@ -38,7 +40,7 @@ class ShardMover:
         self.group = group
         self.timeout_ms = int(timeout * 1000)
         self.ctx = zmq.Context()
-        self.socks: dict[Owner, zmq.Socket] = {}
+        self.socks: dict[ShardId, zmq.Socket] = {}
         self.rids = itertools.count(1)
         self.log = log.bind(node=group.node_id)
 
@@ -76,7 +78,7 @@ class ShardMover:
 
     # ---- plumbing ------------------------------------------------------------------------
 
-    def _transfer(self, src: Owner, dst: Owner, slots: list[int]) -> int:
+    def _transfer(self, src: ShardId, dst: ShardId, slots: list[int]) -> int:
         after = None
         first = True
         count = 0
@@ -92,7 +94,7 @@ class ShardMover:
             if last:
                 return count
 
-    def _sock(self, owner: Owner) -> zmq.Socket:
+    def _sock(self, owner: ShardId) -> zmq.Socket:
         s = self.socks.get(owner)
         if s is None:
             address = shardclient.endpoint(self.cfg, self.group.node_id,
@@ -102,7 +104,7 @@ class ShardMover:
             self.socks[owner] = s
         return s
 
-    def _call(self, owner: Owner, op) -> dict:
+    def _call(self, owner: ShardId, op) -> dict:
         s = self._sock(owner)
         s.send(wire.encode([op]))
         while True:
@@ -122,8 +124,8 @@ class ShardMover:
         self.ctx.term()
 
 
-def _by_pair(moves: list[dict]) -> dict[tuple[Owner, Owner], list[int]]:
-    out: dict[tuple[Owner, Owner], list[int]] = defaultdict(list)
+def _by_pair(moves: list[dict]) -> dict[tuple[ShardId, ShardId], list[int]]:
+    out: dict[tuple[ShardId, ShardId], list[int]] = defaultdict(list)
     for m in moves:
         out[(tuple(m["from"]), tuple(m["to"]))].append(int(m["slot"]))
     return out

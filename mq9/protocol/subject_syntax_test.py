@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mq9.protocol.subjects import is_literal, valid_publish_subject, valid_subject
+from mq9.protocol.subject_syntax import is_literal, valid_publish_subject, valid_subject
 
 # (subject, valid for SUB, valid for pedantic PUB)
 MEASURED = [
