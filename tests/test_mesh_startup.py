@@ -1,20 +1,24 @@
-"""The gateway mesh right after a gateway starts, with real nodes and nats-py clients.
+"""The gateway mesh right after a gateway starts, with real nodes and clients.
 
 What nats-server promises and mq9 keeps: once a subscriber's "subscribe, flush" has
 returned, a message published afterwards by any connection reaches it, whichever gateway
-each connection landed on. At start (and after ``kill -9`` of one gateway) the mesh between
-a node's gateways is still connecting; a gateway that accepted clients before its peers
-could hear it answered PONG on the 250 ms fallback while the other gateway did not know the
-interest yet, and the first message was dropped there.
+each connection landed on, from the first client a gateway accepts. A gateway's new process
+(at start, or after ``kill -9``) used to accept clients before the other gateways had
+answered its hello with their interest: a publisher there could be faster than that answer
+and its message was dropped. Gateways now accept clients once the node's other gateways
+have acked their hello (``Peers.wait_acked``).
 
 - a fresh node, clients connected as soon as the port accepts (before /readyz): a
-  subscriber on the first gateway that accepts and a publisher on each other gateway as
-  soon as that one accepts; then, for every ordered pair of gateways, subscribe + flush on
-  one, publish on the other; over several fresh starts;
-- one gateway killed with ``kill -9`` while the others have subscribers: a publisher on
-  its new process, as soon as it accepts, reaches them.
+  subscriber on the first gateway that accepts and a raw publisher (CONNECT and PUB in one
+  write) on each other gateway as soon as that one accepts; then, for every ordered pair of
+  gateways, subscribe + flush on one, publish on the other; over several fresh starts;
+- one gateway killed with ``kill -9`` while the others have subscribers: a raw publisher on
+  its new process, as soon as it accepts, reaches them; so does a publish after the
+  survivors (whose barriers had given up on the dead process) subscribe again.
 
-A connection's gateway is its INFO ``client_id >> 40`` (ids are ``index << 40`` + n).
+nats-py writes flush()'s PING ahead of a SUB still in its buffer, so each subscribe yields
+to its flusher before flush() (see ``_check_pairs``). A connection's gateway is its INFO
+``client_id >> 40`` (ids are ``index << 40`` + n).
 """
 
 from __future__ import annotations
@@ -113,7 +117,7 @@ async def test_first_message_between_gateways_right_after_start(node_factory):
         try:
             a = first.client_id >> 40
             sub = await first.subscribe(f"start.{i}")
-            await asyncio.sleep(0)  # SUB on the wire before flush()'s PING (see below)
+            await asyncio.sleep(0)  # SUB on the wire before flush()'s PING (see _check_pairs)
             await asyncio.sleep(0)
             await first.flush()
             for b in sorted(set(range(GATEWAYS)) - {a}):
@@ -155,6 +159,15 @@ def _raw_on_gateway(port: int, gw: int, deadline: float) -> RawConn:
         conn.close()
 
 
+async def _expect(inbox: dict, data: bytes, problems: list, what: str) -> None:
+    for g, sub in inbox.items():
+        try:
+            msg = await sub.next_msg(timeout=WAIT)
+            assert msg.data == data
+        except nats.errors.TimeoutError:
+            problems.append(f"{what} subscriber on gateway {g}")
+
+
 async def test_restarted_gateway_knows_interest_before_its_first_client(node_factory):
     """A gateway's new process must know the other gateways' interest before it takes a
     client: a publisher whose CONNECT and PUB arrive in one write (no PING first) on the
@@ -169,13 +182,17 @@ async def test_restarted_gateway_knows_interest_before_its_first_client(node_fac
             inbox = {}
             for g, nc in subs.items():
                 inbox[g] = await nc.subscribe(f"restart.{round_}.{g}")
-                await asyncio.sleep(0)  # SUB on the wire before flush()'s PING (see above)
+                await asyncio.sleep(0)  # SUB on the wire before flush()'s PING (see _check_pairs)
                 await asyncio.sleep(0)
                 await nc.flush()
             old = node.pid_of("gateway", victim)
             os.kill(old, signal.SIGKILL)
-            # The survivors' next PINGs wait for the dead peer, then mark it stalled.
-            for nc in subs.values():
+            # Interest sent to the dead process: the survivors' barriers give up on it
+            # (250 ms) and mark it stalled.
+            for g, nc in subs.items():
+                await nc.subscribe(f"dead.{round_}.{g}")
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
                 await nc.flush(timeout=WAIT)
             conn = _raw_on_gateway(node.port, victim, time.monotonic() + 60)
             with conn:
@@ -184,13 +201,21 @@ async def test_restarted_gateway_knows_interest_before_its_first_client(node_fac
                     b"PUB restart.%d.%d 5\r\nfirst\r\n" % (round_, g) for g in subs)
                 conn.send(data + b"PING\r\n")
                 conn.read_until(b"PONG\r\n", WAIT)
-                for g, sub in inbox.items():
-                    try:
-                        msg = await sub.next_msg(timeout=WAIT)
-                        assert msg.data == b"first"
-                    except nats.errors.TimeoutError:
-                        problems.append(f"round {round_}: restarted gateway {victim} -> "
-                                        f"subscriber on gateway {g}")
+                await _expect(inbox, b"first", problems,
+                              f"round {round_}: restarted gateway {victim} ->")
+                # A survivor's "subscribe, flush" now waits for the new process in full
+                # (its hello cleared the stall), not just STALLED_WAIT.
+                again = {}
+                for g, nc in subs.items():
+                    again[g] = await nc.subscribe(f"again.{round_}.{g}")
+                    await asyncio.sleep(0)
+                    await asyncio.sleep(0)
+                    await nc.flush()
+                conn.send(b"".join(b"PUB again.%d.%d 5\r\nagain\r\n" % (round_, g)
+                                   for g in subs) + b"PING\r\n")
+                conn.read_until(b"PONG\r\n", WAIT)
+                await _expect(again, b"again", problems,
+                              f"round {round_}: after subscribing again, restarted gateway {victim} ->")
         finally:
             for nc in subs.values():
                 await nc.close()
