@@ -119,6 +119,22 @@ class Peers:
         if box is not None:
             box.put(msg)
 
+    async def wait_acked(self, gs: list[str], timeout: float) -> list[str]:
+        """Wait until each peer of ``gs`` has acked a frame of this gateway (at the latest
+        its answer to our ``PeerHello``); returns those that had not within ``timeout``.
+
+        An ack proves both directions carry frames and that the peer handled our hello,
+        and ours the full interest it sent back before the ack. Until then a barrier
+        could only time out on that peer (and mark it stalled), so "subscribe, flush"
+        would not mean that the peer knows the interest.
+        """
+        deadline = self.loop.time() + timeout
+        while True:
+            missing = [g for g in gs if self.acked.get(g) == 0]
+            if not missing or self.loop.time() >= deadline:
+                return missing
+            await asyncio.sleep(0.01)  # start-up only: polling keeps the Ack path as it is
+
     # ---- barrier -----------------------------------------------------------------------
 
     def barrier(self, callback) -> None:
@@ -201,6 +217,9 @@ class Peers:
                     if self._waiters:
                         self._release()
             elif cls is wire.PeerHello:
+                # A peer that says hello is up (again, after a restart): barriers wait for
+                # it fully from now on, not just STALLED_WAIT as for the dead process.
+                self.stalled.discard(m.gw)
                 if m.gw in self.out:
                     h.on_peer_hello(m)
 

@@ -36,6 +36,9 @@ from mq9.protocol import NATS_VERSION, errors
 
 NO_RESPONDERS_GRACE = 0.005  # seconds
 LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+# Longest a gateway waits at start for the node's other gateways to answer on the mesh
+# before it accepts clients anyway (a sibling hung at start must not keep it closed).
+MESH_WAIT = 10.0  # seconds
 MAX_CONNZ = 5000  # above this many connections, /connz is refreshed every 10 s, not every second
 
 
@@ -110,6 +113,16 @@ class Gateway:
         self.peers.start(self.router, self.topology.gateways())
         self.link.start(self.mailboxes)
         self._topology_timer = self.loop.call_later(0.2, self._watch_topology)
+        # No client before the node's other gateways have answered on the mesh: a PING
+        # before that could only be answered by the barrier's timeout, with the interest
+        # of "subscribe, flush" not yet known to them. The supervisor starts all gateways
+        # together and counts the node ready once each listens, so readiness means the
+        # mesh is up. Gateways of other nodes are not waited for: a node that is down
+        # would keep this one closed; their barrier timeout stays the fallback.
+        siblings = [gateway_id(self.node, j) for j in range(self.cfg.gateway_count) if j != self.index]
+        missing = await self.peers.wait_acked(siblings, MESH_WAIT)
+        if missing:
+            self.log.warning("gateway_mesh_incomplete", peers=",".join(missing), waited=MESH_WAIT)
         sock = socket.socket(socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
