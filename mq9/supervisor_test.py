@@ -97,12 +97,12 @@ def standin_node(argv: list[str]) -> int:
     """``mq9 node`` with the stand-ins as children."""
     import argparse
 
-    from mq9 import supervisor
+    from mq9 import node
 
     parser = argparse.ArgumentParser()
     config.add_arguments(parser)
     cfg = config.from_args(parser.parse_args(argv))
-    return supervisor.run_node(cfg, targets={"gateway": "mq9.supervisor_test:standin_gateway",
+    return node.run_node(cfg, targets={"gateway": "mq9.supervisor_test:standin_gateway",
                                              "shard": "mq9.supervisor_test:standin_shard"})
 
 
