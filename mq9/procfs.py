@@ -82,7 +82,19 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def rss_bytes(pids: list[int]) -> int:
-    return sum(st.rss for pid in pids if (st := stat(pid)) is not None) * PAGE
+    """Resident memory of these processes, exact: /proc/PID/status sums the kernel's per-CPU
+    counters, where the stat line's ``rss`` may lag by a few hundred KiB per process."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:  # gone meanwhile
+            pass
+    return total
 
 
 @dataclass

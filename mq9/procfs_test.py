@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 from mq9 import procfs
 
@@ -72,3 +73,16 @@ def test_listening_socket_and_its_holder():
                 row = procfs.tcp_row(port, client.getsockname()[1], procfs.TCP_ESTABLISHED)
                 assert row is not None and procfs.holds_socket(os.getpid(), {row[9]})
                 assert procfs.tcp_row(port, client.getsockname()[1], procfs.TCP_LISTEN) is None
+
+
+def test_cpu_and_rss_of_a_process_list():
+    me = [os.getpid()]
+    with open("/proc/self/status") as f:
+        vm_rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+    assert abs(procfs.rss_bytes(me) - vm_rss) < 16 * 1024 * 1024  # our heap may move meanwhile
+    assert procfs.rss_bytes([2**22 + 1]) == 0  # above any pid_max: never a process
+    t = time.process_time()
+    while time.process_time() - t < 0.2:
+        pass
+    assert procfs.cpu_seconds(me) >= 0.15
+    assert procfs.cpu_seconds([]) == 0 and procfs.rss_bytes([]) == 0
