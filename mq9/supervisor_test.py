@@ -1,4 +1,5 @@
-"""The supervisor and the ``mq9`` command, run as real processes.
+"""A node (``mq9/node.py`` with its ``mq9/supervisor.py``) and the ``mq9`` command, run as
+real processes; at the end the ``Supervisor`` class on its own.
 
 Process tests run twice: with the real gateway and shard (``real``; skipped while
 ``mq9.gateway.server`` / ``mq9.shard.server`` do not import) and with small stand-ins
