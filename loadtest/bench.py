@@ -55,7 +55,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mq9 import procstats
+from mq9 import procfs
 from mq9.bench import rawnats as rn
 from mq9.bench import workloads as wl
 from mq9.bench.workloads import pct
@@ -124,34 +124,6 @@ def nats_server_bin() -> str | None:
     if p2.exists():
         return str(p2)
     return shutil.which("nats-server")
-
-
-def cpu_secs(pids: list[int]) -> float:
-    """User + system CPU seconds of these processes (their own threads, not reaped kids)."""
-    tck = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as fh:
-                f = fh.read().rsplit(b")", 1)[1].split()
-            total += int(f[11]) + int(f[12])
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / tck
-
-
-def rss_kib(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as fh:
-                for line in fh:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-                        break
-        except OSError:
-            pass
-    return total
 
 
 class Server:
@@ -233,7 +205,7 @@ class Server:
         return self.proc is not None and self.proc.poll() is None
 
     def pids(self) -> list[int]:
-        return procstats.tree(self.proc.pid) if self.alive() else []
+        return procfs.tree(self.proc.pid) if self.alive() else []
 
     def log_tail(self, n: int = 8) -> str:
         try:
@@ -316,7 +288,7 @@ async def wl_idle(srv: Server, sz: Sizes, deadline: float) -> dict:
     conns: list[rn.Client] = []
     await asyncio.sleep(1.0)
     pids = srv.pids()
-    before = rss_kib(pids)
+    before = procfs.rss_bytes(pids) // 1024
     failures = 0
     try:
         while len(conns) + failures < sz.conns and time.monotonic() < deadline:
@@ -333,7 +305,7 @@ async def wl_idle(srv: Server, sz: Sizes, deadline: float) -> dict:
                 break
         await asyncio.sleep(1.5)          # let the server settle
         pids = srv.pids()                  # mq9 may have restarted a child: re-read
-        after = rss_kib(pids)
+        after = procfs.rss_bytes(pids) // 1024
         alive = sum(not c.is_closed for c in conns)
     finally:
         await close_all(conns)
@@ -623,12 +595,12 @@ async def wl_mailboxes(srv: Server, sz: Sizes, deadline: float) -> dict:
     conns = [await connect(srv, f"mkbox{i}") for i in range(MAILBOX_CONNS)]
     try:
         await asyncio.sleep(1.0)
-        rss0, disk0 = rss_kib(srv.pids()), disk_kib(srv.data_dir)
+        rss0, disk0 = procfs.rss_bytes(srv.pids()) // 1024, disk_kib(srv.data_dir)
         st = await wl.create_mailboxes(conns, sz.mailboxes, INFLIGHT, deadline, 86400)
         made, secs = st["made"], st["secs"]
         await asyncio.sleep(2.0)  # let the shards finish their batches
         pids = srv.pids()
-        rss1, disk1 = rss_kib(pids), disk_kib(srv.data_dir)
+        rss1, disk1 = procfs.rss_bytes(pids) // 1024, disk_kib(srv.data_dir)
     finally:
         await close_all(conns)
     if made < sz.mailboxes:
@@ -889,7 +861,7 @@ async def run_server(kind: str, names: list[str], sz: Sizes, workdir: Path,
             t = time.monotonic()
             deadline = t + sz.budget
             me0 = os.times()
-            srv_cpu0 = cpu_secs(srv.pids())
+            srv_cpu0 = procfs.cpu_seconds(srv.pids())
             try:
                 res = await asyncio.wait_for(RUNNERS[name](srv, sz, deadline), sz.budget + 15)
             except TimeoutError:
@@ -898,7 +870,7 @@ async def run_server(kind: str, names: list[str], sz: Sizes, workdir: Path,
                 res = {f"_{name}_error": Failed(f"{type(e).__name__}: {e}")}
             me1 = os.times()
             gen_cpu = me1.user + me1.system - me0.user - me0.system
-            srv_cpu = cpu_secs(srv.pids()) - srv_cpu0
+            srv_cpu = procfs.cpu_seconds(srv.pids()) - srv_cpu0
             if not srv.alive():
                 res[f"_{name}_died"] = Failed(f"{srv.label} died: {srv.log_tail(4)}")
             out.update(res)

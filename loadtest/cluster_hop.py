@@ -24,10 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from mq9 import procfs
 from mq9.bench import rawnats as rn
 
 ROOT = Path(__file__).resolve().parent.parent
-TICK = os.sysconf("SC_CLK_TCK")
 SECRET = "cluster-hop-bench-secret"  # cluster mode needs one; the hop then runs over CURVE
 
 
@@ -52,18 +52,7 @@ def free_port_block(width: int) -> int:
 
 def _cpu(pid: int) -> float:
     """CPU seconds of a process and all its descendants still alive."""
-    total = 0.0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / TICK
-            for child in Path(f"/proc/{p}/task/{p}/children").read_text().split():
-                todo.append(int(child))
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
+    return procfs.cpu_seconds(procfs.tree(pid))
 
 
 def _start(tmp: Path, name: str, join: int | None) -> tuple[subprocess.Popen, int, int]:

@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Imported here, not at the top: the supervisor must set PROMETHEUS_MULTIPROC_DIR
     # before prometheus_client is first imported, and --help should stay fast.
-    from mq9 import supervisor
+    from mq9 import node
 
     try:
-        return supervisor.run_node(cfg, args=ns)
+        return node.run_node(cfg, args=ns)
     except KeyboardInterrupt:  # Ctrl-C before the supervisor took over SIGINT
         return 130
 

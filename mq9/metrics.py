@@ -86,7 +86,7 @@ def zero_known_labels() -> None:
 
 class NodeCollector:
     """What the supervisor adds to /metrics at scrape time: the standard process metrics
-    summed over every process of the node (``mq9.procstats``), ``mq9_build_info`` and
+    summed over every process of the node (``mq9.procfs``), ``mq9_build_info`` and
     ``mq9_slots_unavailable``. Registered in the supervisor's registry only."""
 
     def __init__(self, started: float, slots_unavailable, versions: dict[str, str]):
@@ -95,9 +95,9 @@ class NodeCollector:
         self.versions = dict(versions, python=platform.python_version())
 
     def collect(self):
-        from mq9 import procstats
+        from mq9 import procfs
 
-        u = procstats.usage()
+        u = procfs.usage()
         yield GaugeMetricFamily("process_resident_memory_bytes",
                                 "Resident memory of the node's processes, summed", value=u.rss_bytes)
         yield CounterMetricFamily("process_cpu_seconds",

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from mq9 import __version__, cpus, metrics, procstats
+from mq9 import __version__, cpus, metrics, procfs
 from mq9.config import Config
 from mq9.protocol import NATS_VERSION
 
@@ -48,7 +48,7 @@ class NodeView:
     server_id: str
     server_name: str
     started: float
-    usage: procstats.Usage
+    usage: procfs.Usage
     cpu_percent: float
     gateways: int
 

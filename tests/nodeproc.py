@@ -27,6 +27,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from mq9 import procfs
+from mq9.procfs import tcp_row  # noqa: F401 - the tests find it here
+
 DEFAULT_READY_TIMEOUT = 30.0
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,18 +61,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
-def _stat(pid: int) -> tuple[str, int, str, int] | None:
-    """(comm, ppid, state, starttime) of ``pid`` or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # comm is in parentheses and may itself contain spaces or parentheses
-    head, _, rest = data.rpartition(")")
-    comm = head.partition("(")[2]
-    fields = rest.split()
-    return comm, int(fields[1]), fields[0], int(fields[19])
 
 
 class NodeError(AssertionError):
@@ -243,14 +234,9 @@ class Node:
         found = {}
         if not self.running:
             return found
-        me = self.proc.pid
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            st = _stat(int(entry))
-            if st is not None and st[1] == me and st[2] != "Z":
-                found[int(entry)] = st[0]
-                self._seen.setdefault(int(entry), st[3])
+        for pid, st in procfs.children(self.proc.pid).items():
+            found[pid] = st.comm
+            self._seen.setdefault(pid, st.starttime)
         return found
 
     def pids(self, kind: str | None = None) -> list[int]:
@@ -267,10 +253,10 @@ class Node:
 
     def is_alive(self, pid: int) -> bool:
         """``pid`` is still the process seen earlier (not a reused pid), and not a zombie."""
-        st = _stat(pid)
-        if st is None or st[2] == "Z":
+        st = procfs.stat(pid)
+        if st is None or st.state == "Z":
             return False
-        return self._seen.get(pid, st[3]) == st[3]
+        return self._seen.get(pid, st.starttime) == st.starttime
 
     def survivors(self, pids=None) -> list[int]:
         return [p for p in (self._seen if pids is None else pids) if self.is_alive(p)]
@@ -323,21 +309,3 @@ class Node:
         tail = self.log_text().splitlines()[-lines:]
         return f"--- last {len(tail)} lines of {self.log_path}:\n" + "\n".join(tail)
 
-
-def tcp_row(local_port: int, remote_port: int, state: str | None = None) -> list[str] | None:
-    """The /proc/net/tcp(6) fields of the connection 127.0.0.1:local <- :remote (the
-    broker's end), in ``state`` if given: [3] is the state (01 = ESTABLISHED), [9] the
-    socket inode."""
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(path) as f:
-                next(f, None)
-                for line in f:
-                    p = line.split()
-                    if (int(p[1].rpartition(":")[2], 16) == local_port
-                            and int(p[2].rpartition(":")[2], 16) == remote_port
-                            and state in (None, p[3])):
-                        return p
-        except OSError:
-            continue
-    return None

@@ -15,28 +15,20 @@ from pathlib import Path
 import nats
 
 from loadtest.cluster_hop import free_port_block
-from nodeproc import REPO, _stat, child_env
+from mq9 import procfs
+from nodeproc import REPO, child_env
 from test_readme import blocks, section
 
 
 def descendants(root: int) -> dict[int, int]:
     """pid -> start time of every process below ``root`` (start time: pids get reused)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (st := _stat(int(entry.name))):
-            parents.setdefault(st[1], []).append(int(entry.name))
-    found, todo = {}, [root]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            if (st := _stat(child)) is not None:
-                found[child] = st[3]
-                todo.append(child)
-    return found
+    return {pid: st.starttime for pid in procfs.tree(root)[1:]
+            if (st := procfs.stat(pid)) is not None}
 
 
 def alive(procs: dict[int, int]) -> list[int]:
     return [pid for pid, start in procs.items()
-            if (st := _stat(pid)) is not None and st[3] == start and st[2] != "Z"]
+            if (st := procfs.stat(pid)) is not None and st.starttime == start and st.state != "Z"]
 
 
 def wait_for(what: str, check, timeout: float, log: Path):

@@ -1,4 +1,5 @@
-"""The supervisor and the ``mq9`` command, run as real processes.
+"""A node (``mq9/node.py`` with its ``mq9/supervisor.py``) and the ``mq9`` command, run as
+real processes; at the end the ``Supervisor`` class on its own.
 
 Process tests run twice: with the real gateway and shard (``real``) and with small
 stand-ins defined below (``standin``), which pin down the supervisor's own behaviour
@@ -95,17 +96,25 @@ def standin_shard(cfg, index):
     ctx.term()
 
 
+def standin_exit(cfg, index):
+    """Ends at once, as a child that dies young."""
+
+
+def standin_idle(cfg, index):
+    _wait_for_sigterm()
+
+
 def standin_node(argv: list[str]) -> int:
     """``mq9 node`` with the stand-ins as children."""
     import argparse
 
-    from mq9 import supervisor
+    from mq9 import node
 
     parser = argparse.ArgumentParser()
     config.add_arguments(parser)
     cfg = config.from_args(parser.parse_args(argv))
-    return supervisor.run_node(cfg, targets={"gateway": "test_supervisor:standin_gateway",
-                                             "shard": "test_supervisor:standin_shard"})
+    return node.run_node(cfg, targets={"gateway": "test_supervisor:standin_gateway",
+                                       "shard": "test_supervisor:standin_shard"})
 
 
 # spawned children inherit sys.path, so they find test_supervisor too
@@ -371,3 +380,52 @@ def test_sigterm_while_shards_start_exits_0(make_standin):
     children = node.pids()
     assert node.stop(timeout=15) == 0, node.log_tail()
     assert node.wait_gone(children, timeout=2) == []
+
+
+# ---- the Supervisor class on its own, in this process --------------------------------------
+
+
+def test_supervisor_restarts_with_back_off_retires_and_stops(tmp_path):
+    from mq9.supervisor import Supervisor
+
+    wake_r, wake_w = socket.socketpair()
+    deaths, restarts = [], []
+    cfg = config.Config(host="127.0.0.1", data_dir=str(tmp_path), gateways=1, shards=1,
+                        log_level="error")
+    sup = Supervisor(cfg, {"gateway": "test_supervisor:standin_exit",
+                           "shard": "test_supervisor:standin_idle"},
+                     wake=wake_r, on_wake=lambda: None,
+                     on_death=lambda c, pid: deaths.append(c.name),
+                     before_restart=lambda c: restarts.append(c.name))
+    shard, gateway = sup.children
+
+    def turn():
+        sup.restart_due()
+        sup.wait(0.1)
+        sup.reap()
+
+    try:
+        for c in sup.children:
+            sup.spawn(c)
+        assert shard.pid and gateway.pid
+        deadline = time.monotonic() + 120
+        while deaths.count("gateway-0") < 3 and time.monotonic() < deadline:
+            turn()
+        # the gateway keeps dying young: restarted each time, later each time
+        assert deaths.count("gateway-0") >= 3 and restarts.count("gateway-0") >= 2
+        assert gateway.failures >= 3 and gateway.restart_at is not None
+        assert "shard-0" not in deaths and shard.pid is not None
+        # a retired child that exits stays down
+        sup.retire([shard], signal.SIGTERM, reason="test")
+        while "shard-0" not in deaths and time.monotonic() < deadline:
+            turn()
+        assert "shard-0" in deaths and shard.pid is None and shard.restart_at is None
+        for _ in range(5):
+            turn()
+        assert "shard-0" not in restarts and shard.pid is None
+        sup.stop()
+        assert all(c.pid is None and c.restart_at is None for c in sup.children)
+    finally:
+        sup.close()
+        wake_r.close()
+        wake_w.close()
