@@ -117,7 +117,8 @@ def run(conns: int, cost: int, gateways: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--conns", default="2000,5000", help="comma-separated counts, one node each")
-    ap.add_argument("--cost", type=int, default=10, help="bcrypt cost of the user's password (0: a plain-text password, for reference)")
+    ap.add_argument("--cost", type=int, default=10,
+                    help="bcrypt cost of the user's password (0: a plain-text password, for reference)")
     ap.add_argument("--gateways", type=int, default=1)
     args = ap.parse_args()
     for n in args.conns.split(","):

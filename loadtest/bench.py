@@ -699,8 +699,8 @@ def table_rows(figs: list[Figure], results: dict[str, dict]) -> list[list[str]]:
 def note_text(key: str, v) -> str:
     if key == "_replay_store":
         return f"replay: stored at {fmt_value(v)} acks/s (pipelined, {INFLIGHT} in flight)"
-    name = {"_replay_note": "replay", "_idle_note": "idle", "_mailboxes_note": "mailboxes", "_bcast_placement": "broadcast",
-            "_rr_placement": "rr"}.get(key, key.strip("_"))
+    name = {"_replay_note": "replay", "_idle_note": "idle", "_mailboxes_note": "mailboxes",
+            "_bcast_placement": "broadcast", "_rr_placement": "rr"}.get(key, key.strip("_"))
     return f"{name}: {v}"
 
 

@@ -16,9 +16,9 @@ import sys
 import time
 from collections import Counter, defaultdict
 
+from agents import create
 from nats.errors import TimeoutError as NatsTimeout
 from nodeproc import REPO, tcp_row
-from agents import create
 
 if str(REPO) not in sys.path:  # `cluster` is a top-level package of the work tree
     sys.path.insert(0, str(REPO))
@@ -166,7 +166,7 @@ class Sender:
 
         await asyncio.gather(*[worker() for _ in range(self.workers)])
 
-    def merge(self, *others: "Sender") -> "Sender":
+    def merge(self, *others: Sender) -> Sender:
         for o in others:
             self.acked.update(o.acked)
             self.failed.update(o.failed)

@@ -173,7 +173,7 @@ class RawConn:
                 view = view[n:]
             except (BlockingIOError, InterruptedError):
                 if time.monotonic() > deadline:
-                    raise TimeoutError("server not reading")
+                    raise TimeoutError("server not reading") from None
                 select.select([], [self.sock], [], 0.05)
             except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
                 self.closed = True
@@ -312,7 +312,7 @@ class NatsServer:
             lines.append(o["extra"])
         return "\n".join(lines) + "\n"
 
-    def start(self, timeout: float = 10.0) -> "NatsServer":
+    def start(self, timeout: float = 10.0) -> NatsServer:
         self.port = self.port or free_port()
         self.workdir = tempfile.mkdtemp(prefix="natsraw-")
         conf = os.path.join(self.workdir, "server.conf")

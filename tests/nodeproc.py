@@ -119,7 +119,7 @@ class Node:
 
     # ---- lifecycle ----------------------------------------------------------------------
 
-    def start(self, wait: bool = True) -> "Node":
+    def start(self, wait: bool = True) -> Node:
         if self.running:
             raise NodeError("node already running")
         env = child_env(self.env_overrides)
@@ -142,7 +142,7 @@ class Node:
     def pid(self) -> int:
         return self.proc.pid
 
-    def wait_ready(self, timeout: float | None = None) -> "Node":
+    def wait_ready(self, timeout: float | None = None) -> Node:
         """Until /readyz says every shard and gateway is up (or, without a metrics port,
         until the NATS port sends INFO)."""
         deadline = time.monotonic() + (timeout or self.ready_timeout)
@@ -220,7 +220,7 @@ class Node:
             self._log_file.close()
             self._log_file = None
 
-    def __enter__(self) -> "Node":
+    def __enter__(self) -> Node:
         return self.start() if self.proc is None else self
 
     def __exit__(self, *exc) -> None:

@@ -11,7 +11,6 @@ import socket
 import time
 
 import pytest
-
 from natsraw import connect_line
 
 GATEWAYS = 2

@@ -14,11 +14,10 @@ import subprocess
 import sys
 import time
 
-import pytest
-from nodeproc import REPO, Node, child_env, free_port
-
 import certs
 import natsraw
+import pytest
+from nodeproc import REPO, Node, child_env, free_port
 
 SMALL = ["--messages", "300", "--mailboxes", "200", "--samples", "30", "--in-flight", "100"]
 ROWS = {  # workload -> the tests it reports

@@ -259,8 +259,9 @@ def test_every_metric_used_exists_on_a_live_node(tmp_path):
     """A node as the chart runs it (cluster mode, its own Raft group), a little traffic of
     each kind; then every metric the dashboard and the alerts name must be on /metrics."""
     import nats
-    from loadtest.cluster_hop import free_port_block
     from nodeproc import Node
+
+    from loadtest.cluster_hop import free_port_block
 
     used = set().union(*(metric_names(e) for e in all_exprs())) - SCRAPE_SERIES
     node = Node(tmp_path / "node", env={"MQ9_CLUSTER_SECRET": "chart-monitoring-secret-0123"},

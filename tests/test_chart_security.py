@@ -21,15 +21,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_packaging import FULLNAME, container, one, render, statefulset  # noqa: E402
-
+import certs  # noqa: E402
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
-
-import certs  # noqa: E402
 from nodeproc import Node  # noqa: E402
+from test_packaging import FULLNAME, container, one, render, statefulset  # noqa: E402
 
 VALUES = {"tls": {"enabled": True, "secretName": "mq9-tls", "caKey": "ca.crt", "verify": True},
           "auth": {"enabled": True, "secretName": "mq9-auth", "key": "users.json"},
@@ -42,7 +40,7 @@ def tls_secret(ca: certs.CA, directory: Path) -> None:
     tls.verify the `helm test` pod presents this same certificate as its client
     certificate, so it is issued for both server and client authentication."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, FULLNAME)]))
             .issuer_name(ca.cert.subject).public_key(key.public_key())

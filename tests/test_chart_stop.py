@@ -19,17 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_packaging import container, render, statefulset  # noqa: E402
-
 from nodeproc import Node, child_env  # noqa: E402
+from test_packaging import container, render, statefulset  # noqa: E402
 
 GRACE, DURATION = 2, 6  # seconds: the chart's 10 and 30, shortened
 
 
-def client(node: Node) -> tuple[socket.socket, "object"]:
+def client(node: Node) -> tuple[socket.socket, object]:
     sock = socket.create_connection(("127.0.0.1", node.port), timeout=30)
     f = sock.makefile("rb")
     assert f.readline().startswith(b"INFO ")
@@ -74,7 +72,7 @@ def test_prestop_hook_lame_ducks_the_node(tmp_path):
                         break
             node.signal(signal.SIGTERM)  # the kubelet's, once the hook would have returned
             # the node then closes its clients itself, none before the grace period
-            for sock, f in clients:
+            for _sock, f in clients:
                 while f.readline():
                     pass
                 assert time.monotonic() - started >= GRACE

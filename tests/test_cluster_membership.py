@@ -14,7 +14,6 @@ import sys
 import time
 
 import nats
-
 from nodeproc import child_env
 from test_cluster import SECRET_ENV, cluster_node, cluster_status, wait_balanced, wait_members
 

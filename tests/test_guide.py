@@ -26,10 +26,10 @@ import signal
 import time
 
 import pytest
+from agents import create, query
 from nats.aio.client import Client
 from nats.errors import MaxPayloadError
 from nats.errors import TimeoutError as NatsTimeout
-from agents import create, query
 
 T = 5.0  # the longest a single wait may take; failures must not hang the suite
 
@@ -511,7 +511,7 @@ async def test_orchestrator_monitors_all_worker_states(shared_node, connect):
                    for subj, s in seen if s["from"] == f"worker-{n}")
 
     # each latest mailbox keeps only the newest state (and the monitor marked nothing read)
-    for n, (nc, box) in boxes.items():
+    for n, (_nc, box) in boxes.items():
         q = await query(orch, box["mail_id"], box["token"])
         assert q["unread"] == 1, q
         assert len(q["messages"]) == 1
@@ -525,7 +525,7 @@ async def test_orchestrator_monitors_all_worker_states(shared_node, connect):
     assert (await next_json(sub))["status"] == "idle"
     await assert_nothing_more(sub)
 
-    for n, (nc, box) in boxes.items():
+    for _n, (nc, box) in boxes.items():
         await request_json(nc, f"$mq9.AI.MAILBOX.DELETE.{box['mail_id']}",
                            {"token": box["token"]})
 
@@ -711,7 +711,7 @@ async def test_capability_registration_and_discovery(shared_node, connect):
         await orch.publish(f"$mq9.AI.INBOX.{agent_id}.normal", task)
     await orch.flush(timeout=T)
 
-    for agent_id, (nc, caps) in agents.items():
+    for agent_id, (nc, _caps) in agents.items():
         sub = await nc.subscribe(f"$mq9.AI.INBOX.{agent_id}.*")
         if agent_id in trainers:
             assert (await next_json(sub))["job"] == "train"

@@ -17,7 +17,6 @@ import sys
 import time
 
 import nats
-
 from natsraw import RawConn
 from nodeproc import child_env
 from test_cluster import cluster_node, cluster_status, wait_balanced, wait_members

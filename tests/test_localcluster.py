@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import nats
+from nodeproc import REPO, child_env
+from test_readme import blocks, section
 
 from loadtest.cluster_hop import free_port_block
 from mq9 import procfs
-from nodeproc import REPO, child_env
-from test_readme import blocks, section
 
 
 def descendants(root: int) -> dict[int, int]:

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from nodeproc import REPO, free_ports
 
 

@@ -17,11 +17,11 @@ import urllib.request
 
 import nats
 import pytest
+from natsraw import free_port, start_nats_server
+from nodeproc import REPO, child_env
 
 import mq9
 from mq9.protocol import NATS_VERSION
-from natsraw import free_port, start_nats_server
-from nodeproc import REPO, child_env
 
 # /varz fields mq9 must have under nats-server's names (mq9's own come on top).
 VARZ_SHARED = ("server_id", "server_name", "version", "proto", "host", "port", "max_connections",
@@ -207,8 +207,9 @@ def test_mq9_health_follows_the_node_s_ports(node_factory, metrics_port):
 def test_cluster_member_varz_and_slots_unavailable(tmp_path):
     """In cluster mode the slots come from the metadata group: a member that owns all 4096
     (the first one) misses half of them while one of its two shards is down."""
-    from loadtest.cluster_hop import free_port_block
     from nodeproc import Node
+
+    from loadtest.cluster_hop import free_port_block
 
     cport = free_port_block(1 + 2 + 2)
     node = Node(tmp_path / "n1", env={"MQ9_CLUSTER_SECRET": "test-cluster-secret-0123456789"},

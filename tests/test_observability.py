@@ -7,7 +7,6 @@ import json
 import re
 
 import nats
-
 from agents import create
 
 
@@ -15,7 +14,7 @@ async def test_metrics_varz_connz_after_traffic(shared_node):
     nc = await nats.connect(shared_node.url, name="observed-agent")
     try:
         box = await create(nc, ttl=60)
-        for i in range(3):
+        for _ in range(3):
             await nc.request(f"$mq9.AI.INBOX.{box['mail_id']}.normal", b"x" * 10, timeout=5)
         got = asyncio.Event()
 

@@ -447,6 +447,7 @@ def test_chart_settings_are_mq9_settings(tmp_path):
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import certs
+
     from mq9 import config
 
     rendered = render(SCENARIOS["tls-auth-volumes"])

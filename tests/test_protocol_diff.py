@@ -91,7 +91,7 @@ class Mq9Node:
         self.proc: subprocess.Popen | None = None
         self.is_ready = False
 
-    def launch(self) -> "Mq9Node":
+    def launch(self) -> Mq9Node:
         self.cmd = [PYTHON, "-m", "mq9", "node", "--host", natsraw.HOST, "--port", str(self.port),
                     "--metrics-port", "0", "--cluster-port", str(free_port()),
                     "--data-dir", os.path.join(self.dir, "data"), "--gateways", "2", "--shards", "1"]
@@ -103,7 +103,7 @@ class Mq9Node:
         self.started = time.monotonic()
         return self
 
-    def ready(self, timeout: float = 30.0) -> "Mq9Node":
+    def ready(self, timeout: float = 30.0) -> Mq9Node:
         if self.is_ready:
             return self
         deadline = self.started + timeout
@@ -220,7 +220,7 @@ def target(request, pool):
 
 # ---- outcomes --------------------------------------------------------------------------------
 
-I = b"INFO {..}\r\n"  # an INFO line, after normalisation
+I = b"INFO {..}\r\n"  # noqa: E741 - an INFO line, after normalisation (reads like the protocol)
 END = b"PONG\r\n" + I + b"PONG\r\n"  # answer to the two PINGs after a CONNECT (protocol 1)
 END0 = b"PONG\r\nPONG\r\n"  # the same without a CONNECT (no connect INFO)
 
@@ -322,7 +322,8 @@ CASES = [
      False, 2),
     ("hpub_hmsg", "base", C,
      b"SUB hp 1\r\n" + _hpub(b"hp", b"hi") + _hpub(b"hp", b"yo", reply=b"r.1") + _hpub(b"hp", b"", hdr=H),
-     b"HMSG hp 1 18 20\r\n" + H + b"hi\r\nHMSG hp 1 r.1 18 20\r\n" + H + b"yo\r\nHMSG hp 1 18 18\r\n" + H + b"\r\n" + END,
+     b"HMSG hp 1 18 20\r\n" + H + b"hi\r\nHMSG hp 1 r.1 18 20\r\n" + H + b"yo\r\n"
+     b"HMSG hp 1 18 18\r\n" + H + b"\r\n" + END,
      False, 2),
     ("hpub_zero_header_len_is_msg", "base", C, b"SUB hz 1\r\nHPUB hz 0 2\r\nhi\r\n",
      b"MSG hz 1 2\r\nhi\r\n" + END, False, 2),

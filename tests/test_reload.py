@@ -14,12 +14,11 @@ import subprocess
 import sys
 import time
 
+import certs
 import nats
+import natsraw
 import pytest
 from agents import T
-
-import certs
-import natsraw
 from natsraw import RawConn
 from nodeproc import Node, child_env
 
@@ -375,7 +374,7 @@ async def test_unaffected_users_keep_receiving_through_a_reload(node_factory, tm
             try:
                 await asyncio.wait_for(warm.wait(), 0.2)
                 break
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         assert warm.is_set()
         sent = 0

@@ -129,7 +129,7 @@ async def test_kill_9_gateway(node, conns):
     ids = [b["mail_id"] for b in boxes]
     senders = {i: Sender(clients[i][0], ids, timeout=T, first_seq=k * 100_000)
                for k, i in enumerate((on_victim[0], on_survivor[0]))}
-    for k in range(20):
+    for _ in range(20):
         for s in senders.values():
             assert await s.send_one(), s.summary()
 

@@ -13,7 +13,6 @@ import re
 import time
 
 import pytest
-
 from natsraw import RawConn
 
 MSG = re.compile(rb"MSG (\S+) (\S+) (?:(\S+) )?(\d+)\r\n")

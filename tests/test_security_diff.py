@@ -50,7 +50,7 @@ def users_doc() -> dict:
 
 
 @contextlib.contextmanager
-def side_by_side(node: Node, ns: "natsraw.NatsServer"):
+def side_by_side(node: Node, ns: natsraw.NatsServer):
     """Both servers up (mq9 starting while nats-server does): (nats port, mq9 port)."""
     node.start(wait=False)
     ns.start()

@@ -13,7 +13,6 @@ import time
 
 import nats
 import pytest
-
 from nodeproc import REPO, child_env
 
 
