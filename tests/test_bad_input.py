@@ -32,6 +32,8 @@ from nats.errors import TimeoutError as NatsTimeout
 from natsraw import RawConn, split_frames
 from nodeproc import Node, tcp_row
 
+from mq9 import procfs
+
 pytestmark = pytest.mark.timeout(60)
 
 T = 5.0
@@ -521,19 +523,6 @@ async def test_raw_garbage_raises_no_python_exception(shared_node, garbage):
 # ---- a slow consumer ---------------------------------------------------------------------
 
 
-def rss_kb(pids) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
-
-
 def server_side_state(node_port: int, client_port: int) -> str | None:
     """TCP state (hex, 01 = ESTABLISHED) of the broker's end of a connection."""
     row = tcp_row(node_port, client_port)
@@ -558,7 +547,7 @@ async def test_slow_consumer_is_cut_off_and_memory_stays_bounded(small_pending_n
     mib = MIB
     node = small_pending_node
     all_pids = [node.pid] + node.pids()
-    base = rss_kb(all_pids)
+    base = procfs.rss_bytes(all_pids) // 1024
 
     # subscribers that never read, with tiny receive buffers (several, so both gateways
     # get some whatever the kernel's spreading)
@@ -587,7 +576,7 @@ async def test_slow_consumer_is_cut_off_and_memory_stays_bounded(small_pending_n
         f0 = time.monotonic()
         await pub.flush(timeout=T)  # the publisher is never held up for long
         flush_worst = max(flush_worst, time.monotonic() - f0)
-        peak = max(peak, rss_kb(all_pids))
+        peak = max(peak, procfs.rss_bytes(all_pids) // 1024)
         states = [server_side_state(node.port, port) for _, port in slow]
         if cut_at is None and all(s != "01" for s in states):
             cut_at = sent
