@@ -25,7 +25,6 @@ import time
 
 from mq9.cluster.raft import UtilityError, utility_call
 
-
 UNAUTHENTICATED_TRIES = 4  # dropped connections in a row before call_retry gives up
 
 

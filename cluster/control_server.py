@@ -8,7 +8,7 @@ Handlers run on pysyncobj's tick thread, so none of them blocks: each answers at
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from mq9.cluster.control import check_address
 

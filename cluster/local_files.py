@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from mq9 import log
 from mq9.cluster import state as st

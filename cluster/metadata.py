@@ -40,6 +40,7 @@ import threading
 import time
 import uuid
 
+from mq9 import log
 from mq9.cluster import raft
 from mq9.cluster import state as st
 from mq9.cluster.control import ControlError, call, call_retry, check_address
@@ -47,7 +48,6 @@ from mq9.cluster.control_server import ControlServer
 from mq9.cluster.local_files import NodeFile, StateFileWriter, saved_node_id
 from mq9.cluster.raft import RaftNode, RaftTiming
 from mq9.cluster.state import ClusterState, StateError
-from mq9 import log
 
 __all__ = ["ClusterError", "MetadataGroup", "RaftTiming", "WriteTimeout", "default_node_id",
            "from_config"]

@@ -23,8 +23,9 @@ from __future__ import annotations
 import os
 import pickle
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.encryptor import HAS_CRYPTO

@@ -25,10 +25,10 @@ import threading
 import time
 from typing import Protocol
 
+from mq9 import log
 from mq9.cluster import state as st
 from mq9.cluster.metadata import ClusterError, MetadataGroup
 from mq9.cluster.state import StateError
-from mq9 import log
 
 
 class Mover(Protocol):

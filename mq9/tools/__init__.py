@@ -23,8 +23,8 @@ import argparse
 
 from mq9.tools.common import (
     PRIORITIES,
-    positive_float,
     add_connection_flags,
+    positive_float,
     positive_int,
     whole_number,
 )

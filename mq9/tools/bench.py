@@ -238,9 +238,9 @@ async def _bench(ns: argparse.Namespace, names: list[str]) -> tuple[dict, int]:
         try:
             await session.check_mq9(probe)
         except wl.NotMq9 as e:
-            raise ToolError(f"{where} is not an mq9 server: {e} (a plain NATS server?)")
+            raise ToolError(f"{where} is not an mq9 server: {e} (a plain NATS server?)") from e
         except wl.WorkloadError as e:
-            raise ToolError(f"{where}: {e}")
+            raise ToolError(f"{where}: {e}") from e
         if isinstance(info.get("max_payload"), int) and plan.size > info["max_payload"]:
             raise ToolError(f"--size {plan.size} is more than the server's max_payload "
                             f"({info['max_payload']})")

@@ -63,7 +63,7 @@ def positive_float(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
     return v
@@ -74,7 +74,7 @@ def whole_number(text: str, minimum: int, what: str = "whole number", rule: str 
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a {what}: {text!r}")
+        raise argparse.ArgumentTypeError(f"not a {what}: {text!r}") from None
     if v < minimum:
         raise argparse.ArgumentTypeError(f"{rule or f'must be at least {minimum}'}: {text!r}")
     return v
@@ -274,12 +274,12 @@ async def request(nc, subject: str, payload: bytes, timeout: float,
         return await nc.request(subject, payload, timeout=timeout, headers=headers)
     except ne.NoRespondersError:
         hint = " (is this an mq9 broker?)" if subject.startswith("$mq9.AI.MAILBOX.") else ""
-        raise ToolError(f"no responders for {subject}{hint}")
+        raise ToolError(f"no responders for {subject}{hint}") from None
     except (TimeoutError, ne.TimeoutError):
-        raise ToolError(f"timeout: no reply on {subject} within {timeout:g}s")
+        raise ToolError(f"timeout: no reply on {subject} within {timeout:g}s") from None
     except ne.MaxPayloadError:
         raise ToolError(f"message too large: {len(payload)} bytes is more than the server's "
-                        f"max_payload ({nc.max_payload})")
+                        f"max_payload ({nc.max_payload})") from None
 
 
 def broker_reply(msg) -> dict:
@@ -287,7 +287,7 @@ def broker_reply(msg) -> dict:
     try:
         data = json.loads(msg.data)
     except (ValueError, UnicodeDecodeError):
-        raise ToolError(f"unexpected reply (not JSON): {preview(msg.data, 200)}")
+        raise ToolError(f"unexpected reply (not JSON): {preview(msg.data, 200)}") from None
     if not isinstance(data, dict):
         raise ToolError(f"unexpected reply: {preview(msg.data, 200)}")
     check_error(data)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import datetime
 
 from mq9.tools.common import ToolError, fmt_time, out, status
 
