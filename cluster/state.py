@@ -59,6 +59,9 @@ class MemberInfo(TypedDict):
 
 # "from" is a keyword, hence the functional form.
 Move = TypedDict("Move", {"id": int, "from": ShardId, "to": ShardId, "state": MoveState})
+# A move with its slot, as the rebalancer drives it and a mover carries it out.
+SlotMove = TypedDict("SlotMove", {"slot": int, "id": int, "from": ShardId, "to": ShardId,
+                                  "state": MoveState})
 # A move the planner proposes, before it has an id.
 PlannedMove = TypedDict("PlannedMove", {"slot": int, "from": ShardId, "to": ShardId})
 # (subject, queue) with members on a node
