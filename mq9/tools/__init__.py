@@ -20,6 +20,7 @@ instead reads a node's metrics port: ``--url``, env ``MQ9_MONITOR_URL``). ``--to
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from mq9.tools.common import (
     PRIORITIES,
@@ -31,11 +32,15 @@ from mq9.tools.common import (
 
 COMMANDS = ("mailbox", "send", "pub", "sub", "query", "request", "bench")
 
+# what ``add_subparsers`` returns (its class is argparse's; typeshed names it so)
+SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
-def add_parsers(commands, parser_class=None) -> None:
+
+def add_parsers(commands: SubParsers) -> None:
     """Add the client commands to ``mq9``'s sub-parsers."""
 
-    def add(where, name, help, description=None, **kw):
+    def add(where: SubParsers, name: str, help: str, description: str | None = None,
+            **kw: Any) -> argparse.ArgumentParser:
         p = where.add_parser(name, help=help, description=description or help, **kw)
         add_connection_flags(p)
         return p
