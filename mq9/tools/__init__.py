@@ -20,7 +20,7 @@ instead reads a node's metrics port: ``--url``, env ``MQ9_MONITOR_URL``). ``--to
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mq9.tools.common import (
     PRIORITIES,
@@ -32,8 +32,9 @@ from mq9.tools.common import (
 
 COMMANDS = ("mailbox", "send", "pub", "sub", "query", "request", "bench")
 
-# what ``add_subparsers`` returns (its class is argparse's; typeshed names it so)
-SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+if TYPE_CHECKING:
+    # what ``add_subparsers`` returns (typeshed's generic; not subscriptable at run time)
+    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def add_parsers(commands: SubParsers) -> None:
