@@ -20,7 +20,7 @@ instead reads a node's metrics port: ``--url``, env ``MQ9_MONITOR_URL``). ``--to
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mq9.tools.common import (
     PRIORITIES,
@@ -32,15 +32,16 @@ from mq9.tools.common import (
 
 COMMANDS = ("mailbox", "send", "pub", "sub", "query", "request", "bench")
 
+P = TypeVar("P", bound=argparse.ArgumentParser)
 if TYPE_CHECKING:
     # what ``add_subparsers`` returns (typeshed's generic; not subscriptable at run time)
-    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+    SubParsers = argparse._SubParsersAction[P]
 
 
-def add_parsers(commands: SubParsers) -> None:
+def add_parsers(commands: SubParsers[P]) -> None:
     """Add the client commands to ``mq9``'s sub-parsers."""
 
-    def add(where: SubParsers, name: str, help: str, description: str | None = None,
+    def add(where: SubParsers[P], name: str, help: str, description: str | None = None,
             **kw: Any) -> argparse.ArgumentParser:
         p = where.add_parser(name, help=help, description=description or help, **kw)
         add_connection_flags(p)

@@ -39,13 +39,13 @@ if TYPE_CHECKING:
 
     from mq9.bench.rawnats import Client
     from mq9.bench.workloads import Meter
-    from mq9.tools import SubParsers
+    from mq9.tools import P, SubParsers
 
 DEFAULTS: dict[str, Any] = {"messages": 10_000, "size": 256, "in_flight": 1_000, "mailboxes": 10_000,
             "samples": 1_000, "time_limit": 120.0}
 
 
-def add_parser(commands: SubParsers, add: Callable[..., argparse.ArgumentParser]) -> None:
+def add_parser(commands: SubParsers[P], add: Callable[..., argparse.ArgumentParser]) -> None:
     from mq9.bench.workloads import WORKLOADS
 
     d = DEFAULTS
