@@ -15,29 +15,36 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 
-from mq9.cluster.control import ControlError, call, call_retry
+from mq9.cluster.control import Answer, ControlError, call, call_retry
+from mq9.cluster.raft import Args
+
+# ``say(text)``: progress for the operator; ``left()``: seconds left before the deadline
+Say = Callable[[str], None]
+Left = Callable[[], float]
 
 
 class AdminError(Exception):
     pass
 
 
-def status(server: str, password: str | None = None, timeout: float = 5.0) -> dict:
+def status(server: str, password: str | None = None, timeout: float = 5.0) -> Answer:
     """The metadata group as ``server`` sees it (its replica, its view of Raft)."""
     return call(server, "status", password=password, timeout=timeout)
 
 
-def write(server: str, op: str, args: dict, password: str | None = None,
-          timeout: float = 30.0) -> dict:
+def write(server: str, op: str, args: Args, password: str | None = None,
+          timeout: float = 30.0) -> Answer:
     """One state operation through ``server`` (it forwards to the leader). State
     operations are idempotent, so retrying after a lost answer is safe."""
     return call_retry(server, "write", {"op": op, "args": args}, password=password,
                       timeout=timeout)
 
 
-def format_status(s: dict) -> str:
-    lines = []
+def format_status(s: Answer) -> str:
+    """``s`` is a member's ``status`` answer (``MetadataGroup.status``)."""
+    lines: list[str] = []
     leader = s.get("leader") or "none"
     if s.get("leader_address") and s.get("leader") != s.get("leader_address"):
         leader += f" ({s['leader_address']})"
@@ -81,22 +88,25 @@ def format_status(s: dict) -> str:
     return "\n".join(lines)
 
 
-def _draining_done(s: dict, node_id: str) -> bool:
+def _draining_done(s: Answer, node_id: str) -> bool:
     busy = any(node_id in (m["from"][0], m["to"][0]) for m in s.get("moves", []))
     more = s.get("moves_total", 0) > len(s.get("moves", []))
     return s["slots_per_node"].get(node_id, 0) == 0 and not busy and not more
 
 
 def remove(server: str, node_id: str, password: str | None = None, timeout: float = 300.0,
-           force: bool = False, progress=None) -> dict:
+           force: bool = False, progress: Say | None = None) -> dict[str, object]:
     """Takes ``node_id`` out of the cluster: marks it leaving, waits while the leader's
     rebalancer moves its slots to the others, removes it from the state and then from
     Raft (handing leadership over first if it leads). ``force`` skips the copying and
     hands its slots over at once: for a node that is gone for good, whose data is lost.
     ``progress(text)`` is told what is happening."""
-    say = progress or (lambda text: None)
+    say: Say = progress or (lambda text: None)
     deadline = time.monotonic() + timeout
-    left = lambda: max(1.0, deadline - time.monotonic())
+
+    def left() -> float:
+        return max(1.0, deadline - time.monotonic())
+
     s = status(server, password)
     members = s["members"]
     if node_id not in members:
@@ -140,7 +150,8 @@ def remove(server: str, node_id: str, password: str | None = None, timeout: floa
     return {"removed": node_id, "address": address, "reassigned": reassigned}
 
 
-def _remove_from_raft(via: str, address: str, s: dict, password, left, say) -> None:
+def _remove_from_raft(via: str, address: str, s: Answer, password: str | None, left: Left,
+                      say: Say) -> None:
     if s.get("leader_address") == address:
         say(f"{address} leads; handing leadership over")
         while True:
@@ -167,7 +178,7 @@ def _remove_from_raft(via: str, address: str, s: dict, password, left, say) -> N
             raise AdminError(f"Raft did not drop {address}: {s['membership_results'].get(address)}")
 
 
-def _secret(a) -> str:
+def _secret(a: argparse.Namespace) -> str:
     if a.cluster_secret_file:
         try:
             with open(a.cluster_secret_file, encoding="utf-8") as f:

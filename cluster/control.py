@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Collection
+from typing import Any
 
-from mq9.cluster.raft import UtilityError, utility_call
-
+from mq9.cluster.raft import Args, UtilityError, utility_call
 
 UNAUTHENTICATED_TRIES = 4  # dropped connections in a row before call_retry gives up
+
+# A member's answer as it came off the wire: a dict with ``ok``; the other keys and their
+# shapes are the operation's (``MetadataGroup.status``, a transition's result...).
+Answer = dict[str, Any]
 
 
 class ControlError(Exception):
@@ -42,8 +47,8 @@ def check_address(address: str) -> str:
     return address
 
 
-def call(address: str, op: str, args: dict | None = None, *, password: str | None = None,
-         timeout: float = 5.0) -> dict:
+def call(address: str, op: str, args: Args | None = None, *, password: str | None = None,
+         timeout: float = 5.0) -> Answer:
     """One request to one member. Raises ControlError; ``code`` "unreachable" means the
     request may not have arrived, "unauthenticated" that the member dropped it unread
     (another secret, or none), anything else is the member's answer."""
@@ -82,9 +87,10 @@ def _listens(address: str) -> bool:
         return False
 
 
-def call_retry(address: str, op: str, args: dict | None = None, *, password=None,
+def call_retry(address: str, op: str, args: Args | None = None, *, password: str | None = None,
                timeout: float = 30.0, per_try: float = 5.0,
-               retry_codes=("unreachable", "no_leader", "retry", "denied", "busy")) -> dict:
+               retry_codes: Collection[str] = ("unreachable", "no_leader", "retry", "denied", "busy"),
+               ) -> Answer:
     """``call`` again until it succeeds, fails for a reason retrying cannot fix, or
     ``timeout`` passes. Only for requests that are safe to repeat."""
     deadline = time.monotonic() + timeout

@@ -13,7 +13,8 @@ import json
 import os
 import shutil
 import threading
-from typing import Callable
+from collections.abc import Callable
+from typing import TypedDict, Unpack, cast
 
 from mq9 import log
 from mq9.cluster import state as st
@@ -23,13 +24,25 @@ NODE_FILE = "node.json"
 STATE_FILE = "state.json"
 
 
+class NodeRecord(TypedDict, total=False):
+    """node.json: every key may be missing from an older or half-set-up file."""
+
+    node_id: str
+    address: str  # host:cluster_port, the Raft address
+    cluster_id: str
+    peers: list[str]  # the other Raft members' addresses
+    joining: bool
+    removed: bool
+
+
 def saved_node_id(directory: str) -> str | None:
     """The node id recorded in ``directory``/node.json, if any."""
     try:
         with open(os.path.join(directory, NODE_FILE)) as f:
-            return json.load(f)["node_id"]
-    except (OSError, ValueError, KeyError):
+            node_id = json.load(f)["node_id"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    return node_id if isinstance(node_id, str) else None
 
 
 class NodeFile:
@@ -39,23 +52,26 @@ class NodeFile:
     def __init__(self, directory: str):
         self.directory = directory
         self.path = os.path.join(directory, NODE_FILE)
-        self.content: dict = {}
+        self.content: NodeRecord = {}
         self._lock = threading.Lock()
 
-    def read(self) -> dict:
+    def read(self) -> NodeRecord:
         """What is on disk ({} without a file). Raises OSError or ValueError."""
         try:
             with open(self.path) as f:
-                return json.load(f)
+                content = json.load(f)
+            if not isinstance(content, dict):
+                raise ValueError("node.json must hold an object")
+            return cast(NodeRecord, content)
         except FileNotFoundError:
             return {}
 
-    def replace(self, content: dict) -> None:
+    def replace(self, content: NodeRecord) -> None:
         with self._lock:
-            self.content = dict(content)
+            self.content = content.copy()
             self._write()
 
-    def update(self, **changes) -> None:
+    def update(self, **changes: Unpack[NodeRecord]) -> None:
         with self._lock:
             self.content.update(changes)
             self._write()

@@ -22,11 +22,11 @@ import sys
 import threading
 import time
 
+from mq9 import log
 from mq9.cluster.control import ControlError, call
 from mq9.cluster.metadata import ClusterError, MetadataGroup, RaftTiming
 from mq9.cluster.rebalance import MetadataOnlyMover, Rebalancer
 from mq9.cluster.state import raft_address
-from mq9 import log
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,15 +39,17 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
+from typing import Protocol, Unpack
 
+from mq9 import log
 from mq9.cluster import raft
 from mq9.cluster import state as st
 from mq9.cluster.control import ControlError, call, call_retry, check_address
 from mq9.cluster.control_server import ControlServer
-from mq9.cluster.local_files import NodeFile, StateFileWriter, saved_node_id
-from mq9.cluster.raft import RaftNode, RaftTiming
+from mq9.cluster.local_files import NodeFile, NodeRecord, StateFileWriter, saved_node_id
+from mq9.cluster.raft import Args, DoneCallback, RaftNode, RaftTiming, Result
 from mq9.cluster.state import ClusterState, StateError
-from mq9 import log
 
 __all__ = ["ClusterError", "MetadataGroup", "RaftTiming", "WriteTimeout", "default_node_id",
            "from_config"]
@@ -101,7 +103,35 @@ def _is_loopback(host: str) -> bool:
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
-def from_config(cfg, *, node_id: str | None = None, advertise: str | None = None,
+class GroupConfig(Protocol):
+    """What ``from_config`` reads of an ``mq9.config.Config`` (not imported: the metadata
+    modules import only each other and ``mq9.log``)."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def cluster_port(self) -> int: ...
+    @property
+    def data_dir(self) -> str: ...
+    @property
+    def shards(self) -> int: ...
+    @property
+    def gateway_count(self) -> int: ...
+    @property
+    def node_id(self) -> str | None: ...
+    @property
+    def advertise(self) -> str | None: ...
+    @property
+    def cluster_secret(self) -> str | None: ...
+
+
+# ``callback(state, op)`` after a change this replica applied
+ChangeCallback = Callable[[ClusterState, str], None]
+
+
+def from_config(cfg: GroupConfig, *, node_id: str | None = None, advertise: str | None = None,
                 secret: str | None = None, timing: RaftTiming | None = None) -> MetadataGroup:
     """A group for an ``mq9.config.Config``: cluster port on the NATS listen host, data
     in the node's data dir, this node's NATS port, shard and gateway counts; node id and
@@ -109,10 +139,10 @@ def from_config(cfg, *, node_id: str | None = None, advertise: str | None = None
     ``.open(join=cfg.join)``."""
     if not cfg.cluster_port:
         raise ClusterError("bad_request", "cluster_port 0 means no cluster: no metadata group")
-    return MetadataGroup(node_id or getattr(cfg, "node_id", None),
+    return MetadataGroup(node_id or cfg.node_id,
                          f"{cfg.host}:{cfg.cluster_port}",
-                         advertise or getattr(cfg, "advertise", None), cfg.data_dir,
-                         password=secret or getattr(cfg, "cluster_secret", None),
+                         advertise or cfg.advertise, cfg.data_dir,
+                         password=secret or cfg.cluster_secret,
                          nats_port=cfg.port, shards=cfg.shards,
                          gateways=cfg.gateway_count, timing=timing)
 
@@ -120,11 +150,11 @@ def from_config(cfg, *, node_id: str | None = None, advertise: str | None = None
 class _StateMachine:
     """The replicated object (``raft.Machine``): the cluster state and its transitions."""
 
-    def __init__(self, on_applied):
+    def __init__(self, on_applied: Callable[[str, ClusterState], None]):
         self._on_applied = on_applied
         self.state = ClusterState()
 
-    def apply(self, op, args) -> dict:
+    def apply(self, op: str, args: Args) -> Result:
         # An exception here would stop pysyncobj applying the log for good (it retries
         # the same entry forever), so every failure becomes a result.
         try:
@@ -139,18 +169,21 @@ class _StateMachine:
             self._on_applied(op, new)
         return {"ok": True, "version": new.version, **result}
 
-    def serialize(self) -> dict:
+    def serialize(self) -> dict[str, object]:
         return {"state": self.state.to_dict()}
 
-    def deserialize(self, data: dict) -> None:
-        self.state = ClusterState.from_dict(data["state"])
+    def deserialize(self, data: dict[str, object]) -> None:
+        saved = data["state"]
+        if not isinstance(saved, dict):
+            raise ValueError("a Raft dump without a state")
+        self.state = ClusterState.from_dict(saved)
         self._on_applied("restore", self.state)
 
 
 class MetadataGroup:
     def __init__(self, node_id: str | None = None, bind: str = f"0.0.0.0:{DEFAULT_CLUSTER_PORT}",
                  advertise: str | None = None, data_dir: str = "./mq9-data",
-                 partners=(), password: str | None = None, *, nats_port: int = 4222,
+                 partners: Iterable[str] = (), password: str | None = None, *, nats_port: int = 4222,
                  shards: int = 2, gateways: int = 0, timing: RaftTiming | None = None,
                  snapshot_file: str | bool = True):
         """``bind`` is host:cluster_port to listen on; ``advertise`` the host others use
@@ -173,7 +206,7 @@ class MetadataGroup:
             # Without a secret pysyncobj unpickles whatever reaches the port: only this
             # machine may reach it (in-process tests); `mq9 node` always has a secret.
             raise ClusterError("bad_request", f"listening on {bind_host} needs a cluster secret")
-        self.member_info = {"advertise": self.advertise, "cluster_port": self.cluster_port,
+        self.member_info: dict[str, object] = {"advertise": self.advertise, "cluster_port": self.cluster_port,
                             "nats_port": nats_port, "shards": shards, "gateways": gateways}
         self.timing = timing or RaftTiming()
         self._partners = [p for p in partners if p != self.address]
@@ -186,17 +219,18 @@ class MetadataGroup:
         self._raft: RaftNode | None = None
         self._sm = _StateMachine(self._applied)
         self._control = ControlServer(self)
-        self._callbacks: list = []
-        self._removed_callbacks: list = []
+        self._callbacks: list[ChangeCallback] = []
+        self._removed_callbacks: list[Callable[[], None]] = []
         self._cond = threading.Condition()
         self._tick_ident: int | None = None
-        self._peers_saved: frozenset | None = None
-        self._last_leader = None
+        self._peers_saved: frozenset[str] | None = None
+        self._last_leader: str | None = None
         self._was_member = False
         self.removed = False
         self._node_file = NodeFile(self.dir)
-        self._tick_calls: list = []  # work that must run on pysyncobj's thread
-        self.membership_results: dict[str, dict] = {}  # address -> last Raft change asked
+        self._tick_calls: list[Callable[[], None]] = []  # work that must run on pysyncobj's thread
+        # address -> last Raft change asked: {"op", "result"}
+        self.membership_results: dict[str, dict[str, str]] = {}
         self._closed = threading.Event()
         self._state_file = (StateFileWriter(self.snapshot_file, lambda: self._sm.state)
                             if self.snapshot_file else None)
@@ -234,7 +268,7 @@ class MetadataGroup:
                 self.log.info("cluster_join_ignored", reason="data dir already holds a member",
                               seed=join)
             if not rejoin and self._removed_while_away(local):
-                self._write_node_file(**{**local, "removed": True})
+                self._node_file.replace({**local, "removed": True})
                 raise ClusterError("removed", f"{self.node_id} was removed from its cluster "
                                    f"{local.get('cluster_id') or ''} while it was down; it "
                                    f"stays out until started with --rejoin")
@@ -309,7 +343,10 @@ class MetadataGroup:
     def _join(self, seed: str, timeout: float) -> MetadataGroup:
         check_address(seed)
         deadline = time.monotonic() + timeout
-        left = lambda: max(0.5, deadline - time.monotonic())
+
+        def left() -> float:
+            return max(0.5, deadline - time.monotonic())
+
         local = self._read_node_file()
         if local and local.get("removed"):
             self._wipe()
@@ -368,7 +405,7 @@ class MetadataGroup:
         self.log.info("cluster_joined", cluster_id=cid, members=len(self._sm.state.members))
         return self
 
-    def _removed_while_away(self, local: dict) -> bool:
+    def _removed_while_away(self, local: NodeRecord) -> bool:
         """Whether a caught-up member of our cluster says we are no longer one of them
         (`mq9 cluster remove --force` while this node was down). Starting Raft anyway
         would serve stale slots and disturb the group with elections it cannot win.
@@ -453,10 +490,9 @@ class MetadataGroup:
     @property
     def raft(self) -> RaftNode:
         """The started Raft member (for the control server and tests)."""
-        self._require_started()
-        return self._raft
+        return self._started()
 
-    def status(self) -> dict:
+    def status(self) -> Result:
         for _ in range(5):
             try:
                 return self._status()
@@ -464,7 +500,7 @@ class MetadataGroup:
                 time.sleep(0.001)
         return self._status()
 
-    def _status(self) -> dict:
+    def _status(self) -> Result:
         node = self._raft
         s = self._sm.state
         if node is None:
@@ -473,7 +509,7 @@ class MetadataGroup:
         raft = set(others) | {self.address}
         per_node = st.slots_per_node(s)
         per_shard = st.slots_per_shard(s)
-        members = {}
+        members: dict[str, dict[str, object]] = {}
         for nid, info in sorted(s.members.items()):
             addr = st.raft_address(info)
             members[nid] = {**info, "address": addr, "slots": per_node.get(nid, 0),
@@ -512,17 +548,17 @@ class MetadataGroup:
 
     # ---- change notification ---------------------------------------------------------
 
-    def on_change(self, callback) -> None:
+    def on_change(self, callback: ChangeCallback) -> None:
         """``callback(state, op)`` after each change this replica applies (op "restore"
         after loading a Raft snapshot). Runs on pysyncobj's thread: keep it short and
         never write to the group from it."""
         self._callbacks.append(callback)
 
-    def on_removed(self, callback) -> None:
+    def on_removed(self, callback: Callable[[], None]) -> None:
         """``callback()`` once, when the state no longer lists this node."""
         self._removed_callbacks.append(callback)
 
-    def wait_for(self, predicate, timeout: float) -> bool:
+    def wait_for(self, predicate: Callable[[ClusterState], object], timeout: float) -> bool:
         """Waits until ``predicate(state)`` holds on the local replica."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -553,9 +589,9 @@ class MetadataGroup:
             self.removed = True
             self._write_node_file(removed=True)
             self.log.info("metadata_removed_from_cluster")
-            for cb in list(self._removed_callbacks):
+            for removed in list(self._removed_callbacks):
                 try:
-                    cb()
+                    removed()
                 except Exception:
                     self.log.exception("metadata_callback_failed", op="removed")
         with self._cond:
@@ -588,11 +624,11 @@ class MetadataGroup:
 
     # ---- writes (through the leader) -------------------------------------------------
 
-    def write(self, op: str, args: dict | None = None, timeout: float = 10.0) -> dict:
+    def write(self, op: str, args: Args | None = None, timeout: float = 10.0) -> Result:
         """Applies one state operation through the leader and returns its result once
         this replica has applied it. Retries while there is no leader or the leader
         changes. Raises StateError (refused), WriteTimeout, ClusterError."""
-        self._require_started()
+        node = self._started()
         if threading.get_ident() == self._tick_ident:
             raise RuntimeError("metadata writes block; never issue them on pysyncobj's thread")
         args = args or {}
@@ -601,28 +637,30 @@ class MetadataGroup:
         delay = 0.02
         while True:
             done = threading.Event()
-            box = {}
+            box = _Answer()
 
-            def cb(res, code, box=box, done=done):
-                box["res"], box["code"] = res, code
+            def cb(res: Result | None, code: str | None, box: _Answer = box,
+                   done: threading.Event = done) -> None:
+                box.result, box.code = res, code
                 done.set()
 
-            self._raft.submit(op, args, cb)
+            node.submit(op, args, cb)
             if not done.wait(max(0.0, deadline - time.monotonic())):
                 raise WriteTimeout(f"{op}: no answer in {timeout:.1f}s "
                                    f"(leader {self.leader_address()})")
-            code = box["code"]
-            if code is None:
-                res = box["res"]
+            code = box.code
+            if code is None and box.result is not None:
+                res = box.result
                 if not res["ok"]:
-                    raise StateError(res["code"], res["error"])
+                    raise StateError(str(res["code"]), str(res["error"]))
                 return res
+            code = code or "failed"
             if code not in raft.RETRYABLE or time.monotonic() + delay > deadline:
                 raise ClusterError(code, f"{op}: {code}")
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    def set_lame_duck(self, lame_duck: bool = True, timeout: float = 10.0) -> dict:
+    def set_lame_duck(self, lame_duck: bool = True, timeout: float = 10.0) -> Result:
         """Marks this node as in lame-duck mode (or not) in the state."""
         return self.write("set_lame_duck", {"node_id": self.node_id, "lame_duck": lame_duck},
                           timeout)
@@ -635,14 +673,15 @@ class MetadataGroup:
 
     # ---- Raft membership -------------------------------------------------------------
 
-    def _raft_call(self, what: str, start, timeout: float, on_tick: bool = False) -> None:
+    def _raft_call(self, what: str, start: Callable[[DoneCallback], None], timeout: float,
+                   on_tick: bool = False) -> None:
         """``start(callback)`` begins a Raft change; waits for ``callback(code)``."""
         if threading.get_ident() == self._tick_ident:
             raise RuntimeError("never block pysyncobj's thread")
-        done, box = threading.Event(), {}
+        done, box = threading.Event(), _Answer()
 
-        def cb(code):
-            box["code"] = code
+        def cb(code: str | None) -> None:
+            box.code = code
             done.set()
 
         if on_tick:  # reads and sends Raft state directly: not safe from other threads
@@ -651,8 +690,8 @@ class MetadataGroup:
             start(cb)
         if not done.wait(timeout):
             raise WriteTimeout(f"{what}: no answer in {timeout:.1f}s")
-        if box["code"] is not None:
-            raise ClusterError(box["code"], f"{what}: {box['code']}")
+        if box.code is not None:
+            raise ClusterError(box.code, f"{what}: {box.code}")
 
     def add_raft_node(self, address: str, timeout: float = 10.0) -> None:
         """The Raft half of adding a member (``join`` asks a seed to do this)."""
@@ -672,7 +711,7 @@ class MetadataGroup:
         ``status()["membership_results"]``. Safe on pysyncobj's thread."""
         op = "add_node" if adding else "remove_node"
 
-        def changed(code):
+        def changed(code: str | None) -> None:
             result = "ok" if code is None else code
             self.membership_results[address] = {"op": op, "result": result}
             self.log.info("metadata_membership", op=op, address=address, result=result)
@@ -696,16 +735,20 @@ class MetadataGroup:
     # ---- files -----------------------------------------------------------------------
 
     def _require_started(self) -> None:
+        self._started()
+
+    def _started(self) -> RaftNode:
         if self._raft is None:
             raise ClusterError("unavailable", "metadata group not started")
+        return self._raft
 
-    def _read_node_file(self) -> dict:
+    def _read_node_file(self) -> NodeRecord:
         try:
             return self._node_file.read()
         except (OSError, ValueError) as e:
             raise ClusterError("bad_request", f"{self._node_file.path}: {e}") from None
 
-    def _write_node_file(self, **changes) -> None:
+    def _write_node_file(self, **changes: Unpack[NodeRecord]) -> None:
         self._node_file.update(**changes)
 
     def _save_cluster_id(self) -> None:
@@ -716,3 +759,13 @@ class MetadataGroup:
         """Forgets the metadata of a removed member before it joins again."""
         self.log.info("metadata_wiped", dir=self.dir)
         self._node_file.wipe()
+
+
+class _Answer:
+    """What a Raft callback hands to the thread waiting for it."""
+
+    __slots__ = ("result", "code")
+
+    def __init__(self) -> None:
+        self.result: Result | None = None
+        self.code: str | None = None

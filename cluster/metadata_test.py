@@ -248,8 +248,8 @@ def test_join_naming_itself_bootstraps(groups, tmp_path):
 
 
 def test_from_config(tmp_path):
-    from mq9.cluster.metadata import from_config
     from mq9 import config
+    from mq9.cluster.metadata import from_config
 
     cfg = config.Config(host="127.0.0.1", port=4333, cluster_port=free_port(),
                         data_dir=str(tmp_path), shards=3, gateways=2)

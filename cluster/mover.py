@@ -20,11 +20,13 @@ from __future__ import annotations
 import itertools
 import time
 from collections import defaultdict
+from typing import Any, Protocol
 
 import zmq
 
 from mq9 import log, shardclient, wire
 from mq9.cluster.slots import ShardId
+from mq9.cluster.state import ClusterState, SlotMove
 from mq9.config import Config
 from mq9.shardclient import name as _name
 
@@ -33,25 +35,38 @@ class MoveError(Exception):
     pass
 
 
+class Group(Protocol):
+    """What the mover reads of the metadata group: who this node is, where shards are."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    def snapshot(self) -> ClusterState: ...
+
+
+# A shard's request the mover sends; each is answered by a ``wire.Result``.
+MoverOp = wire.Export | wire.Import | wire.Freeze | wire.Drop
+
+
 class ShardMover:
-    def __init__(self, cfg: Config, group, timeout: float = 30.0, settle: float = 0.2):
+    def __init__(self, cfg: Config, group: Group, timeout: float = 30.0, settle: float = 0.2):
         self.cfg = cfg
         self.settle = settle
         self.group = group
         self.timeout_ms = int(timeout * 1000)
         self.ctx = zmq.Context()
-        self.socks: dict[ShardId, zmq.Socket] = {}
+        self.socks: dict[ShardId, zmq.Socket[bytes]] = {}
         self.rids = itertools.count(1)
         self.log = log.bind(node=group.node_id)
 
     # ---- Rebalancer's mover protocol ---------------------------------------------------
 
-    def copy(self, moves: list[dict]) -> None:
+    def copy(self, moves: list[SlotMove]) -> None:
         for (src, dst), slots in _by_pair(moves).items():
             n = self._transfer(src, dst, slots)
             self.log.info("slot_copy", source=_name(src), target=_name(dst), slots=len(slots), records=n)
 
-    def flip(self, moves: list[dict]) -> None:
+    def flip(self, moves: list[SlotMove]) -> None:
         pairs = _by_pair(moves)
         inflight = 0
         for (src, _dst), slots in pairs.items():
@@ -72,7 +87,7 @@ class ShardMover:
             self.log.info("slot_flip", source=_name(src), target=_name(dst), slots=len(slots),
                           records=n, inflight=inflight)
 
-    def finish(self, moves: list[dict]) -> None:
+    def finish(self, moves: list[SlotMove]) -> None:
         for (src, _dst), slots in _by_pair(moves).items():
             self._call(src, wire.Drop(rid=next(self.rids), slots=slots))
 
@@ -94,7 +109,7 @@ class ShardMover:
             if last:
                 return count
 
-    def _sock(self, owner: ShardId) -> zmq.Socket:
+    def _sock(self, owner: ShardId) -> zmq.Socket[bytes]:
         s = self.socks.get(owner)
         if s is None:
             address = shardclient.endpoint(self.cfg, self.group.node_id,
@@ -104,7 +119,7 @@ class ShardMover:
             self.socks[owner] = s
         return s
 
-    def _call(self, owner: ShardId, op) -> dict:
+    def _call(self, owner: ShardId, op: MoverOp) -> dict[str, Any]:
         s = self._sock(owner)
         s.send(wire.encode([op]))
         while True:
@@ -124,8 +139,10 @@ class ShardMover:
         self.ctx.term()
 
 
-def _by_pair(moves: list[dict]) -> dict[tuple[ShardId, ShardId], list[int]]:
+def _by_pair(moves: list[SlotMove]) -> dict[tuple[ShardId, ShardId], list[int]]:
     out: dict[tuple[ShardId, ShardId], list[int]] = defaultdict(list)
     for m in moves:
-        out[(tuple(m["from"]), tuple(m["to"]))].append(int(m["slot"]))
+        src, dst = m["from"], m["to"]
+        # a tuple even if a move's ends arrived as JSON lists
+        out[((src[0], src[1]), (dst[0], dst[1]))].append(int(m["slot"]))
     return out

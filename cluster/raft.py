@@ -23,8 +23,9 @@ from __future__ import annotations
 import os
 import pickle
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol, cast
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.encryptor import HAS_CRYPTO
@@ -47,16 +48,29 @@ FAIL_CODES = {
 }
 RETRYABLE = {"busy", "no_leader", "retry"}
 
-CAN_ENCRYPT = HAS_CRYPTO  # a cluster secret needs the 'cryptography' package
+CAN_ENCRYPT: bool = HAS_CRYPTO  # a cluster secret needs the 'cryptography' package
+
+# Plain values only cross this module (see above): an operation's arguments, what it or a
+# control request answers.
+Args = dict[str, object]
+Result = dict[str, object]
+# ``callback(result, code)`` of a write: result None unless code is None
+WriteCallback = Callable[[Result | None, str | None], None]
+# ``callback(code)`` of a membership change or a leadership transfer
+DoneCallback = Callable[[str | None], None]
+# how a control handler answers: ``reply(result, None)``
+Reply = Callable[[Result, None], None]
+# ``on_control(message, reply)``: message is the request after the command name
+ControlHandler = Callable[[list[object], Reply], None]
 
 
-def _code(err) -> str | None:
+def _code(err: object) -> str | None:
     if err is None or err == FAIL_REASON.SUCCESS:
         return None
     return FAIL_CODES.get(err, "failed")
 
 
-def check_entry(op: str, args: dict) -> None:
+def check_entry(op: str, args: Args) -> None:
     if len(pickle.dumps((op, args), protocol=2)) > MAX_ENTRY_BYTES:
         raise ValueError(f"{op}: arguments too large for one log entry")
 
@@ -89,37 +103,38 @@ class Machine(Protocol):
     """The replicated object, in plain Python: ``apply`` must not raise (pysyncobj would
     retry the same entry forever) and must be deterministic."""
 
-    def apply(self, op: str, args: dict) -> dict: ...
+    def apply(self, op: str, args: Args) -> Result: ...
 
-    def serialize(self) -> dict: ...
+    def serialize(self) -> dict[str, object]: ...
 
-    def deserialize(self, data: dict) -> None: ...
+    def deserialize(self, data: dict[str, object]) -> None: ...
 
 
-class _Consumer(SyncObjConsumer):
+# pysyncobj has no type stubs: its classes are Any to mypy, which strict mode refuses as bases.
+class _Consumer(SyncObjConsumer):  # type: ignore[misc]
     def __init__(self, machine: Machine):
         # set before SyncObjConsumer.__init__, which marks existing attributes as
         # not-replicated (excluded from snapshots)
         self._machine = machine
         super().__init__()
 
-    @replicated
-    def apply(self, op, args):
+    @replicated  # type: ignore[untyped-decorator]  # untyped decorator (pysyncobj has no stubs)
+    def apply(self, op: str, args: Args) -> Result:
         return self._machine.apply(op, args)
 
-    def _serialize(self):
+    def _serialize(self) -> dict[str, object]:
         return self._machine.serialize()
 
-    def _deserialize(self, data):
+    def _deserialize(self, data: dict[str, object]) -> None:
         self._machine.deserialize(data)
 
 
-class _Transport(TCPTransport):
+class _Transport(TCPTransport):  # type: ignore[misc]  # pysyncobj has no type stubs
     """pysyncobj's TCP transport plus mq9's utility command on the same port."""
 
-    handler = None  # set per RaftNode by a subclass made in RaftNode.__init__
+    handler: ControlHandler | None = None  # set per RaftNode by a subclass made in RaftNode.__init__
 
-    def __init__(self, syncObj, selfNode, otherNodes):
+    def __init__(self, syncObj: object, selfNode: object, otherNodes: object):
         super().__init__(syncObj, selfNode, otherNodes)
         self.setOnUtilityMessageCallback(UTILITY_COMMAND, self.handler)
 
@@ -131,7 +146,7 @@ class RaftNode:
 
     def __init__(self, address: str, partners: list[str], *, bind: str, directory: str,
                  password: str | None, timing: RaftTiming, machine: Machine,
-                 on_control: Callable, on_tick: Callable[[], None]):
+                 on_control: ControlHandler, on_tick: Callable[[], None]):
         t = timing
         conf = SyncObjConf(
             dynamicMembershipChange=True,
@@ -168,22 +183,22 @@ class RaftNode:
 
     # ---- writes and membership (callbacks on the tick thread) ----------------------------
 
-    def submit(self, op: str, args: dict, callback: Callable) -> None:
+    def submit(self, op: str, args: Args, callback: WriteCallback) -> None:
         """Appends ``apply(op, args)`` through the leader; ``callback(result, code)``."""
         check_entry(op, args)
         self._consumer.apply(op, args, callback=lambda res, err: callback(res, _code(err)))
 
-    def add_node(self, address: str, callback: Callable[[str | None], None]) -> None:
+    def add_node(self, address: str, callback: DoneCallback) -> None:
         self._obj.addNodeToCluster(address, callback=lambda res, err: callback(_code(err)))
 
-    def remove_node(self, address: str, callback: Callable[[str | None], None]) -> None:
+    def remove_node(self, address: str, callback: DoneCallback) -> None:
         self._obj.removeNodeFromCluster(address, callback=lambda res, err: callback(_code(err)))
 
     @property
     def can_transfer(self) -> bool:
         return hasattr(self._obj, "transferLeadership")
 
-    def transfer_leadership(self, to: str | None, callback: Callable[[str | None], None]) -> None:
+    def transfer_leadership(self, to: str | None, callback: DoneCallback) -> None:
         """Only on the tick thread: pysyncobj reads and sends Raft state directly."""
         self._obj.transferLeadership(to, callback=lambda res, err: callback(_code(err)))
 
@@ -194,14 +209,14 @@ class RaftNode:
     # ---- reads ---------------------------------------------------------------------------
 
     def is_ready(self) -> bool:
-        return self._obj.isReady()
+        return bool(self._obj.isReady())
 
     def is_leader(self) -> bool:
-        return self._obj._isLeader()  # getStatus() would build a 20-key dict per call
+        return bool(self._obj._isLeader())  # getStatus() would build a 20-key dict per call
 
     def leader_address(self) -> str | None:
         leader = self._obj._getLeader()
-        return leader.address if leader is not None else None
+        return cast(str, leader.address) if leader is not None else None
 
     def peer_addresses(self) -> frozenset[str]:
         return frozenset(n.address for n in self._obj.otherNodes)
@@ -213,19 +228,19 @@ class RaftNode:
 
     @property
     def term(self) -> int:
-        return self._obj.raftCurrentTerm
+        return int(self._obj.raftCurrentTerm)
 
     @property
     def commit_index(self) -> int:
-        return self._obj.raftCommitIndex
+        return int(self._obj.raftCommitIndex)
 
     @property
     def last_applied(self) -> int:
-        return self._obj.raftLastApplied
+        return int(self._obj.raftLastApplied)
 
     @property
     def has_quorum(self) -> bool:
-        return self._obj.hasQuorum
+        return bool(self._obj.hasQuorum)
 
     def destroy(self, wait: float = 0.0) -> None:
         """Stops the member; ``wait`` seconds for its tick thread to end (0: don't, as
@@ -239,7 +254,8 @@ class UtilityError(Exception):
     """No answer: refused, timed out or dropped (pysyncobj does not say which)."""
 
 
-def utility_call(address: str, message: list, *, password: str | None, timeout: float):
+def utility_call(address: str, message: list[object], *, password: str | None,
+                 timeout: float) -> object:
     """Sends ``[UTILITY_COMMAND, *message]`` to the member at ``address``: its reply, or
     None when the connect failed at once. Raises ImportError (a password without the
     'cryptography' package) and UtilityError."""

@@ -23,18 +23,19 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, cast
 
+from mq9 import log
 from mq9.cluster import state as st
 from mq9.cluster.metadata import ClusterError, MetadataGroup
-from mq9.cluster.state import StateError
-from mq9 import log
+from mq9.cluster.state import SlotMove, StateError
 
 
 class Mover(Protocol):
-    def copy(self, moves: list[dict]) -> None: ...
+    def copy(self, moves: list[SlotMove]) -> None: ...
 
-    def flip(self, moves: list[dict]) -> None: ...
+    def flip(self, moves: list[SlotMove]) -> None: ...
 
     # optional: ``finish(moves)`` after ownership flipped (drop the source's copy)
 
@@ -43,11 +44,11 @@ class MetadataOnlyMover:
     def __init__(self, delay: float = 0.0):
         self.delay = delay  # lets tests see moves in progress
 
-    def copy(self, moves: list[dict]) -> None:
+    def copy(self, moves: list[SlotMove]) -> None:
         if self.delay:
             time.sleep(self.delay)
 
-    def flip(self, moves: list[dict]) -> None:
+    def flip(self, moves: list[SlotMove]) -> None:
         pass
 
 
@@ -98,6 +99,7 @@ class Rebalancer:
         if not g.is_leader() or not g.is_ready():
             return False
         s = g.snapshot()
+        batch: list[SlotMove]
         if s.moves:
             # moves left by an earlier round or an earlier leader: carry them on
             batch = [{"slot": slot, **m} for slot, m in sorted(s.moves.items())[:self.batch]]
@@ -107,9 +109,10 @@ class Rebalancer:
                 return False
             moves = [{"slot": m["slot"], "from": list(m["from"]), "to": list(m["to"])}
                      for m in plan[:self.batch]]
-            refs = g.write("start_moves", {"moves": moves})["started"]
+            # state.start_moves answers [slot, id] per move started or already under way
+            started = cast(list[list[int]], g.write("start_moves", {"moves": moves})["started"])
             s = g.snapshot()
-            batch = [{"slot": slot, **s.moves[slot]} for slot, _ in refs if slot in s.moves]
+            batch = [{"slot": slot, **s.moves[slot]} for slot, _ in started if slot in s.moves]
             self.log.info("rebalance_batch", moves=len(batch), remaining=len(plan) - len(batch))
         refs = [[m["slot"], m["id"]] for m in batch]
         try:
@@ -129,7 +132,7 @@ class Rebalancer:
             self._stop.wait(self.retry_delay)
             return True
         g.write("finish_moves", {"moves": refs})
-        finish = getattr(self.mover, "finish", None)
+        finish: Callable[[list[SlotMove]], None] | None = getattr(self.mover, "finish", None)
         if finish is not None:
             try:
                 finish(batch)

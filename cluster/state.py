@@ -25,7 +25,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, Literal, NotRequired, TypedDict, cast
 
 from mq9.cluster.slots import NUM_SLOTS, ShardId, slot_of
 
@@ -35,6 +37,38 @@ _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Slots a single start_moves may carry. pysyncobj splits a log entry of 64 KiB or more
 # into chunks and its reassembly is off by one at the end, so entries stay well below that.
 MAX_MOVES_PER_OP = 256
+
+MoveState = Literal["copying", "flipping"]
+MemberState = Literal["active", "leaving"]
+
+
+class MemberInfo(TypedDict):
+    """One member as the state holds it; advertise:nats_port is its client URL (INFO
+    connect_urls), advertise:cluster_port its Raft address."""
+
+    advertise: str
+    cluster_port: int
+    nats_port: int
+    shards: int
+    gateways: int
+    joined_at: float
+    state: MemberState
+    # absent rather than false, so a member that never used it reads as in older states
+    lame_duck: NotRequired[bool]
+
+
+# "from" is a keyword, hence the functional form.
+Move = TypedDict("Move", {"id": int, "from": ShardId, "to": ShardId, "state": MoveState})
+# A move with its slot, as the rebalancer drives it and a mover carries it out.
+SlotMove = TypedDict("SlotMove", {"slot": int, "id": int, "from": ShardId, "to": ShardId,
+                                  "state": MoveState})
+# A move the planner proposes, before it has an id.
+PlannedMove = TypedDict("PlannedMove", {"slot": int, "from": ShardId, "to": ShardId})
+# (subject, queue) with members on a node
+QueueGroup = tuple[str, str]
+# What a transition answers; it travels back to the writer as JSON.
+OpResult = dict[str, object]
+Transition = tuple["ClusterState", OpResult]
 
 
 class StateError(Exception):
@@ -52,16 +86,13 @@ class ClusterState:
 
     cluster_id: str = ""
     version: int = 0
-    # node_id -> {"advertise", "cluster_port", "nats_port", "shards", "gateways",
-    #             "joined_at", "state"[, "lame_duck": True]}; advertise:nats_port is the
-    #             member's client URL (INFO connect_urls)
-    members: dict = field(default_factory=dict)
+    members: dict[str, MemberInfo] = field(default_factory=dict)
     # NUM_SLOTS owners once bootstrapped, empty before
-    slots: tuple = ()
-    # slot -> {"id", "from": ShardId, "to": ShardId, "state"}
-    moves: dict = field(default_factory=dict)
+    slots: tuple[ShardId, ...] = ()
+    # slot -> the move under way
+    moves: dict[int, Move] = field(default_factory=dict)
     # node_id -> sorted tuple of (subject, queue) that have members on that node
-    queue_groups: dict = field(default_factory=dict)
+    queue_groups: dict[str, tuple[QueueGroup, ...]] = field(default_factory=dict)
 
     @property
     def bootstrapped(self) -> bool:
@@ -92,7 +123,7 @@ class ClusterState:
 
     # ---- serialisation -------------------------------------------------------------
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, object]:
         return {
             "cluster_id": self.cluster_id,
             "version": self.version,
@@ -106,11 +137,13 @@ class ClusterState:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> ClusterState:
+    def from_dict(cls, d: Mapping[str, Any]) -> ClusterState:
+        """``d`` is decoded JSON (a snapshot, a state file): its shape is trusted, as
+        this module wrote it."""
         return cls(
             cluster_id=d.get("cluster_id", ""),
             version=int(d.get("version", 0)),
-            members={n: dict(info) for n, info in d.get("members", {}).items()},
+            members={n: cast(MemberInfo, dict(info)) for n, info in d.get("members", {}).items()},
             slots=tuple((n, int(s)) for n, s in d.get("slots", ())),
             moves={int(slot): {"id": int(m["id"]), "from": (m["from"][0], int(m["from"][1])),
                                "to": (m["to"][0], int(m["to"][1])), "state": m["state"]}
@@ -120,20 +153,20 @@ class ClusterState:
         )
 
 
-def raft_address(info: dict) -> str:
+def raft_address(info: Mapping[str, object]) -> str:
     """The member's identity in pysyncobj: the ``host:port`` others connect to."""
     return f"{info['advertise']}:{info['cluster_port']}"
 
 
 # ---- reading helpers -------------------------------------------------------------------
 
-def client_url(info: dict) -> str:
+def client_url(info: Mapping[str, object]) -> str:
     """The member's NATS address as INFO's ``connect_urls`` carries it (``host:port``)."""
-    host = info["advertise"]
+    host = str(info["advertise"])
     return f"[{host}]:{info['nats_port']}" if ":" in host else f"{host}:{info['nats_port']}"
 
 
-def client_urls(members: dict, exclude: str | None = None) -> list[str]:
+def client_urls(members: Mapping[str, Mapping[str, object]], exclude: str | None = None) -> list[str]:
     """What clients may fail over to: the NATS address of every member (of
     ``ClusterState.members``) except those leaving the cluster or in lame-duck mode, and
     ``exclude`` (a node id)."""
@@ -165,14 +198,14 @@ def moves_touching(state: ClusterState, node_id: str) -> list[int]:
 
 # ---- validation ------------------------------------------------------------------------
 
-def check_node_id(node_id) -> str:
+def check_node_id(node_id: object) -> str:
     if not isinstance(node_id, str) or not _NODE_ID.match(node_id):
         raise StateError("bad_request", f"invalid node id {node_id!r}: 1-64 of letters, "
                                         "digits, '.', '_', '-', starting with a letter or digit")
     return node_id
 
 
-def _int(info: dict, key: str, lo: int, hi: int | None = None) -> int:
+def _int(info: Mapping[str, object], key: str, lo: int, hi: int | None = None) -> int:
     v = info.get(key)
     if type(v) is not int or v < lo or (hi is not None and v > hi):
         limit = f"{lo}..{hi}" if hi is not None else f">= {lo}"
@@ -180,14 +213,14 @@ def _int(info: dict, key: str, lo: int, hi: int | None = None) -> int:
     return v
 
 
-def _member_info(info) -> dict:
+def _member_info(info: object) -> MemberInfo:
     if not isinstance(info, dict):
         raise StateError("bad_request", "member info must be an object")
     advertise = info.get("advertise")
     if not isinstance(advertise, str) or not advertise or any(c.isspace() for c in advertise):
         raise StateError("bad_request", f"member advertise must be a host name, got {advertise!r}")
     joined_at = info.get("joined_at", 0)
-    if type(joined_at) not in (int, float):
+    if not isinstance(joined_at, int | float) or isinstance(joined_at, bool):
         raise StateError("bad_request", "member joined_at must be a number")
     return {
         "advertise": advertise,
@@ -200,7 +233,7 @@ def _member_info(info) -> dict:
     }
 
 
-def _owner(v, what: str) -> ShardId:
+def _owner(v: object, what: str) -> ShardId:
     if (not isinstance(v, (list, tuple)) or len(v) != 2 or not isinstance(v[0], str)
             or type(v[1]) is not int):
         raise StateError("bad_request", f"move {what} must be [node_id, shard], got {v!r}")
@@ -212,10 +245,10 @@ def _is_shard_of(state: ClusterState, owner: ShardId) -> bool:
     return info is not None and 0 <= owner[1] < info["shards"]
 
 
-def _refs(refs) -> list[tuple[int, int]]:
+def _refs(refs: object) -> list[tuple[int, int]]:
     if not isinstance(refs, (list, tuple)):
         raise StateError("bad_request", "moves must be a list of [slot, id]")
-    out = []
+    out: list[tuple[int, int]] = []
     for r in refs:
         if (not isinstance(r, (list, tuple)) or len(r) != 2 or type(r[0]) is not int
                 or type(r[1]) is not int):
@@ -224,7 +257,7 @@ def _refs(refs) -> list[tuple[int, int]]:
     return out
 
 
-def _bump(state: ClusterState, **changes) -> ClusterState:
+def _bump(state: ClusterState, **changes: Any) -> ClusterState:
     return replace(state, version=state.version + 1, **changes)
 
 
@@ -237,7 +270,7 @@ def _need_bootstrap(state: ClusterState) -> None:
 # Each takes the state and keyword arguments and returns (new_state, result dict). When
 # nothing changes it returns the same state object, and the version stays.
 
-def bootstrap(state: ClusterState, *, cluster_id: str, node_id: str, info: dict):
+def bootstrap(state: ClusterState, *, cluster_id: str, node_id: str, info: object) -> Transition:
     """The first member: it owns every slot, spread over its shards the way a single node
     spreads them (slot % shards), so a lone node's data stays where it was."""
     check_node_id(node_id)
@@ -253,7 +286,7 @@ def bootstrap(state: ClusterState, *, cluster_id: str, node_id: str, info: dict)
                  slots=tuple((node_id, slot % n) for slot in range(NUM_SLOTS))), {}
 
 
-def add_member(state: ClusterState, *, node_id: str, info: dict):
+def add_member(state: ClusterState, *, node_id: str, info: object) -> Transition:
     """Adds a member, or updates one that restarted with other ports or shard counts.
     A node that comes back with fewer shards leaves slots on shards it no longer has;
     ``plan_rebalance`` moves those first."""
@@ -268,18 +301,19 @@ def add_member(state: ClusterState, *, node_id: str, info: dict):
     if old is not None:
         if raft_address(old) != address:
             raise StateError("exists", f"node id {node_id} is taken by {raft_address(old)}")
-        info = {**info, "joined_at": old["joined_at"], "state": old["state"]}
-        if info == old:
+        new = MemberInfo(**{**info, "joined_at": old["joined_at"], "state": old["state"]})
+        if new == old:
             return state, {}
+        info = new
     return _bump(state, members={**state.members, node_id: info}), {}
 
 
-def set_leaving(state: ClusterState, *, node_id: str, leaving: bool = True):
+def set_leaving(state: ClusterState, *, node_id: str, leaving: bool = True) -> Transition:
     """A leaving member keeps serving its slots but receives none, and the rebalancer
     moves its slots away; ``remove_member`` then takes it out."""
     if node_id not in state.members:
         raise StateError("not_found", f"no member {node_id}")
-    new = "leaving" if leaving else "active"
+    new: MemberState = "leaving" if leaving else "active"
     if state.members[node_id]["state"] == new:
         return state, {}
     if new == "leaving" and not any(
@@ -289,7 +323,7 @@ def set_leaving(state: ClusterState, *, node_id: str, leaving: bool = True):
     return _bump(state, members=members), {}
 
 
-def set_lame_duck(state: ClusterState, *, node_id: str, lame_duck: bool = True):
+def set_lame_duck(state: ClusterState, *, node_id: str, lame_duck: bool = True) -> Transition:
     """A member in lame-duck mode is leaving for a while (a rolling restart): its client
     URL is no longer advertised, so clients it closes reconnect elsewhere. Cleared by the
     node itself once it serves again. Absent rather than false, so a member that never
@@ -299,13 +333,15 @@ def set_lame_duck(state: ClusterState, *, node_id: str, lame_duck: bool = True):
     info = state.members[node_id]
     if bool(info.get("lame_duck")) == bool(lame_duck):
         return state, {}
-    info = {k: v for k, v in info.items() if k != "lame_duck"}
+    info = info.copy()
     if lame_duck:
         info["lame_duck"] = True
+    else:
+        del info["lame_duck"]
     return _bump(state, members={**state.members, node_id: info}), {}
 
 
-def remove_member(state: ClusterState, *, node_id: str, force: bool = False):
+def remove_member(state: ClusterState, *, node_id: str, force: bool = False) -> Transition:
     """Takes a member out. Without ``force`` it must own no slots and take part in no
     move. With ``force`` (the node is gone for good) its moves are dropped and its slots
     are handed to the others at once, without any copying: whatever it stored is lost."""
@@ -355,7 +391,7 @@ def remove_member(state: ClusterState, *, node_id: str, force: bool = False):
                  queue_groups=queue_groups), {"reassigned": reassigned}
 
 
-def start_moves(state: ClusterState, *, moves: list):
+def start_moves(state: ClusterState, *, moves: object) -> Transition:
     """Starts moving slots (state ``copying``): the source keeps serving them while their
     mailboxes are copied. All or nothing: one invalid move refuses the whole batch.
     A move that is already under way exactly as asked is accepted and left alone."""
@@ -363,7 +399,9 @@ def start_moves(state: ClusterState, *, moves: list):
     if not isinstance(moves, (list, tuple)) or len(moves) > MAX_MOVES_PER_OP:
         raise StateError("bad_request", f"moves must be a list of at most {MAX_MOVES_PER_OP}")
     new_id = state.version + 1
-    started, existing, seen = [], [], set()
+    started: list[tuple[int, ShardId, ShardId]] = []
+    existing: list[list[int]] = []
+    seen: set[int] = set()
     for m in moves:
         if not isinstance(m, dict):
             raise StateError("bad_request", "each move must be an object")
@@ -396,23 +434,24 @@ def start_moves(state: ClusterState, *, moves: list):
         "started": existing + [[slot, new_id] for slot, _, _ in started]}
 
 
-def set_moves_state(state: ClusterState, *, moves: list, move_state: str):
+def set_moves_state(state: ClusterState, *, moves: object, move_state: str) -> Transition:
     """``flipping``: the source stops taking writes for these slots while the last of
     their data is copied. Unknown references (finished, aborted) are skipped."""
     if move_state not in MOVE_STATES:
         raise StateError("bad_request", f"move state must be one of {', '.join(MOVE_STATES)}")
+    checked = cast(MoveState, move_state)
     new_moves, changed = dict(state.moves), 0
     for slot, mid in _refs(moves):
         cur = new_moves.get(slot)
         if cur is not None and cur["id"] == mid and cur["state"] != move_state:
-            new_moves[slot] = {**cur, "state": move_state}
+            new_moves[slot] = {**cur, "state": checked}
             changed += 1
     if not changed:
         return state, {"changed": 0}
     return _bump(state, moves=new_moves), {"changed": changed}
 
 
-def finish_moves(state: ClusterState, *, moves: list):
+def finish_moves(state: ClusterState, *, moves: object) -> Transition:
     """Flips ownership of each referenced slot to its target and ends the move."""
     slots, new_moves, done = list(state.slots), dict(state.moves), 0
     for slot, mid in _refs(moves):
@@ -429,7 +468,7 @@ def finish_moves(state: ClusterState, *, moves: list):
     return _bump(state, slots=tuple(slots), moves=new_moves), {"finished": done}
 
 
-def abort_moves(state: ClusterState, *, moves: list):
+def abort_moves(state: ClusterState, *, moves: object) -> Transition:
     """Ends moves without flipping: the source keeps the slots."""
     new_moves, done = dict(state.moves), 0
     for slot, mid in _refs(moves):
@@ -442,13 +481,13 @@ def abort_moves(state: ClusterState, *, moves: list):
     return _bump(state, moves=new_moves), {"aborted": done}
 
 
-def _check_group(subject, queue) -> tuple[str, str]:
+def _check_group(subject: object, queue: object) -> QueueGroup:
     if not isinstance(subject, str) or not subject or not isinstance(queue, str) or not queue:
         raise StateError("bad_request", "queue group needs a subject and a queue name")
     return subject, queue
 
 
-def set_queue_groups(state: ClusterState, *, node_id: str, groups: list):
+def set_queue_groups(state: ClusterState, *, node_id: str, groups: Sequence[Sequence[object]]) -> Transition:
     """Replaces the (subject, queue) pairs that have members on a node. A full
     replacement is what a node sends after a restart, so nothing stale survives."""
     if node_id not in state.members:
@@ -462,13 +501,13 @@ def set_queue_groups(state: ClusterState, *, node_id: str, groups: list):
     return _bump(state, queue_groups=qg), {}
 
 
-def queue_group_add(state: ClusterState, *, node_id: str, subject: str, queue: str):
+def queue_group_add(state: ClusterState, *, node_id: str, subject: str, queue: str) -> Transition:
     cur = state.queue_groups.get(node_id, ())
     return set_queue_groups(state, node_id=node_id,
                             groups=list(cur) + [_check_group(subject, queue)])
 
 
-def queue_group_remove(state: ClusterState, *, node_id: str, subject: str, queue: str):
+def queue_group_remove(state: ClusterState, *, node_id: str, subject: str, queue: str) -> Transition:
     cur = state.queue_groups.get(node_id, ())
     g = _check_group(subject, queue)
     if node_id not in state.members:
@@ -476,12 +515,13 @@ def queue_group_remove(state: ClusterState, *, node_id: str, subject: str, queue
     return set_queue_groups(state, node_id=node_id, groups=[x for x in cur if x != g])
 
 
-def noop(state: ClusterState):
+def noop(state: ClusterState) -> Transition:
     """Changes nothing; a write that measures the round trip through the leader."""
     return state, {}
 
 
-OPS = {
+# Each transition checks its own arguments (they come from the Raft log as decoded JSON).
+OPS: dict[str, Callable[..., Transition]] = {
     "bootstrap": bootstrap,
     "add_member": add_member,
     "set_leaving": set_leaving,
@@ -498,7 +538,7 @@ OPS = {
 }
 
 
-def apply(state: ClusterState, op: str, args: dict):
+def apply(state: ClusterState, op: str, args: object) -> Transition:
     """Applies one named operation: (new_state, result). Raises StateError."""
     fn = OPS.get(op)
     if fn is None:
@@ -513,7 +553,7 @@ def apply(state: ClusterState, op: str, args: dict):
 
 # ---- planning --------------------------------------------------------------------------
 
-def plan_rebalance(state: ClusterState, exclude: frozenset = frozenset()) -> list[dict]:
+def plan_rebalance(state: ClusterState, exclude: frozenset[str] = frozenset()) -> list[PlannedMove]:
     """Moves that spread the slots evenly over the shards of every active member not in
     ``exclude``, moving as few slots as possible. Deterministic.
 
@@ -559,7 +599,7 @@ def plan_rebalance(state: ClusterState, exclude: frozenset = frozenset()) -> lis
     receivers = [o for o in eligible if o in deficit]
     # Round-robin over receivers spreads a batch of moves over all new shards at once
     # instead of filling one shard before the next.
-    plan: list[dict] = []
+    plan: list[PlannedMove] = []
     i = 0
     for slot in pool:
         if not receivers:
@@ -575,7 +615,7 @@ def plan_rebalance(state: ClusterState, exclude: frozenset = frozenset()) -> lis
     return plan
 
 
-def plan_drain(state: ClusterState, node_id: str) -> list[dict]:
+def plan_drain(state: ClusterState, node_id: str) -> list[PlannedMove]:
     """Moves that take every slot off ``node_id``, keeping the rest even."""
     return plan_rebalance(state, exclude=frozenset({node_id}))
 

@@ -32,6 +32,10 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = [
     "Client",
@@ -75,7 +79,11 @@ def _b(s: str | bytes) -> bytes:
     return s if isinstance(s, bytes) else s.encode()
 
 
-def encode_headers(headers: dict | bytes | None) -> bytes:
+# Headers as given to a publish: a dict of names and values, or an encoded block.
+Headers = dict[str, object] | bytes
+
+
+def encode_headers(headers: Headers | None) -> bytes:
     """``{"K": "v"}`` -> ``NATS/1.0\\r\\nK: v\\r\\n\\r\\n`` (bytes pass through)."""
     if headers is None:
         return b""
@@ -116,7 +124,7 @@ def build_pub(subject: str | bytes, payload: bytes, reply: str | bytes | None = 
     return b"PUB %s %d\r\n%s\r\n" % (_b(subject), len(payload), payload)
 
 
-def build_hpub(subject: str | bytes, headers: dict | bytes, payload: bytes,
+def build_hpub(subject: str | bytes, headers: Headers, payload: bytes,
                reply: str | bytes | None = None) -> bytes:
     """One complete HPUB frame."""
     hdr = encode_headers(headers)
@@ -137,7 +145,8 @@ class Msg:
         self.headers = headers
         self.payload = payload
 
-    def json(self):
+    def json(self) -> Any:
+        """The payload decoded as JSON: its shape is the responder's."""
         return json.loads(self.payload)
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
@@ -146,6 +155,8 @@ class Msg:
 
 # A message callback: cb(subject, reply, headers, payload), all bytes (reply/headers may be None).
 MsgCallback = Callable[[bytes, "bytes | None", "bytes | None", bytes], None]
+# A response callback: cb(headers, payload).
+ResponseCallback = Callable[["bytes | None", bytes], None]
 
 
 class Subscription:
@@ -179,7 +190,7 @@ class Subscription:
         self.first = 0.0
         self.last = 0.0
         self.active = True
-        self._waiters: list[tuple[int, asyncio.Future]] = []
+        self._waiters: list[tuple[int, asyncio.Future[int]]] = []
 
     def _add(self, n: int) -> None:
         now = time.perf_counter()
@@ -198,9 +209,9 @@ class Subscription:
                     keep.append((want, fut))
             self._waiters = keep
 
-    def wait_count(self, n: int) -> asyncio.Future:
+    def wait_count(self, n: int) -> asyncio.Future[int]:
         """A future resolved with the count once at least ``n`` messages have arrived."""
-        fut = self.client._loop.create_future()
+        fut: asyncio.Future[int] = self.client._loop.create_future()
         if self.count >= n:
             fut.set_result(self.count)
         else:
@@ -212,9 +223,9 @@ class Subscription:
         if self.target is None:
             raise ValueError("subscription has no target")
         fut = self.wait_count(self.target)
-        closed = self.client._closed
+        either: list[asyncio.Future[Any]] = [fut, self.client._closed]
         try:
-            done, _ = await asyncio.wait([fut, closed], timeout=timeout,
+            done, _ = await asyncio.wait(either, timeout=timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not fut.done():
@@ -229,36 +240,38 @@ class Client(asyncio.Protocol):
     """One NATS connection. Create it with :func:`connect`."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str, headers: bool, echo: bool,
-                 no_responders: bool, verbose: bool, pedantic: bool, auth: dict,
+                 no_responders: bool, verbose: bool, pedantic: bool, auth: dict[str, str],
                  write_high: int):
         self._loop = loop
         self._name = name
-        self._opts = {
+        self._opts: dict[str, object] = {
             "verbose": verbose, "pedantic": pedantic, "tls_required": False, "name": name,
             "lang": "python-rawnats", "version": "0.1", "protocol": 1, "echo": echo,
             "headers": headers, "no_responders": no_responders and headers, **auth,
         }
         self._write_high = write_high
         self.transport: asyncio.Transport | None = None
-        self.info: dict = {}
+        self.info: dict[str, Any] = {}  # the server's INFO, as decoded JSON
         self.errors: list[str] = []
         self.on_error: Callable[[str], None] | None = None
-        self._info_fut: asyncio.Future = loop.create_future()
-        self._closed: asyncio.Future = loop.create_future()
-        self._pongs: list[asyncio.Future] = []
+        self._info_fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        # resolved with the error that closed the connection
+        self._closed: asyncio.Future[NatsError] = loop.create_future()
+        self._pongs: list[asyncio.Future[None]] = []
         self._wbuf: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
         self._paused = False
-        self._resume: asyncio.Future | None = None
+        self._resume: asyncio.Future[None] | None = None
         self._buf = bytearray()
         self._need = 0
         self._subs: dict[bytes, Subscription] = {}
         self._next_sid = 0
-        self._fast_line: bytes | None = None
+        self._fast_line = b""  # set with _fast_sub
         self._fast_len = 0
         self._fast_sub: Subscription | None = None
         self._resp_prefix: bytes | None = None
-        self._resp_map: dict[bytes, object] = {}
+        self._resp_prefix_len = 0
+        self._resp_map: dict[bytes, asyncio.Future[Msg] | ResponseCallback] = {}
         self._next_token = 0
         self.bytes_in = 0
         self.msgs_in = 0
@@ -266,8 +279,9 @@ class Client(asyncio.Protocol):
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream connection's transport (uvloop's need not subclass asyncio.Transport)
+        self.transport = transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -276,7 +290,7 @@ class Client(asyncio.Protocol):
                 pass
         transport.set_write_buffer_limits(high=self._write_high)
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         err = NatsError(f"connection closed{': ' + str(exc) if exc else ''}"
                         + (f" (last -ERR {self.errors[-1]})" if self.errors else ""))
         if not self._closed.done():
@@ -319,7 +333,8 @@ class Client(asyncio.Protocol):
             pos = self._parse(data)
         except NatsError as e:
             self.errors.append(str(e))
-            self.transport.close()
+            if self.transport is not None:
+                self.transport.close()
             return
         if pos < len(data):
             self._buf = bytearray(data[pos:] if pos else data)
@@ -339,9 +354,9 @@ class Client(asyncio.Protocol):
         try:
             while pos < L:
                 # Count-only fast path: identical control line => identical frame layout.
-                if fast_line is not None and sw(fast_line, pos):
+                if fast_sub is not None and sw(fast_line, pos):
                     if not fast_sub.active:
-                        fast_line = fast_sub = None
+                        fast_line, fast_sub = b"", None
                         continue
                     if pos + fast_len > L:
                         self._need = fast_len
@@ -366,13 +381,13 @@ class Client(asyncio.Protocol):
                     parts = buf[pos + (5 if hmsg else 4):end].split(b" ")
                     if hmsg:
                         if len(parts) == 4:
-                            subj, sid, hlen, size = parts
+                            subj, sid, hsize, size = parts
                             reply = None
                         elif len(parts) == 5:
-                            subj, sid, reply, hlen, size = parts
+                            subj, sid, reply, hsize, size = parts
                         else:
                             raise NatsError(f"bad HMSG line {buf[pos:end]!r}")
-                        hlen = int(hlen)
+                        hlen = int(hsize)
                     else:
                         if len(parts) == 3:
                             subj, sid, size = parts
@@ -427,7 +442,7 @@ class Client(asyncio.Protocol):
                         if not fut.done():
                             fut.set_exception(NatsError(text))
                 elif c == 73:  # INFO
-                    info = json.loads(buf[pos + 5:end])
+                    info: dict[str, Any] = json.loads(buf[pos + 5:end])
                     if not self._info_fut.done():
                         self.info = info
                         self._info_fut.set_result(info)
@@ -464,7 +479,7 @@ class Client(asyncio.Protocol):
         self._write(data)
 
     def publish(self, subject: str | bytes, payload: bytes = b"",
-                reply: str | bytes | None = None, headers: dict | bytes | None = None) -> None:
+                reply: str | bytes | None = None, headers: Headers | None = None) -> None:
         if headers is not None:
             self._write(build_hpub(subject, headers, payload, reply))
         else:
@@ -495,7 +510,7 @@ class Client(asyncio.Protocol):
         """PING and wait for the PONG: everything written before has been processed."""
         if self._closed.done():
             raise self._closed.result()
-        fut = self._loop.create_future()
+        fut: asyncio.Future[None] = self._loop.create_future()
         self._pongs.append(fut)
         self._write(_PING)
         handle = self._loop.call_later(timeout, _expire, fut)  # cheaper than wait_for
@@ -531,11 +546,13 @@ class Client(asyncio.Protocol):
     def _ensure_resp(self) -> bytes:
         if self._resp_prefix is None:
             self._resp_prefix = b"_INBOX.%s." % os.urandom(11).hex().encode()
+            self._resp_prefix_len = len(self._resp_prefix)
             self.subscribe(self._resp_prefix.decode() + "*", cb=self._on_response)
         return self._resp_prefix
 
-    def _on_response(self, subject: bytes, reply, headers, payload: bytes) -> None:
-        token = subject[len(self._resp_prefix):]
+    def _on_response(self, subject: bytes, reply: bytes | None, headers: bytes | None,
+                     payload: bytes) -> None:
+        token = subject[self._resp_prefix_len:]
         entry = self._resp_map.pop(token, None)
         if entry is None:
             return
@@ -549,7 +566,7 @@ class Client(asyncio.Protocol):
         else:
             entry(headers, payload)
 
-    def new_reply(self, cb: Callable[[bytes | None, bytes], None] | None = None) -> bytes:
+    def new_reply(self, cb: ResponseCallback | None = None) -> bytes:
         """A fresh reply subject under this client's response subscription. If ``cb`` is
         given, it is called as ``cb(headers, payload)`` with the (first) response."""
         prefix = self._ensure_resp()
@@ -560,17 +577,17 @@ class Client(asyncio.Protocol):
         return prefix + token
 
     def request_cb(self, subject: str | bytes, payload: bytes,
-                   cb: Callable[[bytes | None, bytes], None],
-                   headers: dict | bytes | None = None) -> None:
+                   cb: ResponseCallback,
+                   headers: Headers | None = None) -> None:
         """Send a request without waiting; ``cb(headers, payload)`` gets the response."""
         self.publish(subject, payload, self.new_reply(cb), headers)
 
     async def request(self, subject: str | bytes, payload: bytes = b"", timeout: float = 5.0,
-                      headers: dict | bytes | None = None) -> Msg:
+                      headers: Headers | None = None) -> Msg:
         prefix = self._ensure_resp()
         self._next_token += 1
         token = b"%d" % self._next_token
-        fut = self._loop.create_future()
+        fut: asyncio.Future[Msg] = self._loop.create_future()
         self._resp_map[token] = fut
         self.publish(subject, payload, prefix + token, headers)
         handle = self._loop.call_later(timeout, _expire, fut)
@@ -601,7 +618,7 @@ class Client(asyncio.Protocol):
             self.transport.abort()
 
 
-def _expire(fut: asyncio.Future) -> None:
+def _expire(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError("timed out"))
 
@@ -611,13 +628,13 @@ async def connect(host: str = "127.0.0.1", port: int = 4222, *, name: str = "raw
                   verbose: bool = False, pedantic: bool = False, user: str | None = None,
                   password: str | None = None, token: str | None = None,
                   timeout: float = 5.0, write_high: int = 4 * 1024 * 1024,
-                  tls=None) -> Client:
+                  tls: ssl.SSLContext | None = None) -> Client:
     """Open a connection: wait for INFO, send CONNECT + PING, wait for PONG.
 
     ``tls`` (an ``ssl.SSLContext``) upgrades the connection after the INFO, as NATS clients
     do; a server whose INFO says ``tls_required`` gets a default context (system CAs)."""
     loop = asyncio.get_running_loop()
-    auth: dict = {}
+    auth: dict[str, str] = {}
     if token is not None:
         auth["auth_token"] = token
     if user is not None:
@@ -639,8 +656,11 @@ async def connect(host: str = "127.0.0.1", port: int = 4222, *, name: str = "raw
             # The server sent INFO in clear and waits for the handshake; the protocol object
             # stays, only its transport changes.
             client._opts["tls_required"] = True
+            assert client.transport is not None  # set by connection_made
             transport = await asyncio.wait_for(
                 loop.start_tls(client.transport, client, tls, server_hostname=host), timeout)
+            if transport is None:  # only on a loop that is closing
+                raise NatsError("TLS upgrade failed")
             transport.set_write_buffer_limits(high=write_high)
             client.transport = transport
         connect_line = b"CONNECT " + json.dumps(client._opts, separators=(",", ":")).encode()

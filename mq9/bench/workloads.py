@@ -22,8 +22,9 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, NotRequired, TypedDict, TypeVar
 
 from mq9.bench import rawnats as rn
 
@@ -38,6 +39,56 @@ class WorkloadError(Exception):
 
 class NotMq9(WorkloadError):
     """The server does not answer mailbox requests: it is not mq9."""
+
+
+T = TypeVar("T")
+
+
+class Pipeline(TypedDict):
+    """A pipelined run's counters (a dict: the reply callback bumps them per answer)."""
+
+    n: int  # may drop to what was sent: a cancelled run stops sending but waits for its answers
+    sent: int
+    done: int
+    ok: int
+    err: int
+    first_err: bytes
+    t0: float  # perf_counter
+    t_end: float
+    secs: float
+    timeout: NotRequired[bool]  # cut short by the deadline or a closed connection
+
+
+class Created(TypedDict):
+    made: int
+    err: int
+    first_err: bytes
+    secs: float
+
+
+class Deleted(TypedDict):
+    deleted: int
+    err: int
+    first_err: bytes
+    secs: float
+
+
+class Shortfall(TypedDict):
+    """A one-at-a-time run's answers, for ``failure``."""
+
+    ok: int
+    err: int
+    first_err: bytes
+
+
+class _Deleting(TypedDict):
+    ok: int
+    err: int
+    first_err: bytes
+    next: int
+    live: int
+    t0: float
+    t_end: float
 
 
 class Meter:
@@ -60,15 +111,17 @@ class Meter:
         return self._read() if self._read is not None else self.count
 
 
-async def gather_all(aws) -> list:
+async def gather_all(aws: Iterable[Awaitable[T]]) -> list[T]:
     """``asyncio.gather`` that, when cancelled, returns only once every one has finished
     (plain gather gives up at the first one that ends cancelled, while the others may still
     be collecting answers for cleanup); the first failure is raised."""
     results = await asyncio.gather(*aws, return_exceptions=True)
+    out: list[T] = []
     for r in results:
         if isinstance(r, BaseException):
             raise r
-    return results
+        out.append(r)
+    return out
 
 
 def pct(sorted_ns: list[int], q: float) -> float:
@@ -103,19 +156,19 @@ async def pipelined(nc: rn.Client, n: int, inflight: int, deadline: float,
                     ok: Callable[[bytes], bool], *, subject: str | bytes = b"",
                     payload: bytes = b"",
                     message: Callable[[int], tuple[bytes, bytes]] | None = None,
-                    keep: list[bytes] | None = None, meter: Meter | None = None) -> dict:
+                    keep: list[bytes] | None = None, meter: Meter | None = None) -> Pipeline:
     """Send ``n`` requests keeping ``inflight`` unanswered, to ``subject`` or, if given,
     ``message(i) -> (subject, payload)``; count answers ``ok(body)`` accepts (their bodies
     go to ``keep`` when given). Returns ``sent``, ``done``, ``ok``, ``err``, ``first_err``,
     ``t0``/``t_end`` (perf_counter), ``secs`` and ``timeout`` when the deadline or a closed
     connection cut it short."""
     loop = asyncio.get_running_loop()
-    done_fut = loop.create_future()
-    # "n" may drop to what was sent: a cancelled run stops sending but waits for its answers
-    st = {"n": n, "sent": 0, "done": 0, "ok": 0, "err": 0, "first_err": b"", "t_end": 0.0}
+    done_fut: asyncio.Future[None] = loop.create_future()
+    st: Pipeline = {"n": n, "sent": 0, "done": 0, "ok": 0, "err": 0, "first_err": b"",
+                    "t0": 0.0, "t_end": 0.0, "secs": 0.0}
     subj = subject if isinstance(subject, bytes) else subject.encode()
 
-    def on_reply(headers, body) -> None:
+    def on_reply(headers: bytes | None, body: bytes) -> None:
         st["done"] += 1
         if meter is not None:
             meter.count += 1
@@ -150,15 +203,16 @@ async def pipelined(nc: rn.Client, n: int, inflight: int, deadline: float,
     if n <= 0:
         done_fut.set_result(None)
     remaining = deadline - time.monotonic()
+    either: list[asyncio.Future[Any]] = [done_fut, nc._closed]
     try:
-        done, _ = await asyncio.wait([done_fut, nc._closed], timeout=max(0.1, remaining),
+        done, _ = await asyncio.wait(either, timeout=max(0.1, remaining),
                                      return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         # What is in flight still gets its answer: a CREATE's answer is the only place
         # its mailbox's token exists, so leaving now would leave mailboxes nobody can delete.
         st["n"] = st["sent"]
         if st["done"] < st["n"]:
-            await asyncio.wait([done_fut, nc._closed], timeout=10.0,
+            await asyncio.wait(either, timeout=10.0,
                                return_when=asyncio.FIRST_COMPLETED)
         raise
     if done_fut not in done:
@@ -202,7 +256,7 @@ async def round_trips(responder: rn.Client, requester: rn.Client, subject: str,
                       ) -> tuple[list[int], int]:
     """Request/reply through the broker to a responder on ``responder``: sorted round trips
     (ns) after a warm-up, and the number that failed or came back wrong."""
-    def on_req(subject, reply, headers, body) -> None:
+    def on_req(subject: bytes, reply: bytes | None, headers: bytes | None, body: bytes) -> None:
         if reply:
             responder.publish(reply, body)
 
@@ -246,14 +300,17 @@ async def create_mailbox(nc: rn.Client, ttl: int, timeout: float = 5.0) -> tuple
         raise WorkloadError(f"no answer to {CREATE} within {timeout:g}s") from None
     try:
         body = r.json()
-        return body["mail_id"], body["token"]
+        mail_id, token = body["mail_id"], body["token"]
+        if not isinstance(mail_id, str) or not isinstance(token, str):
+            raise TypeError
+        return mail_id, token
     except (ValueError, KeyError, TypeError):
         raise WorkloadError(f"mailbox create: {r.payload[:300]!r}") from None
 
 
 async def create_mailboxes(conns: list[rn.Client], n: int, inflight: int, deadline: float,
                            ttl: int, keep: list[bytes] | None = None,
-                           meter: Meter | None = None) -> dict:
+                           meter: Meter | None = None) -> Created:
     """``n`` CREATE requests spread over ``conns``, ``inflight`` unanswered on each: ``made``,
     ``err``, ``first_err``, ``secs`` (first send to last answer)."""
     body = json.dumps({"ttl": ttl}).encode()
@@ -269,16 +326,16 @@ async def create_mailboxes(conns: list[rn.Client], n: int, inflight: int, deadli
 
 async def delete_mailboxes(conns: list[rn.Client], boxes: list[tuple[str, str]],
                            inflight: int, deadline: float, meter: Meter | None = None,
-                           deleted: list[bytes] | None = None) -> dict:
+                           deleted: list[bytes] | None = None) -> Deleted:
     """DELETE every (mail_id, token) of ``boxes``, ``inflight`` at a time on each of
     ``conns``: ``deleted``, ``err``, ``first_err``, ``secs``; ``deleted`` (a list) collects
     the mail_ids whose DELETE was answered without an error."""
     shares = [boxes[i::len(conns)] for i in range(len(conns))]
 
-    async def one(nc: rn.Client, share: list[tuple[str, str]]) -> dict:
+    async def one(nc: rn.Client, share: list[tuple[str, str]]) -> _Deleting:
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        st = {"ok": 0, "err": 0, "first_err": b"", "next": 0, "live": 0,
+        fut: asyncio.Future[None] = loop.create_future()
+        st: _Deleting = {"ok": 0, "err": 0, "first_err": b"", "next": 0, "live": 0,
               "t0": time.perf_counter(), "t_end": time.perf_counter()}
         gone: list[bytes] = []
 
@@ -287,7 +344,7 @@ async def delete_mailboxes(conns: list[rn.Client], boxes: list[tuple[str, str]],
             st["next"] += 1
             st["live"] += 1
 
-            def on_reply(headers, body) -> None:
+            def on_reply(headers: bytes | None, body: bytes) -> None:
                 st["live"] -= 1
                 if meter is not None:
                     meter.count += 1
@@ -311,7 +368,8 @@ async def delete_mailboxes(conns: list[rn.Client], boxes: list[tuple[str, str]],
             for _ in range(min(inflight, len(share))):
                 send_one()
             if share:
-                await asyncio.wait([fut, nc._closed],
+                either: list[asyncio.Future[Any]] = [fut, nc._closed]
+                await asyncio.wait(either,
                                    timeout=max(0.1, deadline - time.monotonic()),
                                    return_when=asyncio.FIRST_COMPLETED)
         finally:  # also when cancelled: what is gone is gone
@@ -342,14 +400,17 @@ async def replay(nc: rn.Client, mail_id: str, n: int, deadline: float,
     return sub.last - t0
 
 
-def failure(what: str, st: dict, n: int, count_flag: str = "--messages") -> str:
+def failure(what: str, st: Pipeline | Created | Deleted | Shortfall, n: int,
+            count_flag: str = "--messages") -> str:
     """Why a pipelined run fell short, in one line."""
-    why = f"{what}: {st.get('ok', st.get('made', st.get('deleted', 0)))}/{n} answered"
-    if st.get("err"):
-        why += f", {st['err']} errors, the first: {_answer_text(st['first_err'])}"
-    if st.get("timeout") and not st.get("err"):
+    counts: Mapping[str, object] = st
+    first_err = st["first_err"]
+    why = f"{what}: {counts.get('ok', counts.get('made', counts.get('deleted', 0)))}/{n} answered"
+    if st["err"]:
+        why += f", {st['err']} errors, the first: {_answer_text(first_err)}"
+    if counts.get("timeout") and not st["err"]:
         why += " before the time limit"
-    if b'"code":"full"' in st.get("first_err", b"").replace(b" ", b""):
+    if b'"code":"full"' in first_err.replace(b" ", b""):
         why += f" (the server's max_msgs is lower than {count_flag})"
     return why
 
@@ -397,7 +458,7 @@ class Row:
     def rate(self) -> float:
         return self.operations / self.seconds if self.seconds > 0 else 0.0
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return {"workload": self.workload, "name": self.name, "operations": self.operations,
                 "seconds": round(self.seconds, 6), "rate": round(self.rate, 1),
                 "unit": self.unit, "p50_us": _round(self.p50_us), "p99_us": _round(self.p99_us)}
@@ -430,11 +491,12 @@ class Session:
 
     async def _conns(self, names: list[str]) -> list[rn.Client]:
         got = await asyncio.gather(*(self.connect(n) for n in names), return_exceptions=True)
+        ok = [c for c in got if not isinstance(c, BaseException)]
         bad = [c for c in got if isinstance(c, BaseException)]
         if bad:  # none left open behind a failure
-            await close_all([c for c in got if not isinstance(c, BaseException)])
+            await close_all(ok)
             raise bad[0]
-        return got
+        return ok
 
     async def _mailbox(self, nc: rn.Client) -> str:
         task = asyncio.ensure_future(create_mailbox(nc, self.plan.ttl))
@@ -452,7 +514,7 @@ class Session:
         return mail_id
 
     async def _delete(self, conns: list[rn.Client], mail_ids: list[str],
-                      deadline: float) -> dict:
+                      deadline: float) -> Deleted:
         boxes = [(m, self.alive[m]) for m in mail_ids if m in self.alive]
         gone: list[bytes] = []
         try:
@@ -540,8 +602,8 @@ class Session:
             lat, errors, first = await latencies(nc, inbox(box), payload, p.samples, deadline,
                                                  is_sent, self.meter)
             if errors or len(lat) < p.samples:
-                raise WorkloadError(failure("1 in flight", {"ok": len(lat), "err": errors,
-                                                            "first_err": first},
+                short: Shortfall = {"ok": len(lat), "err": errors, "first_err": first}
+                raise WorkloadError(failure("1 in flight", short,
                                             p.samples, "--samples"))
             await self._delete([nc], [box], deadline)
         finally:
@@ -596,5 +658,5 @@ class Session:
                     "round trips/s", pct(lat, 0.50), pct(lat, 0.99))]
 
 
-async def close_all(conns) -> None:
+async def close_all(conns: Iterable[rn.Client]) -> None:
     await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)

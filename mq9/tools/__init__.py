@@ -20,22 +20,29 @@ instead reads a node's metrics port: ``--url``, env ``MQ9_MONITOR_URL``). ``--to
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mq9.tools.common import (
     PRIORITIES,
-    positive_float,
     add_connection_flags,
+    positive_float,
     positive_int,
     whole_number,
 )
 
 COMMANDS = ("mailbox", "send", "pub", "sub", "query", "request", "bench")
 
+P = TypeVar("P", bound=argparse.ArgumentParser)
+if TYPE_CHECKING:
+    # what ``add_subparsers`` returns (typeshed's generic; not subscriptable at run time)
+    SubParsers = argparse._SubParsersAction[P]
 
-def add_parsers(commands, parser_class=None) -> None:
+
+def add_parsers(commands: SubParsers[P]) -> None:
     """Add the client commands to ``mq9``'s sub-parsers."""
 
-    def add(where, name, help, description=None, **kw):
+    def add(where: SubParsers[P], name: str, help: str, description: str | None = None,
+            **kw: Any) -> argparse.ArgumentParser:
         p = where.add_parser(name, help=help, description=description or help, **kw)
         add_connection_flags(p)
         return p

@@ -19,9 +19,12 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from mq9.tools.common import (
+    Settings,
     ToolError,
     positive_float,
     positive_int,
@@ -31,11 +34,18 @@ from mq9.tools.common import (
     tls_context,
 )
 
-DEFAULTS = {"messages": 10_000, "size": 256, "in_flight": 1_000, "mailboxes": 10_000,
+if TYPE_CHECKING:
+    import ssl
+
+    from mq9.bench.rawnats import Client
+    from mq9.bench.workloads import Meter
+    from mq9.tools import P, SubParsers
+
+DEFAULTS: dict[str, Any] = {"messages": 10_000, "size": 256, "in_flight": 1_000, "mailboxes": 10_000,
             "samples": 1_000, "time_limit": 120.0}
 
 
-def add_parser(commands, add) -> None:
+def add_parser(commands: SubParsers[P], add: Callable[..., argparse.ArgumentParser]) -> None:
     from mq9.bench.workloads import WORKLOADS
 
     d = DEFAULTS
@@ -88,7 +98,7 @@ def _workloads(given: list[str] | None) -> list[str]:
 
 # ---- connecting ----------------------------------------------------------------------------
 
-def _endpoint(url: str, cfg: dict) -> dict:
+def _endpoint(url: str, cfg: Settings) -> dict[str, Any]:
     """rawnats.connect's arguments for one server URL (credentials in the URL count when no
     flag or variable gives any, as with nats-py)."""
     u = urlsplit(url)
@@ -100,11 +110,11 @@ def _endpoint(url: str, cfg: dict) -> dict:
         raise ToolError(f"bad server URL {url!r}: bad port") from None
     if not u.hostname:
         raise ToolError(f"bad server URL {url!r}: no host")
-    kw: dict = {"host": u.hostname, "port": port}
-    if cfg["token"]:
-        kw["token"] = cfg["token"]
-    elif cfg["user"]:
-        kw["user"], kw["password"] = cfg["user"], cfg["password"] or ""
+    kw: dict[str, Any] = {"host": u.hostname, "port": port}
+    if cfg.token:
+        kw["token"] = cfg.token
+    elif cfg.user:
+        kw["user"], kw["password"] = cfg.user, cfg.password or ""
     elif u.username and u.password is not None:
         kw["user"], kw["password"] = unquote(u.username), unquote(u.password)
     elif u.username:
@@ -130,16 +140,16 @@ def _why(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-async def _first_server(cfg: dict, tls) -> tuple[dict, object]:
+async def _first_server(cfg: Settings, tls: ssl.SSLContext | None) -> tuple[dict[str, Any], Client]:
     """The arguments for the first server of the list that accepts a connection, and that
     connection."""
     from mq9.bench import rawnats as rn
 
-    errors = []
-    for url in cfg["servers"]:
+    errors: list[str] = []
+    for url in cfg.servers:
         kw = _endpoint(url, cfg)
         try:
-            nc = await rn.connect(**kw, name="mq9-bench", timeout=cfg["timeout"], tls=tls)
+            nc = await rn.connect(**kw, name="mq9-bench", timeout=cfg.timeout, tls=tls)
             return kw, nc
         except (OSError, TimeoutError, rn.NatsError) as e:
             errors.append(f"{url}: {_why(e)}")
@@ -154,10 +164,10 @@ class Bar:
 
     WIDTH = 24
 
-    def __init__(self, meter):
+    def __init__(self, meter: Meter):
         self.meter = meter
         self.tty = sys.stderr.isatty()
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if self.tty:
@@ -192,8 +202,8 @@ def _us(v: float | None) -> str:
     return f"{v:,.1f} µs" if v < 100 else f"{v:,.0f} µs"
 
 
-def _rows_text(results: list[dict]) -> list[str]:
-    rows = [("WORKLOAD", "TEST", "OPERATIONS", "TIME", "RATE", "P50", "P99")]
+def _rows_text(results: list[dict[str, Any]]) -> list[str]:
+    rows: list[tuple[str, ...]] = [("WORKLOAD", "TEST", "OPERATIONS", "TIME", "RATE", "P50", "P99")]
     for r in results:
         if r.get("error"):
             rows.append((r["workload"], "FAILED (below)", "", "", "", "", ""))
@@ -207,7 +217,7 @@ def _rows_text(results: list[dict]) -> list[str]:
 
 # ---- running -------------------------------------------------------------------------------
 
-async def _bench(ns: argparse.Namespace, names: list[str]) -> tuple[dict, int]:
+async def _bench(ns: argparse.Namespace, names: list[str]) -> tuple[dict[str, Any], int]:
     from mq9.bench import rawnats as rn
     from mq9.bench import workloads as wl
 
@@ -220,11 +230,12 @@ async def _bench(ns: argparse.Namespace, names: list[str]) -> tuple[dict, int]:
                    mailboxes=ns.mailboxes, samples=ns.samples, time_limit=ns.time_limit)
 
     async def connect(name: str) -> rn.Client:
-        return await rn.connect(**kw, name=name, timeout=cfg["timeout"], tls=tls)
+        return await rn.connect(**kw, name=name, timeout=cfg.timeout, tls=tls)
 
     session = wl.Session(connect, plan)
     info = probe.info
-    report = {"server": where, "server_version": info.get("version", ""),
+    # the --json document
+    report: dict[str, Any] = {"server": where, "server_version": info.get("version", ""),
               "mq9_version": info.get("mq9_version", ""),
               "server_name": info.get("server_name", ""), "max_payload": info.get("max_payload"),
               "plan": {"workloads": names, "messages": plan.messages, "size": plan.size,
@@ -238,9 +249,9 @@ async def _bench(ns: argparse.Namespace, names: list[str]) -> tuple[dict, int]:
         try:
             await session.check_mq9(probe)
         except wl.NotMq9 as e:
-            raise ToolError(f"{where} is not an mq9 server: {e} (a plain NATS server?)")
+            raise ToolError(f"{where} is not an mq9 server: {e} (a plain NATS server?)") from e
         except wl.WorkloadError as e:
-            raise ToolError(f"{where}: {e}")
+            raise ToolError(f"{where}: {e}") from e
         if isinstance(info.get("max_payload"), int) and plan.size > info["max_payload"]:
             raise ToolError(f"--size {plan.size} is more than the server's max_payload "
                             f"({info['max_payload']})")
@@ -287,7 +298,7 @@ def run(ns: argparse.Namespace) -> int:
         return 2
     rn.install_uvloop()
 
-    async def main() -> tuple[dict, int]:
+    async def main() -> tuple[dict[str, Any], int]:
         task = asyncio.ensure_future(_bench(ns, names))
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGINT, task.cancel)

@@ -1,9 +1,12 @@
+import dataclasses
+
 import pytest
 
 from mq9.tools.bench import _endpoint, _workloads
-from mq9.tools.common import ToolError
+from mq9.tools.common import Settings, ToolError
 
-NONE = {"token": None, "user": None, "password": None}
+NONE = Settings(servers=[], token=None, user=None, password=None, timeout=5.0,
+                timeout_given=False, tls_ca=None, tls_cert=None, tls_key=None)
 
 
 def test_endpoint_takes_host_port_and_credentials_from_the_url():
@@ -12,7 +15,7 @@ def test_endpoint_takes_host_port_and_credentials_from_the_url():
     assert _endpoint("nats://tok@h:1", NONE) == {"host": "h", "port": 1, "token": "tok"}
     assert _endpoint("nats://u:p%40ss@h:1", NONE)["password"] == "p@ss"
     # a flag or variable wins over the URL
-    kw = _endpoint("nats://u:p@h:1", {**NONE, "token": "t"})
+    kw = _endpoint("nats://u:p@h:1", dataclasses.replace(NONE, token="t"))
     assert kw["token"] == "t" and "user" not in kw
 
 

@@ -17,7 +17,16 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # nats-py is imported only when a command runs (``mq9 node`` starts faster)
+    import ssl
+
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
 
 DEFAULT_SERVER = "nats://127.0.0.1:4222"
 DEFAULT_TIMEOUT = 5.0
@@ -26,6 +35,10 @@ PRIORITIES = ("urgent", "normal", "notify")
 
 class ToolError(Exception):
     """An expected failure: printed as ``mq9: <message>``, exit status 1."""
+
+
+# Connections the command is closing on purpose: their disconnect is not news.
+_closing: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
 # ---- flags ---------------------------------------------------------------------------------
@@ -63,7 +76,7 @@ def positive_float(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
     return v
@@ -74,7 +87,7 @@ def whole_number(text: str, minimum: int, what: str = "whole number", rule: str 
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a {what}: {text!r}")
+        raise argparse.ArgumentTypeError(f"not a {what}: {text!r}") from None
     if v < minimum:
         raise argparse.ArgumentTypeError(f"{rule or f'must be at least {minimum}'}: {text!r}")
     return v
@@ -84,7 +97,7 @@ def positive_int(text: str) -> int:
     return whole_number(text, 1)
 
 
-def server_urls(ns: argparse.Namespace, env=None) -> list[str]:
+def server_urls(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> list[str]:
     """--server > MQ9_SERVER > NATS_URL > the default; each may list several URLs with
     commas, like the nats CLI's NATS_URL ("nats://a:4222,nats://b:4222")."""
     env = os.environ if env is None else env
@@ -96,41 +109,56 @@ def server_urls(ns: argparse.Namespace, env=None) -> list[str]:
     return [DEFAULT_SERVER]
 
 
-def settings(ns: argparse.Namespace) -> dict:
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """A client command's connection settings: flags, else variables, else defaults."""
+
+    servers: list[str]
+    token: str | None
+    user: str | None
+    password: str | None
+    timeout: float
+    timeout_given: bool
+    tls_ca: str | None
+    tls_cert: str | None
+    tls_key: str | None
+
+
+def settings(ns: argparse.Namespace) -> Settings:
     env = os.environ
-    timeout = getattr(ns, "timeout", None)
-    return {
-        "servers": server_urls(ns, env),
-        "token": getattr(ns, "auth_token", None) or env.get("MQ9_AUTH_TOKEN") or None,
-        "user": getattr(ns, "user", None) or env.get("MQ9_USER") or None,
-        "password": getattr(ns, "password", None) or env.get("MQ9_PASS") or None,
-        "timeout": timeout if timeout is not None else DEFAULT_TIMEOUT,
-        "timeout_given": timeout is not None,
+    timeout: float | None = getattr(ns, "timeout", None)
+    return Settings(
+        servers=server_urls(ns, env),
+        token=getattr(ns, "auth_token", None) or env.get("MQ9_AUTH_TOKEN") or None,
+        user=getattr(ns, "user", None) or env.get("MQ9_USER") or None,
+        password=getattr(ns, "password", None) or env.get("MQ9_PASS") or None,
+        timeout=timeout if timeout is not None else DEFAULT_TIMEOUT,
+        timeout_given=timeout is not None,
         # MQ9_CLIENT_*: MQ9_TLS_CERT etc. are the node's own (server) files
-        "tls_ca": getattr(ns, "tls_ca", None) or env.get("MQ9_CLIENT_TLS_CA") or None,
-        "tls_cert": getattr(ns, "tls_cert", None) or env.get("MQ9_CLIENT_TLS_CERT") or None,
-        "tls_key": getattr(ns, "tls_key", None) or env.get("MQ9_CLIENT_TLS_KEY") or None,
-    }
+        tls_ca=getattr(ns, "tls_ca", None) or env.get("MQ9_CLIENT_TLS_CA") or None,
+        tls_cert=getattr(ns, "tls_cert", None) or env.get("MQ9_CLIENT_TLS_CERT") or None,
+        tls_key=getattr(ns, "tls_key", None) or env.get("MQ9_CLIENT_TLS_KEY") or None,
+    )
 
 
-def tls_context(cfg: dict):
+def tls_context(cfg: Settings) -> ssl.SSLContext | None:
     """An SSLContext when TLS is asked for (a tls:// URL or any --tls-* file), else None."""
     import ssl
 
-    if not (cfg.get("tls_ca") or cfg.get("tls_cert")
-            or any(s.startswith("tls://") for s in cfg["servers"])):
+    if not (cfg.tls_ca or cfg.tls_cert
+            or any(s.startswith("tls://") for s in cfg.servers)):
         return None
     try:
-        ctx = ssl.create_default_context(cafile=cfg.get("tls_ca"))
-        if cfg.get("tls_cert"):
-            ctx.load_cert_chain(cfg["tls_cert"], cfg.get("tls_key"))
+        ctx = ssl.create_default_context(cafile=cfg.tls_ca)
+        if cfg.tls_cert:
+            ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
     except (OSError, ssl.SSLError) as e:
         raise ToolError(f"TLS files: {getattr(e, 'strerror', None) or e}") from None
     return ctx
 
 
 def normalize_servers(text: str) -> list[str]:
-    out = []
+    out: list[str] = []
     for s in text.split(","):
         s = s.strip()
         if not s:
@@ -183,14 +211,15 @@ def _connect_supports(name: str) -> bool:
         return False
 
 
-async def connect(cfg: dict, *, subject_checks: bool = True, quiet_reconnects: bool = True):
+async def connect(cfg: Settings, *, subject_checks: bool = True,
+                  quiet_reconnects: bool = True) -> Client:
     """A connected nats-py client, or ToolError("cannot connect to ...") as soon as every
     server has failed once (nats-py alone would keep retrying)."""
     import nats
 
-    servers = cfg["servers"]
+    servers = cfg.servers
     errors: list[BaseException] = []
-    nc_box: list = [None]
+    nc_box: list[Client | None] = [None]
     failed = asyncio.Event()
     connected = False
 
@@ -203,23 +232,24 @@ async def connect(cfg: dict, *, subject_checks: bool = True, quiet_reconnects: b
             status(f"connection error: {describe(e)}")
 
     async def disconnected_cb() -> None:
-        if connected and not quiet_reconnects and not nc_box[0].is_closed \
-                and not getattr(nc_box[0], "_mq9_closing", False):
+        nc = nc_box[0]
+        if connected and not quiet_reconnects and nc is not None and not nc.is_closed \
+                and nc not in _closing:
             status("disconnected, reconnecting ...")
 
     async def reconnected_cb() -> None:
         if not quiet_reconnects:
             status("reconnected")
 
-    opts = {"servers": servers, "error_cb": error_cb, "disconnected_cb": disconnected_cb,
-            "reconnected_cb": reconnected_cb, "connect_timeout": cfg["timeout"],
+    opts: dict[str, Any] = {"servers": servers, "error_cb": error_cb, "disconnected_cb": disconnected_cb,
+            "reconnected_cb": reconnected_cb, "connect_timeout": cfg.timeout,
             "name": "mq9-cli", "max_reconnect_attempts": -1 if not quiet_reconnects else 3,
             "reconnect_time_wait": 1}
-    if cfg["token"]:
-        opts["token"] = cfg["token"]
-    if cfg["user"]:
-        opts["user"] = cfg["user"]
-        opts["password"] = cfg["password"] or ""
+    if cfg.token:
+        opts["token"] = cfg.token
+    if cfg.user:
+        opts["user"] = cfg.user
+        opts["password"] = cfg.password or ""
     ctx = tls_context(cfg)
     if ctx is not None:
         opts["tls"] = ctx
@@ -229,21 +259,22 @@ async def connect(cfg: dict, *, subject_checks: bool = True, quiet_reconnects: b
     task = asyncio.ensure_future(nats.connect(**opts))
     failed_wait = asyncio.ensure_future(failed.wait())
     try:
-        done, _ = await asyncio.wait({task, failed_wait}, timeout=cfg["timeout"] * len(servers) + 1,
+        done, _ = await asyncio.wait({task, failed_wait}, timeout=cfg.timeout * len(servers) + 1,
                                      return_when=asyncio.FIRST_COMPLETED)
     finally:
         failed_wait.cancel()
     where = ", ".join(servers)
     if task in done and not task.cancelled() and task.exception() is None:
         connected = True
-        nc_box[0] = task.result()
-        return nc_box[0]
-    if task in done and task.exception() is not None:
-        errors.append(task.exception())
+        nc = nc_box[0] = task.result()
+        return nc
+    err = task.exception() if task in done and not task.cancelled() else None
+    if err is not None:
+        errors.append(err)
     task.cancel()
     with contextlib.suppress(Exception, asyncio.CancelledError):
         await task
-    reason = describe(errors[0]) if errors else f"no answer within {cfg['timeout']:g}s"
+    reason = describe(errors[0]) if errors else f"no answer within {cfg.timeout:g}s"
     raise ToolError(f"cannot connect to {where}: {reason}")
 
 
@@ -266,35 +297,35 @@ def describe(e: BaseException) -> str:
 
 # ---- replies -------------------------------------------------------------------------------
 
-async def request(nc, subject: str, payload: bytes, timeout: float,
-                  headers: dict | None = None):
+async def request(nc: Client, subject: str, payload: bytes, timeout: float,
+                  headers: dict[str, str] | None = None) -> Msg:
     import nats.errors as ne
 
     try:
         return await nc.request(subject, payload, timeout=timeout, headers=headers)
     except ne.NoRespondersError:
         hint = " (is this an mq9 broker?)" if subject.startswith("$mq9.AI.MAILBOX.") else ""
-        raise ToolError(f"no responders for {subject}{hint}")
+        raise ToolError(f"no responders for {subject}{hint}") from None
     except (TimeoutError, ne.TimeoutError):
-        raise ToolError(f"timeout: no reply on {subject} within {timeout:g}s")
+        raise ToolError(f"timeout: no reply on {subject} within {timeout:g}s") from None
     except ne.MaxPayloadError:
         raise ToolError(f"message too large: {len(payload)} bytes is more than the server's "
-                        f"max_payload ({nc.max_payload})")
+                        f"max_payload ({nc.max_payload})") from None
 
 
-def broker_reply(msg) -> dict:
+def broker_reply(msg: Msg) -> dict[str, Any]:
     """The JSON object of an mq9 reply; an error reply raises ToolError("code: error")."""
     try:
         data = json.loads(msg.data)
     except (ValueError, UnicodeDecodeError):
-        raise ToolError(f"unexpected reply (not JSON): {preview(msg.data, 200)}")
+        raise ToolError(f"unexpected reply (not JSON): {preview(msg.data, 200)}") from None
     if not isinstance(data, dict):
         raise ToolError(f"unexpected reply: {preview(msg.data, 200)}")
     check_error(data)
     return data
 
 
-def check_error(data) -> None:
+def check_error(data: object) -> None:
     if isinstance(data, dict) and "error" in data and "code" in data:
         raise ToolError(f"{data.get('code')}: {data.get('error')}")
 
@@ -312,7 +343,7 @@ def status(text: str) -> None:
     sys.stderr.flush()
 
 
-def print_json(data) -> None:
+def print_json(data: object) -> None:
     out(json.dumps(data, indent=2, ensure_ascii=False))
 
 
@@ -331,7 +362,7 @@ def body_text(data: bytes) -> str:
     return text
 
 
-def preview(data, width: int) -> str:
+def preview(data: object, width: int) -> str:
     """One line of at most ``width`` characters."""
     if isinstance(data, bytes):
         try:
@@ -350,7 +381,7 @@ def fmt_time(ts: float, date: bool = True) -> str:
     return (time.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S", lt) + f".{ms:03d}")
 
 
-def table(rows: list[tuple[str, ...]]) -> list[str]:
+def table(rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
@@ -391,7 +422,7 @@ class Progress:
 
 # ---- running -------------------------------------------------------------------------------
 
-Command = Callable[..., Awaitable[int]]
+Command = Callable[["Client", argparse.Namespace, Settings], Awaitable[int]]
 
 
 def execute(command: Command, ns: argparse.Namespace, *, subject_checks: bool = True,
@@ -405,7 +436,7 @@ def execute(command: Command, ns: argparse.Namespace, *, subject_checks: bool = 
         try:
             return await command(nc, ns, cfg)
         finally:
-            nc._mq9_closing = True
+            _closing.add(nc)
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(nc.close(), 2)
 

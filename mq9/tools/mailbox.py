@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import time
+from typing import TYPE_CHECKING
 
 from mq9.tools.common import (
+    Settings,
     ToolError,
     broker_reply,
     fmt_time,
@@ -16,6 +19,9 @@ from mq9.tools.common import (
     request,
     table,
 )
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
 
 CREATE = "$mq9.AI.MAILBOX.CREATE"
 
@@ -28,7 +34,7 @@ def _check_mail_id(mail_id: str) -> str:
     return mail_id
 
 
-def _ts(ts) -> str:
+def _ts(ts: object) -> str:
     """The query's ``ts`` (unix milliseconds; seconds also understood) as local time."""
     if not isinstance(ts, (int, float)) or isinstance(ts, bool):
         return str(ts or "")
@@ -37,15 +43,15 @@ def _ts(ts) -> str:
     return fmt_time(ts)
 
 
-async def create(nc, ns, cfg) -> int:
-    body = {}
+async def create(nc: Client, ns: argparse.Namespace, cfg: Settings) -> int:
+    body: dict[str, object] = {}
     if ns.type:
         body["type"] = ns.type
     if ns.ttl is not None:
         body["ttl"] = ns.ttl
     if ns.name:
         body["name"] = ns.name
-    msg = await request(nc, CREATE, json.dumps(body).encode(), cfg["timeout"])
+    msg = await request(nc, CREATE, json.dumps(body).encode(), cfg.timeout)
     data = broker_reply(msg)
     if ns.json:
         print_json(data)
@@ -69,10 +75,10 @@ async def create(nc, ns, cfg) -> int:
     return 0
 
 
-async def delete(nc, ns, cfg) -> int:
+async def delete(nc: Client, ns: argparse.Namespace, cfg: Settings) -> int:
     mail_id = _check_mail_id(ns.mail_id)
     msg = await request(nc, f"$mq9.AI.MAILBOX.DELETE.{mail_id}",
-                        json.dumps({"token": ns.token}).encode(), cfg["timeout"])
+                        json.dumps({"token": ns.token}).encode(), cfg.timeout)
     data = broker_reply(msg)
     if ns.json:
         print_json(data)
@@ -81,15 +87,15 @@ async def delete(nc, ns, cfg) -> int:
     return 0
 
 
-async def query(nc, ns, cfg) -> int:
+async def query(nc: Client, ns: argparse.Namespace, cfg: Settings) -> int:
     mail_id = _check_mail_id(ns.mail_id)
-    body: dict = {"token": ns.token}
+    body: dict[str, object] = {"token": ns.token}
     if ns.limit is not None:
         body["limit"] = ns.limit
     if ns.mark_read:
         body["mark_read"] = True
     msg = await request(nc, f"$mq9.AI.MAILBOX.QUERY.{mail_id}", json.dumps(body).encode(),
-                        cfg["timeout"])
+                        cfg.timeout)
     data = broker_reply(msg)
     if ns.json:
         print_json(data)

@@ -10,13 +10,15 @@ arrive.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-from datetime import datetime
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import datetime
+from typing import Any
 
 from mq9.tools.common import ToolError, fmt_time, out, status
 
@@ -25,7 +27,11 @@ HTTP_TIMEOUT = 15.0  # the node gives up on a silent shard after 3 s
 ALL_PAGE = 1000  # --all without --limit: the largest page, fewest round trips
 
 
-def base_url(ns) -> str:
+# A /mailboxz page or one of its entries, as decoded JSON (``mq9/mailbox_list.py`` writes it).
+Doc = dict[str, Any]
+
+
+def base_url(ns: argparse.Namespace) -> str:
     url = (ns.url or os.environ.get("MQ9_MONITOR_URL") or DEFAULT_URL).strip().rstrip("/")
     if "://" not in url:
         url = "http://" + url
@@ -34,7 +40,7 @@ def base_url(ns) -> str:
     return url
 
 
-def fetch(url: str, prefix: str, after: str, limit: int | None, timeout: float) -> dict:
+def fetch(url: str, prefix: str, after: str, limit: int | None, timeout: float) -> Doc:
     query = {"prefix": prefix, "after": after}
     if limit is not None:
         query["limit"] = str(limit)
@@ -69,7 +75,7 @@ def _error_text(body: bytes) -> str:
         return ""
 
 
-def _expires(m: dict) -> str:
+def _expires(m: Doc) -> str:
     left = m.get("ttl_left")
     if left is None:
         return "never"
@@ -87,7 +93,7 @@ def _span(seconds: int) -> str:
     return f"{seconds}s"
 
 
-def _row(m: dict) -> tuple[str, ...]:
+def _row(m: Doc) -> tuple[str, ...]:
     u = m.get("unread") or {}
     return (str(m.get("mail_id", "")), str(m.get("type", "")),
             f"{u.get('urgent', 0)}/{u.get('normal', 0)}/{u.get('notify', 0)}",
@@ -97,7 +103,7 @@ def _row(m: dict) -> tuple[str, ...]:
 HEADER = ("MAIL_ID", "TYPE", "UNREAD U/N/N", "MESSAGES", "BYTES", "EXPIRES")
 
 
-def _warn_partial(doc: dict, warned: set) -> None:
+def _warn_partial(doc: Doc, warned: set[str]) -> None:
     for miss in doc.get("missing") or ():
         where = f"{miss.get('node')}/shard-{miss.get('shard')}"
         if where not in warned:
@@ -106,7 +112,7 @@ def _warn_partial(doc: dict, warned: set) -> None:
                    f"({miss.get('error')})")
 
 
-def main(ns) -> int:
+def main(ns: argparse.Namespace) -> int:
     """``run`` with its expected failures as one line on stderr and exit status 1."""
     try:
         return run(ns)
@@ -123,7 +129,7 @@ def main(ns) -> int:
         return 0
 
 
-def run(ns) -> int:
+def run(ns: argparse.Namespace) -> int:
     url = base_url(ns)
     timeout = ns.timeout or HTTP_TIMEOUT
     if ns.all and ns.limit is None:
@@ -178,10 +184,10 @@ def _line(row: tuple[str, ...], widths: list[int]) -> str:
     return "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
 
 
-def _all_json(url: str, ns, doc: dict, timeout: float, warned: set) -> int:
+def _all_json(url: str, ns: argparse.Namespace, doc: Doc, timeout: float, warned: set[str]) -> int:
     """One JSON document, its ``mailboxes`` written page by page."""
     prefix, after = ns.prefix or "", ns.after or ""
-    missing: dict[str, dict] = {}
+    missing: dict[str, Doc] = {}
     n = 0
     w = sys.stdout.write
     w('{"mailboxes": [')

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+from typing import TYPE_CHECKING
 
 from mq9.tools.common import (
     Progress,
+    Settings,
     ToolError,
     body_text,
     broker_reply,
@@ -20,15 +23,18 @@ from mq9.tools.common import (
 )
 from mq9.tools.mailbox import _check_mail_id
 
+if TYPE_CHECKING:
+    from nats.aio.client import Client
 
-def _check_size(nc, payload: bytes) -> None:
+
+def _check_size(nc: Client, payload: bytes) -> None:
     limit = getattr(nc, "max_payload", 0) or 0
     if limit and len(payload) > limit:
         raise ToolError(f"message too large: {len(payload)} bytes, the server's max_payload "
                         f"is {limit}")
 
 
-async def send(nc, ns, cfg) -> int:
+async def send(nc: Client, ns: argparse.Namespace, cfg: Settings) -> int:
     mail_id = _check_mail_id(ns.mail_id)
     subject = f"$mq9.AI.INBOX.{mail_id}.{ns.priority}"
     payload = read_body(ns.body)
@@ -39,7 +45,7 @@ async def send(nc, ns, cfg) -> int:
     if ns.ack:
         replies = []
         for i in range(count):
-            msg = await request(nc, subject, payload, cfg["timeout"], headers=headers)
+            msg = await request(nc, subject, payload, cfg.timeout, headers=headers)
             replies.append(broker_reply(msg))
             progress.update(i + 1)
         took = progress.finish()
@@ -64,7 +70,8 @@ async def send(nc, ns, cfg) -> int:
     return 0
 
 
-async def _publish_many(nc, subject, payload, headers, count, progress) -> None:
+async def _publish_many(nc: Client, subject: str, payload: bytes, headers: dict[str, str] | None,
+                        count: int, progress: Progress) -> None:
     before = getattr(nc, "last_error", None)
     for i in range(count):
         await nc.publish(subject, payload, headers=headers)
@@ -79,7 +86,7 @@ async def _publish_many(nc, subject, payload, headers, count, progress) -> None:
         raise ToolError(describe(err))
 
 
-async def pub(nc, ns, cfg) -> int:
+async def pub(nc: Client, ns: argparse.Namespace, cfg: Settings) -> int:
     subject = check_subject(ns.subject)
     if any(c in subject for c in "*>#"):
         raise ToolError(f"cannot publish to a wildcard subject: {subject}")
@@ -95,12 +102,12 @@ async def pub(nc, ns, cfg) -> int:
     return 0
 
 
-async def req(nc, ns, cfg) -> int:
+async def req(nc: Client, ns: argparse.Namespace, cfg: Settings) -> int:
     subject = check_subject(ns.subject)
     payload = read_body(ns.body)
     headers = parse_headers(ns.header)
     _check_size(nc, payload)
-    msg = await request(nc, subject, payload, cfg["timeout"], headers=headers)
+    msg = await request(nc, subject, payload, cfg.timeout, headers=headers)
     if subject.startswith("$mq9.AI."):
         try:
             check_error(json.loads(msg.data))

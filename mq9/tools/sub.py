@@ -16,16 +16,25 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
 
-from mq9.tools.common import ToolError, body_text, check_subject, out, status
+from mq9.tools.common import Settings, ToolError, body_text, check_subject, out, status
+
+if TYPE_CHECKING:
+    import argparse
+
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
 
 
-def _subscribe_unchecked(nc, subject, **kw):
+def _subscribe_unchecked(nc: Client, subject: str, **kw: Any) -> Awaitable[Subscription]:
     if getattr(nc, "_skip_subject_validation", False):
         return nc.subscribe(subject, **kw)
     from nats.aio import client
 
-    async def go():
+    async def go() -> Subscription:
         saved = getattr(client, "_validate_subject", None)
         if saved is None:
             return await nc.subscribe(subject, **kw)
@@ -37,8 +46,8 @@ def _subscribe_unchecked(nc, subject, **kw):
     return go()
 
 
-def _json_line(msg, n: int, now: float) -> str:
-    rec: dict = {"n": n, "time": now, "subject": msg.subject}
+def _json_line(msg: Msg, n: int, now: float) -> str:
+    rec: dict[str, object] = {"n": n, "time": now, "subject": msg.subject}
     if msg.reply:
         rec["reply"] = msg.reply
     if msg.headers:
@@ -51,7 +60,7 @@ def _json_line(msg, n: int, now: float) -> str:
     return json.dumps(rec, ensure_ascii=False)
 
 
-def _readable(msg, n: int, now: float) -> str:
+def _readable(msg: Msg, n: int, now: float) -> str:
     stamp = f"{time.strftime('%H:%M:%S', time.localtime(now))}.{int((now % 1) * 1000):03d}"
     lines = [f"[#{n}] {stamp} {msg.subject}"]
     headers = dict(msg.headers or {})
@@ -71,7 +80,7 @@ def _readable(msg, n: int, now: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _check_open(nc, subject: str) -> None:
+def _check_open(nc: Client, subject: str) -> None:
     """The server closes the connection after some -ERRs (nats-py does, on any -ERR that
     is not a permissions error); say why instead of waiting forever."""
     if nc.is_closed:
@@ -82,16 +91,16 @@ def _check_open(nc, subject: str) -> None:
         raise ToolError(f"subscription to {subject} ended: {reason}")
 
 
-async def sub(nc, ns, cfg) -> int:
+async def sub(nc: Client, ns: argparse.Namespace, cfg: Settings) -> int:
     subject = check_subject(ns.subject)
     if ns.queue is not None:
         check_subject(ns.queue, "queue group")
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue[Msg] = asyncio.Queue()
 
-    async def cb(msg) -> None:
+    async def cb(msg: Msg) -> None:
         queue.put_nowait(msg)
 
-    kw = {"cb": cb}
+    kw: dict[str, Any] = {"cb": cb}
     if ns.queue:
         kw["queue"] = ns.queue
     if ns.count:
@@ -100,15 +109,16 @@ async def sub(nc, ns, cfg) -> int:
         kw["max_msgs"] = ns.count
     await _subscribe_unchecked(nc, subject, **kw)
     with contextlib.suppress(Exception):  # a refused SUB closes the connection: said below
-        await nc.flush(timeout=cfg["timeout"])
+        # nats-py annotates the timeout as int; it goes to asyncio.wait_for, seconds as a float
+        await nc.flush(timeout=cfg.timeout)  # type: ignore[arg-type]
     _check_open(nc, subject)
     # on stderr, also with --raw/--json: stdout stays only messages
     what = f"{ns.count} message(s)" if ns.count else "messages"
     group = f" in queue group {ns.queue}" if ns.queue else ""
-    until = f", for {cfg['timeout']:g}s" if cfg["timeout_given"] else ", Ctrl-C to stop"
+    until = f", for {cfg.timeout:g}s" if cfg.timeout_given else ", Ctrl-C to stop"
     status(f"Listening on {subject}{group} for {what}{until}")
 
-    deadline = time.monotonic() + cfg["timeout"] if cfg["timeout_given"] else None
+    deadline = time.monotonic() + cfg.timeout if cfg.timeout_given else None
     n = 0
     while not ns.count or n < ns.count:
         wait = 0.5 if deadline is None else min(deadline - time.monotonic(), 0.5)
@@ -130,5 +140,5 @@ async def sub(nc, ns, cfg) -> int:
             out(_readable(msg, n, now))
     if ns.count and n < ns.count:
         raise ToolError(f"timeout: received {n} of {ns.count} message(s) on {subject} "
-                        f"within {cfg['timeout']:g}s")
+                        f"within {cfg.timeout:g}s")
     return 0
