@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from mq9.shard.state import (
-    DELIVERED, INFLIGHT, PENDING, is_pending, pack, prio_of, size_of, state_of, with_state,
+    DELIVERED,
+    INFLIGHT,
+    PENDING,
+    is_pending,
+    pack,
+    prio_of,
+    size_of,
+    state_of,
+    with_state,
 )
 
 
