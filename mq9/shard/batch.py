@@ -14,8 +14,10 @@ already stored (store first, then reply, then push).
 This module holds the batch protocol, start-up and recovery (rebuilding memory from the
 store); the handlers come from one module per concern, named in ``_handlers``:
 ``ops`` (clients' operations), ``subscriptions`` (owner subscriptions and their reports),
-``moves`` (slot moves), ``listing`` (the operator's list); ``pump`` pushes messages and
-``state`` is a mailbox's in-memory state (see there for the delivery states).
+``moves`` (slot moves), ``listing`` (the operator's list); ``pump`` pushes messages,
+``state`` holds a mailbox's in-memory state (see there for the delivery states) and a
+mail_id's owner subscriptions, and ``core`` declares what the handler modules may use of
+the ``Shard`` (each of them subclasses that protocol).
 """
 
 from __future__ import annotations

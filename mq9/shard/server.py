@@ -1,4 +1,4 @@
-"""The shard process: a ROUTER socket in front of one ``Shard`` (mailbox.py).
+"""The shard process: a ROUTER socket in front of one ``Shard`` (batch.py).
 
 Each loop iteration is one batch: wait for input (or the next expiry tick), drain what is
 queued without blocking, apply every operation, write one RocksDB WriteBatch, then send one
