@@ -19,7 +19,7 @@ from collections import deque
 from enum import IntEnum
 
 from mq9 import subjects, wire
-from mq9.shard.store import Meta
+from mq9.shard.store import KeyPrefixes, Meta
 
 PRIORITIES = subjects.PRIORITIES  # index = delivery order
 PRIO_INDEX = {p: i for i, p in enumerate(PRIORITIES)}
@@ -87,8 +87,7 @@ class Mailbox:
     __slots__ = ("mail_id", "meta", "latest", "keys", "next_id", "msgs", "pending", "inflight",
                  "delivered", "undelivered", "nbytes", "slot")
 
-    def __init__(self, mail_id: str, meta: Meta, latest: bool,
-                 keys: tuple[bytes, bytes] = (b"", b"")):
+    def __init__(self, mail_id: str, meta: Meta, latest: bool, keys: KeyPrefixes):
         self.mail_id = mail_id
         self.meta = meta
         self.latest = latest

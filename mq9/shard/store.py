@@ -31,7 +31,7 @@ import os
 import struct
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
-from typing import cast
+from typing import NamedTuple, cast
 
 import msgspec
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
@@ -138,6 +138,14 @@ def record_payload_size(value: bytes) -> int:
     return len(value) - 4 - n
 
 
+class KeyPrefixes(NamedTuple):
+    """A mailbox's key prefixes (``Store.prefixes``), built once per mailbox for the writes
+    made per message."""
+
+    msg: bytes
+    undelivered: bytes
+
+
 class LoadedMailbox(msgspec.Struct):
     mail_id: str
     meta: Meta
@@ -169,25 +177,24 @@ class Store:
         self._dirty = True
 
     @staticmethod
-    def prefixes(mail_id: str) -> tuple[bytes, bytes]:
-        """(message key prefix, undelivered key prefix) of a mailbox, for ``put_message_at``."""
-        return msg_prefix(mail_id), undelivered_prefix(mail_id)
+    def prefixes(mail_id: str) -> KeyPrefixes:
+        return KeyPrefixes(msg_prefix(mail_id), undelivered_prefix(mail_id))
 
-    def put_message_at(self, prefixes: tuple[bytes, bytes], msg_id: int, prio: int,
+    def put_message_at(self, prefixes: KeyPrefixes, msg_id: int, prio: int,
                        record: bytes) -> None:
         idb = _BE8.pack(msg_id)
         put = self.batch.put
-        put(prefixes[0] + idb, record)
-        put(prefixes[1] + _PRIO_BYTES[prio] + idb, b"")
+        put(prefixes.msg + idb, record)
+        put(prefixes.undelivered + _PRIO_BYTES[prio] + idb, b"")
         self._dirty = True
 
     def mark_delivered(self, mail_id: str, prio: int, msg_id: int) -> None:
         self.batch.delete(undelivered_key(mail_id, prio, msg_id))
         self._dirty = True
 
-    def mark_delivered_at(self, prefixes: tuple[bytes, bytes], prio: int, msg_id: int) -> None:
+    def mark_delivered_at(self, prefixes: KeyPrefixes, prio: int, msg_id: int) -> None:
         """``mark_delivered`` with the mailbox's prefixes (see ``prefixes``) already built."""
-        self.batch.delete(prefixes[1] + _PRIO_BYTES[prio] + _BE8.pack(msg_id))
+        self.batch.delete(prefixes.undelivered + _PRIO_BYTES[prio] + _BE8.pack(msg_id))
         self._dirty = True
 
     def delete_message(self, mail_id: str, msg_id: int, prio: int | None) -> None:
