@@ -22,9 +22,7 @@ from mq9.shard.state import (
     size_of,
     state_of,
 )
-from mq9.shard.state import (
-    refusal as _err,
-)
+from mq9.shard.state import refusal as _err
 from mq9.shard.store import Meta, encode_record
 
 # Payload bytes one Query reply may carry: 1000 messages of 1 MiB must not become a
