@@ -26,7 +26,6 @@ PRIO_INDEX = {p: i for i, p in enumerate(PRIORITIES)}
 PRIO_BITS = tuple(subjects.PRIORITY_BIT[p] for p in PRIORITIES)
 
 
-
 class MsgState(IntEnum):
     """A stored message's delivery state, as packed into its int (see the module doc)."""
 
