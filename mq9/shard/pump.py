@@ -39,7 +39,7 @@ class Pump(ShardCore):
         else:
             out = [None] * len(mids)
             missing = mids
-        raws = iter(self.store.get_records(mb.keys.msg, missing))
+        raws = iter(self.store.get_records(mb.keys[0], missing))
         for i, r in enumerate(out):
             if r is None:
                 raw = next(raws)

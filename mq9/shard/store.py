@@ -31,7 +31,7 @@ import os
 import struct
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple, cast
+from typing import cast
 
 import msgspec
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
@@ -138,12 +138,12 @@ def record_payload_size(value: bytes) -> int:
     return len(value) - 4 - n
 
 
-class KeyPrefixes(NamedTuple):
-    """A mailbox's key prefixes (``Store.prefixes``), built once per mailbox for the writes
-    made per message."""
-
-    msg: bytes
-    undelivered: bytes
+# (message key prefix, undelivered key prefix) of a mailbox (``Store.prefixes``), built
+# once per mailbox for the writes made per message. A plain pair read by index: a
+# NamedTuple's attribute costs ~150 more instructions per read than an index on 3.11, and
+# a send or a Delivered report reads it once or twice per message (measured: +0.7% per
+# message for send, push and Delivered together).
+KeyPrefixes = tuple[bytes, bytes]
 
 
 class LoadedMailbox(msgspec.Struct):
@@ -178,14 +178,14 @@ class Store:
 
     @staticmethod
     def prefixes(mail_id: str) -> KeyPrefixes:
-        return KeyPrefixes(msg_prefix(mail_id), undelivered_prefix(mail_id))
+        return msg_prefix(mail_id), undelivered_prefix(mail_id)
 
     def put_message_at(self, prefixes: KeyPrefixes, msg_id: int, prio: int,
                        record: bytes) -> None:
         idb = _BE8.pack(msg_id)
         put = self.batch.put
-        put(prefixes.msg + idb, record)
-        put(prefixes.undelivered + _PRIO_BYTES[prio] + idb, b"")
+        put(prefixes[0] + idb, record)
+        put(prefixes[1] + _PRIO_BYTES[prio] + idb, b"")
         self._dirty = True
 
     def mark_delivered(self, mail_id: str, prio: int, msg_id: int) -> None:
@@ -194,7 +194,7 @@ class Store:
 
     def mark_delivered_at(self, prefixes: KeyPrefixes, prio: int, msg_id: int) -> None:
         """``mark_delivered`` with the mailbox's prefixes (see ``prefixes``) already built."""
-        self.batch.delete(prefixes.undelivered + _PRIO_BYTES[prio] + _BE8.pack(msg_id))
+        self.batch.delete(prefixes[1] + _PRIO_BYTES[prio] + _BE8.pack(msg_id))
         self._dirty = True
 
     def delete_message(self, mail_id: str, msg_id: int, prio: int | None) -> None:
