@@ -14,35 +14,45 @@ already stored (store first, then reply, then push).
 This module holds the batch protocol, start-up and recovery (rebuilding memory from the
 store); the handlers come from one module per concern, named in ``_handlers``:
 ``ops`` (clients' operations), ``subscriptions`` (owner subscriptions and their reports),
-``moves`` (slot moves), ``listing`` (the operator's list); ``pump`` pushes messages and
-``state`` is a mailbox's in-memory state (see there for the delivery states).
+``moves`` (slot moves), ``listing`` (the operator's list); ``pump`` pushes messages,
+``state`` holds a mailbox's in-memory state (see there for the delivery states) and a
+mail_id's owner subscriptions, and ``core`` declares what the handler modules may use of
+the ``Shard`` (each of them subclasses that protocol).
 """
 
 from __future__ import annotations
 
 import heapq
 import time
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from mq9 import api, log, wire
 from mq9.api import Code
 from mq9.cluster.slots import slot_of
+from mq9.shard.core import Outputs, Request
 from mq9.shard.listing import Listing
 from mq9.shard.moves import Moves
 from mq9.shard.ops import Operations
 from mq9.shard.pump import WINDOW, Pump
-from mq9.shard.state import DELIVERED, PENDING, Mailbox, pack, refusal as _err
-from mq9.shard.store import LoadedMailbox, Store
-from mq9.shard.subscriptions import Subscribers, Sub, Subscriptions
-
+from mq9.shard.state import DELIVERED, PENDING, Mailbox, Sub, Subscribers, pack
+from mq9.shard.state import refusal as _err
+from mq9.shard.store import LoadedMailbox, Record, Store
+from mq9.shard.subscriptions import Subscriptions
 
 # Operations that change stored data (Export commits the batch before reading).
-_STORING_OPS = frozenset((wire.Create, wire.Send, wire.SendRun, wire.Delete, wire.Export,
-                          wire.Import, wire.Freeze, wire.Drop))
+_STORING_OPS = (wire.Create, wire.Send, wire.SendRun, wire.Delete, wire.Export, wire.Import,
+                wire.Freeze, wire.Drop)
+_REQUESTS = (*_STORING_OPS, wire.Query, wire.ListMailboxes)  # the ops answered by rid
+
+# A handler takes the op whose type is its key in ``Shard._handlers``: a dict cannot tie
+# each value's argument type to its key, hence Any.
+Handler = Callable[["Shard", bytes, Any], None]
 
 
 class Shard(Operations, Subscriptions, Moves, Listing, Pump):
     def __init__(self, store: Store, *, max_msgs: int = 10000, window: int = WINDOW,
-                 clock=time.time):
+                 clock: Callable[[], float] = time.time):
         self.store = store
         self.max_msgs = max(1, max_msgs)
         self.window = max(1, window)
@@ -67,9 +77,9 @@ class Shard(Operations, Subscriptions, Moves, Listing, Pump):
         # must store something are refused with ``unavailable`` instead of being applied.
         self.storage_error: str | None = None
         # Per batch:
-        self.out: dict[bytes, list] = {}
+        self.out: Outputs = {}
         self.dirty: set[Mailbox] = set()
-        self.fresh: dict[tuple[str, int], tuple] = {}  # records written this batch, not yet readable
+        self.fresh: dict[tuple[str, int], Record] = {}  # records written this batch, not yet readable
         self.ops: dict[tuple[str, str], int] = {}  # (op, result) -> count, for metrics
         self.sends_ok = 0  # the hot one, kept out of ``ops`` until taken
         self.now_ms = int(self.now * 1000)
@@ -85,19 +95,19 @@ class Shard(Operations, Subscriptions, Moves, Listing, Pump):
     def _build(self, box: LoadedMailbox) -> Mailbox:
         """The in-memory state of one mailbox scanned from disk (startup and Import)."""
         mb = Mailbox(box.mail_id, box.meta, box.meta.type == "latest", self.store.prefixes(box.mail_id))
-        prio_of = {}
+        prio_of: dict[int, int] = {}
         for p, ids in enumerate(box.undelivered):
             mb.pending_deques()[p].extend(ids)
             for mid in ids:
                 prio_of[mid] = p
         msgs = mb.msgs
         for mid, size in box.sizes.items():
-            p = prio_of.get(mid)
-            if p is None:
+            prio = prio_of.get(mid)
+            if prio is None:
                 msgs[mid] = pack(size, DELIVERED, 0)
                 mb.delivered.append(mid)  # ascending ids: already a heap
             else:
-                msgs[mid] = pack(size, PENDING, p)
+                msgs[mid] = pack(size, PENDING, prio)
             mb.nbytes += size
         mb.undelivered = len(prio_of)
         mb.next_id = (max(box.sizes) + 1) if box.sizes else 1
@@ -121,13 +131,13 @@ class Shard(Operations, Subscriptions, Moves, Listing, Pump):
         self.now = self.clock() if now is None else now
         self.now_ms = int(self.now * 1000)
 
-    def apply(self, gw: bytes, op) -> None:
+    def apply(self, gw: bytes, op: wire.ToShard) -> None:
         """Handle one operation; an exception in it never escapes (it becomes ``internal``)."""
         try:
             handler = self._handlers[type(op)]
         except KeyError:
             return
-        if self.storage_error is not None and type(op) in _STORING_OPS:
+        if self.storage_error is not None and isinstance(op, _STORING_OPS):
             name = type(op).__name__.lower()
             self._count(name, Code.UNAVAILABLE)
             return self._reply(gw, _err(op.rid, Code.UNAVAILABLE, api.STORAGE_FAILING))
@@ -135,11 +145,10 @@ class Shard(Operations, Subscriptions, Moves, Listing, Pump):
             handler(self, gw, op)
         except Exception as e:  # noqa: BLE001 - one bad op must not take the shard down
             self._count(type(op).__name__.lower(), Code.INTERNAL)
-            rid = getattr(op, "rid", None)
-            if rid is not None:
-                self._reply(gw, _err(rid, Code.INTERNAL, api.INTERNAL.format(type(e).__name__)))
+            if isinstance(op, _REQUESTS):
+                self._reply(gw, _err(op.rid, Code.INTERNAL, api.INTERNAL.format(type(e).__name__)))
 
-    def finish(self) -> dict[bytes, list]:
+    def finish(self) -> Outputs:
         """Pump, write the batch, and hand over everything to send, per gateway.
 
         If the write fails, the exception propagates and ``failed_outputs`` gives the replies
@@ -168,11 +177,11 @@ class Shard(Operations, Subscriptions, Moves, Listing, Pump):
         self.fresh.clear()
         return out
 
-    def failed_outputs(self) -> dict[bytes, list]:
-        out: dict[bytes, list] = {}
+    def failed_outputs(self) -> Outputs:
+        out: Outputs = {}
         for gw, items in self.out.items():
-            errs = [_err(r.rid, Code.UNAVAILABLE, api.STORAGE_FAILING)
-                    for r in items if type(r) in wire.ANSWERS]
+            errs: list[wire.FromShard] = [_err(r.rid, Code.UNAVAILABLE, api.STORAGE_FAILING)
+                                          for r in items if isinstance(r, wire.ANSWERS)]
             if errs:
                 out[gw] = errs
         self.out = {}
@@ -180,7 +189,7 @@ class Shard(Operations, Subscriptions, Moves, Listing, Pump):
         self.store.discard()
         return out
 
-    def discard_failed_write(self) -> dict[bytes, list]:
+    def discard_failed_write(self) -> Outputs:
         """While ``storage_error`` is set, a batch holds no stored-data change (those ops are
         refused), only delivery marks and expiries: its failed write is dropped and its
         replies and pushes go out. A lost mark means a redelivery after a restart, never a
@@ -236,7 +245,7 @@ class Shard(Operations, Subscriptions, Moves, Listing, Pump):
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _reply(self, gw: bytes, item) -> None:
+    def _reply(self, gw: bytes, item: wire.FromShard) -> None:
         lst = self.out.get(gw)
         if lst is None:
             lst = self.out[gw] = []
@@ -277,7 +286,7 @@ class Shard(Operations, Subscriptions, Moves, Listing, Pump):
             for k in [k for k in self.fresh if k[0] == mb.mail_id]:
                 del self.fresh[k]
 
-    def _moved(self, gw: bytes, op, name: str) -> bool:
+    def _moved(self, gw: bytes, op: Request, name: str) -> bool:
         """Answer ``moved`` if the op's mailbox is in a frozen slot."""
         if slot_of(op.mail_id) not in self.frozen:
             return False
@@ -285,7 +294,7 @@ class Shard(Operations, Subscriptions, Moves, Listing, Pump):
         self._reply(gw, _err(op.rid, Code.MOVED, api.MOVED))
         return True
 
-    _handlers = {
+    _handlers: ClassVar[dict[type[wire.ToShard], Handler]] = {
         wire.Create: Operations._create,
         wire.Send: Operations._send,
         wire.SendRun: Operations._send_run,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mq9.cluster.slots import slot_of
 from mq9 import wire
+from mq9.cluster.slots import slot_of
 from mq9.shard import listing as listing_mod
 from mq9.shard.mailbox_test import ALL, TOK, Rig
 

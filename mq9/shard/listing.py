@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from mq9 import subjects, wire
 from mq9.api import Code
-from mq9.shard.state import DELIVERED, Mailbox, prio_of, refusal as _err, state_of
+from mq9.shard.core import ShardCore
+from mq9.shard.state import DELIVERED, Mailbox, prio_of, state_of
+from mq9.shard.state import refusal as _err
 
 # The operator's list (ListMailboxes) runs inside a batch, so one page is bounded in work,
 # not only in items: it stops early (``more``) after this many mailbox keys looked at or
@@ -15,8 +17,8 @@ LIST_SCAN = 20_000
 LIST_COUNT = 200_000
 
 
-class Listing:
-    """The ``Shard``'s handler of ``ListMailboxes`` (state in ``Shard.__init__``)."""
+class Listing(ShardCore):
+    """The ``Shard``'s handler of ``ListMailboxes``."""
 
     def _list(self, gw: bytes, op: wire.ListMailboxes) -> None:
         if not 1 <= op.limit <= LIST_MAX:
@@ -58,7 +60,7 @@ class Listing:
         self._reply(gw, wire.MailboxList(op.rid, items, more, last, total))
 
     def _info(self, mb: Mailbox) -> wire.MailboxInfo:
-        unread = [0, 0, 0]
+        unread = [0, 0, 0]  # per priority index
         if mb.undelivered:
             for v in mb.msgs.values():
                 if state_of(v) != DELIVERED:
@@ -66,4 +68,4 @@ class Listing:
         meta = mb.meta
         g = self.groups.get(mb.mail_id)
         return wire.MailboxInfo(mb.mail_id, meta.type, meta.created, meta.expires_at, meta.ttl,
-                                tuple(unread), len(mb.msgs), mb.nbytes, len(g.subs) if g else 0)
+                                (unread[0], unread[1], unread[2]), len(mb.msgs), mb.nbytes, len(g.subs) if g else 0)

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from mq9 import subjects, wire
 from mq9.shard.batch import Shard
-from mq9.shard.state import DELIVERED, INFLIGHT, PENDING, prio_of, state_of
 from mq9.shard.mailbox_test import TOK, Clock, pushed
+from mq9.shard.state import DELIVERED, INFLIGHT, PENDING, prio_of, state_of
 from mq9.shard.store import Store
 
 PRIOS = subjects.PRIORITIES
@@ -51,7 +51,7 @@ class World:
         for gw, op in ops:
             self.shard.apply(gw, op)
         out = self.shard.finish()
-        for gw, items in out.items():
+        for items in out.values():
             for it in items:
                 if isinstance(it, wire.ANSWERS) and it.code is None and "msg_id" in it.data:
                     self.undelivered.add(it.data["msg_id"])

@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from mq9.cluster.slots import slot_of
 from mq9 import wire
+from mq9.cluster.slots import slot_of
 from mq9.shard.mailbox_test import ALL, TOK, Clock, Rig, delivers
 from mq9.shard.state import size_of, state_of
 from mq9.shard.store import FAMILIES
@@ -132,7 +132,7 @@ def test_paging_resumes_in_every_family(pair):
     a, _ = pair
     a.create("alpha")
     a.create("beta.x")
-    for i in range(20):
+    for _ in range(20):
         a.send_ok(mail_id="alpha", payload=b"x" * 30)
         a.send_ok(mail_id="beta.x", payload=b"y" * 30)
     slots = [slot_of("alpha"), slot_of("beta.x")]

@@ -9,16 +9,19 @@ import msgspec
 from mq9 import subjects, wire
 from mq9.api import Code
 from mq9.cluster.slots import NUM_SLOTS, slot_of
-from mq9.shard.state import Mailbox, refusal as _err
+from mq9.shard.core import ShardCore
+from mq9.shard.state import Mailbox
+from mq9.shard.state import refusal as _err
 from mq9.shard.store import META, MSG, Meta, mail_id_of, record_payload_size
 
 _meta_check = msgspec.msgpack.Decoder(Meta)
 
 
-class Moves:
-    """The ``Shard``'s handlers of slot moves (state in ``Shard.__init__``)."""
+class Moves(ShardCore):
+    """The ``Shard``'s handlers of slot moves."""
 
-    def _slot_set(self, gw: bytes, op, name: str) -> set[int] | None:
+    def _slot_set(self, gw: bytes, op: wire.Export | wire.Import | wire.Freeze | wire.Drop,
+                  name: str) -> set[int] | None:
         slots = op.slots
         if not slots or not all(type(x) is int and 0 <= x < NUM_SLOTS for x in slots):
             self._count(name, Code.BAD_REQUEST)
@@ -86,7 +89,8 @@ class Moves:
         if op.max_bytes < 1:
             self._count("export", Code.BAD_REQUEST)
             return self._reply(gw, _err(op.rid, Code.BAD_REQUEST, "'max_bytes' must be >= 1"))
-        if op.after is not None and (mail_id_of(op.after) is None or slot_of(mail_id_of(op.after)) not in slots):
+        after = None if op.after is None else mail_id_of(op.after)
+        if op.after is not None and (after is None or slot_of(after) not in slots):
             self._count("export", Code.BAD_REQUEST)
             return self._reply(gw, _err(op.rid, Code.BAD_REQUEST, "'after' is no record key of these slots"))
         self._commit_now()
@@ -103,11 +107,12 @@ class Moves:
         ids: dict[str, int] = {}  # mail_id -> slot
         for k, v in op.pairs:
             mail_id = mail_id_of(k)
-            if mail_id in ids:
+            if mail_id is None:
+                bad = True
+            elif mail_id in ids:
                 bad = False
             else:
-                bad = (mail_id is None or not subjects.valid_mail_id(mail_id)
-                       or slot_of(mail_id) not in slots)
+                bad = not subjects.valid_mail_id(mail_id) or slot_of(mail_id) not in slots
                 if not bad:
                     ids[mail_id] = slot_of(mail_id)
             if not bad:

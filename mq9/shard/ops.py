@@ -8,6 +8,7 @@ import hmac
 
 from mq9 import api, subjects, wire
 from mq9.api import Code
+from mq9.shard.core import ShardCore
 from mq9.shard.state import (
     DELIVERED,
     INFLIGHT,
@@ -18,10 +19,10 @@ from mq9.shard.state import (
     SIZE_SHIFT,
     Mailbox,
     prio_of,
-    refusal as _err,
     size_of,
     state_of,
 )
+from mq9.shard.state import refusal as _err
 from mq9.shard.store import Meta, encode_record
 
 # Payload bytes one Query reply may carry: 1000 messages of 1 MiB must not become a
@@ -29,8 +30,13 @@ from mq9.shard.store import Meta, encode_record
 QUERY_BYTES = 8 * 1024 * 1024
 
 
-class Operations:
-    """The ``Shard``'s handlers of client operations (state in ``Shard.__init__``)."""
+# What one message of a send became: its msg_id, or (code, text) of the refusal (as a
+# ``SentRun`` carries it).
+Stored = int | tuple[str, str]
+
+
+class Operations(ShardCore):
+    """The ``Shard``'s handlers of client operations."""
 
     def _check_token(self, mb: Mailbox, token_hash: bytes) -> bool:
         return bool(token_hash) and hmac.compare_digest(mb.meta.token_hash, token_hash)
@@ -61,14 +67,16 @@ class Operations:
         target = self._send_target(gw, op)
         if target is None:
             return
-        r = self._store_message(target[0], target[1], op.subject, op.headers, op.payload)
-        if r.__class__ is int:
+        mb, prio = target
+        r = self._store_message(mb, prio, op.subject, op.headers, op.payload)
+        if isinstance(r, int):
             out = self.out.get(gw)
             if out is None:
                 out = self.out[gw] = []
             out.append(wire.Sent(op.rid, op.mail_id, r, op.priority))
         else:
-            self._reply(gw, _err(op.rid, r[0], r[1]))
+            code, text = r
+            self._reply(gw, _err(op.rid, code, text))
 
     def _send_run(self, gw: bytes, op: wire.SendRun) -> None:
         target = self._send_target(gw, op)
@@ -79,7 +87,7 @@ class Operations:
         self._reply(gw, wire.SentRun(op.rid, [store(mb, prio, subject, None, p)
                                               for p in op.payloads]))
 
-    def _send_target(self, gw: bytes, op) -> tuple[Mailbox, int] | None:
+    def _send_target(self, gw: bytes, op: wire.Send | wire.SendRun) -> tuple[Mailbox, int] | None:
         """The mailbox and priority index a Send/SendRun stores into, or None after
         answering why not."""
         mail_id = op.mail_id
@@ -95,12 +103,12 @@ class Operations:
         prio = PRIO_INDEX.get(op.priority)
         if prio is None:
             self._count("send", Code.BAD_REQUEST)
-            self._reply(gw, _err(op.rid, Code.BAD_REQUEST, api.check_priority(op.priority)))
+            self._reply(gw, _err(op.rid, Code.BAD_REQUEST, api.UNKNOWN_PRIORITY.format(op.priority)))
             return None
         return mb, prio
 
     def _store_message(self, mb: Mailbox, prio: int, subject: str, headers: bytes | None,
-                       payload: bytes):
+                       payload: bytes) -> Stored:
         """Store one message; its msg_id, or (code, text) if the mailbox is full."""
         store = self.store
         msgs = mb.msgs
@@ -159,7 +167,7 @@ class Operations:
         self.total_msgs -= 1
         self.fresh.pop((mb.mail_id, mid), None)
 
-    def _authorized(self, gw: bytes, op, name: str):
+    def _authorized(self, gw: bytes, op: wire.Query | wire.Delete, name: str) -> Mailbox | None:
         """The live mailbox ``op`` names if its token matches; else the error is answered
         and counted, and None returned."""
         if self.frozen and self._moved(gw, op, name):
@@ -184,7 +192,7 @@ class Operations:
             self._count("query", Code.BAD_REQUEST)
             return self._reply(gw, _err(op.rid, Code.BAD_REQUEST, why))
         ids = mb.undelivered_in_order(op.limit)
-        messages = []
+        messages: list[api.Message] = []
         budget = QUERY_BYTES
         for i, mid in enumerate(ids):
             prio, ts, subject, _headers, payload = self._record(mb.mail_id, mid)

@@ -7,8 +7,9 @@ deques, so replay after a SUB and live delivery are the same mechanism."""
 from __future__ import annotations
 
 from mq9 import wire
-from mq9.shard.state import INFLIGHT_BITS, PRIO_BITS, PRIORITIES, STATE_MASK, Mailbox
-from mq9.shard.store import decode_record
+from mq9.shard.core import ShardCore
+from mq9.shard.state import INFLIGHT_BITS, PRIO_BITS, PRIORITIES, STATE_MASK, Mailbox, Sub
+from mq9.shard.store import Record, decode_record
 
 WINDOW = 1000  # messages in flight per mailbox
 # Bytes one pump of one mailbox may carry: a window of 1 MiB messages must not become a
@@ -17,14 +18,19 @@ PUMP_BYTES = 8 * 1024 * 1024
 PUMP_READ = 256  # pending messages read from the store at a time
 
 
-class Pump:
-    """The ``Shard``'s delivery pump (state in ``Shard.__init__``)."""
+# One DeliverRun per (subscription, priority name, subject) of a pump.
+Runs = dict[tuple[Sub, str, str], wire.DeliverRun]
 
-    def _records(self, mb: Mailbox, mids: list[int]) -> list[tuple | None]:
+
+class Pump(ShardCore):
+    """The ``Shard``'s delivery pump."""
+
+    def _records(self, mb: Mailbox, mids: list[int]) -> list[Record | None]:
         """Decoded records of ascending ``mids`` of ``mb``; None for one that cannot be
         read. Messages of the batch being written come from ``fresh``."""
         fresh = self.fresh
         mail_id = mb.mail_id
+        out: list[Record | None]
         if fresh:
             out = [fresh.get((mail_id, m)) for m in mids]
             missing = [m for m, r in zip(mids, out) if r is None]
@@ -44,7 +50,7 @@ class Pump:
                         pass
         return out
 
-    def _record(self, mail_id: str, mid: int) -> tuple:
+    def _record(self, mail_id: str, mid: int) -> Record:
         rec = self.fresh.get((mail_id, mid))
         if rec is not None:
             return rec
@@ -56,10 +62,10 @@ class Pump:
     def _pump(self, mb: Mailbox) -> None:
         """Push pending messages of ``mb`` to its owner subscriptions, as one DeliverRun
         per subscription and priority."""
-        runs: dict[tuple, wire.DeliverRun] = {}
+        runs: Runs = {}
         self._fill_runs(mb, runs)
         if runs and len(mb.inflight) < self.window:
-            g = self.groups.get(mb.mail_id)
+            g = self.groups[mb.mail_id]  # runs were filled: it has subscribers
             if any(mb.pending[p] for p in range(3) if g.mask & PRIO_BITS[p]):
                 self.dirty.add(mb)  # more to push: the next batch comes at once
         out = self.out
@@ -69,7 +75,7 @@ class Pump:
                 lst = out[s.gw] = []
             lst.append(run)
 
-    def _fill_runs(self, mb: Mailbox, runs: dict) -> None:
+    def _fill_runs(self, mb: Mailbox, runs: Runs) -> None:
         g = self.groups.get(mb.mail_id)
         if g is None or not g.mask:
             return
@@ -102,7 +108,7 @@ class Pump:
                     self.dirty.add(mb)
                     return
                 # The next pending ids, read from the store together (see get_records).
-                batch = []
+                batch: list[int] = []
                 want = min(room, PUMP_READ)
                 while dq and len(batch) < want:
                     mid = dq.popleft()

@@ -1,4 +1,4 @@
-"""The shard process: a ROUTER socket in front of one ``Shard`` (mailbox.py).
+"""The shard process: a ROUTER socket in front of one ``Shard`` (batch.py).
 
 Each loop iteration is one batch: wait for input (or the next expiry tick), drain what is
 queued without blocking, apply every operation, write one RocksDB WriteBatch, then send one
@@ -11,13 +11,16 @@ from __future__ import annotations
 import os
 import signal
 import time
+from types import FrameType
 
 import zmq
+from prometheus_client import Counter
 
 from mq9 import api, curve, endpoints, log, metrics, process, wire
 from mq9 import reload as reloading
 from mq9.config import Config
 from mq9.shard.batch import Shard
+from mq9.shard.core import Outputs
 from mq9.shard.store import Store
 
 TICK = 0.25  # expiry checks at least this often (seconds)
@@ -40,7 +43,7 @@ def _remove_stale_socket(cfg: Config, index: int) -> None:
         pass
 
 
-def _bind(cfg: Config, index: int, ctx: zmq.Context) -> zmq.Socket:
+def _bind(cfg: Config, index: int, ctx: zmq.SyncContext) -> zmq.SyncSocket:
     """The ROUTER, on this node's ipc endpoint and, in cluster mode, on ``--host`` at the
     shard's TCP port behind CURVE (``mq9.curve``; the caller runs the authenticator)."""
     sock = ctx.socket(zmq.ROUTER)
@@ -69,7 +72,7 @@ class _Metrics:
     """Metric updates once per batch, with label children looked up once."""
 
     def __init__(self) -> None:
-        self.ops: dict[tuple[str, str], object] = {}
+        self.ops: dict[tuple[str, str], Counter] = {}
         self.bad_frame = metrics.DROPS.labels("bad_frame")
         self.unreachable = metrics.DROPS.labels("gateway_unreachable")
         self.corrupt = metrics.DROPS.labels("corrupt_record")
@@ -98,21 +101,21 @@ class _Metrics:
             metrics.ROCKSDB_BYTES.set(shard.store.disk_bytes())
 
 
-def _encode(items: list) -> bytes:
+def _encode(items: list[wire.FromShard]) -> bytes:
     """One frame for a gateway. An item that cannot be encoded (a value msgpack cannot
     hold) must not take the others down, nor the shard: it becomes an ``internal`` error
     for its request, or is dropped if it is a push."""
     try:
         return wire.encode(items)
     except (OverflowError, UnicodeEncodeError, TypeError):
-        good = []
+        good: list[wire.FromShard] = []
         for it in items:
             try:
                 wire.encode([it])
                 good.append(it)
             except (OverflowError, UnicodeEncodeError, TypeError):
                 log.error("shard_unencodable_reply", kind=type(it).__name__)
-                if type(it) in wire.ANSWERS:
+                if isinstance(it, wire.ANSWERS):
                     good.append(wire.Result(rid=it.rid, code=api.Code.INTERNAL, error=api.UNENCODABLE))
         return wire.encode(good)
 
@@ -125,7 +128,7 @@ def tick_delay(now: float, next_expiry: float | None) -> float:
     return min(TICK, max(next_expiry - now, 0.01))
 
 
-def _write_failed(shard: Shard, index: int, error: Exception, send) -> dict:
+def _write_failed(shard: Shard, index: int, error: Exception, sock: zmq.SyncSocket) -> Outputs:
     """A batch's RocksDB write failed (disk full, read-only dir, I/O error). Its requests
     are answered ``unavailable`` (nothing of it was stored, so nothing may be acked or
     pushed), memory is rebuilt from what RocksDB holds, and until a probe write succeeds
@@ -135,7 +138,7 @@ def _write_failed(shard: Shard, index: int, error: Exception, send) -> dict:
     log.error("shard_write_failed", shard=index, error=str(error))
     for gw, items in shard.failed_outputs().items():
         try:
-            send([gw, wire.encode(items)], zmq.NOBLOCK)
+            sock.send_multipart([gw, wire.encode(items)], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
     shard.storage_error = str(error)
@@ -160,7 +163,7 @@ def run(cfg: Config, index: int) -> None:
     """Serve shard ``index`` until SIGTERM/SIGINT; then finish the batch, flush, close."""
     stopping = False
 
-    def _stop(signum, frame):
+    def _stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
 
@@ -185,10 +188,10 @@ def run(cfg: Config, index: int) -> None:
              messages=shard.total_msgs, seconds=round(time.monotonic() - t0, 3))
     process.settle_heap()
 
-    ctx = zmq.Context(1)
+    ctx: zmq.SyncContext = zmq.Context(1)
     # No secret, no TCP port (the supervisor refuses cluster mode without one anyway).
-    tcp = bool(cfg.cluster_port and cfg.cluster_secret)
-    auth = curve.start_authenticator(ctx, cfg.cluster_secret) if tcp else None
+    secret = cfg.cluster_secret if cfg.cluster_port else None
+    auth = curve.start_authenticator(ctx, secret) if secret else None
     sock = _bind(cfg, index, ctx)
     m = _Metrics()
     m.batch(shard, 0.0, 0)
@@ -208,7 +211,7 @@ def run(cfg: Config, index: int) -> None:
                 timeout = 0
             else:
                 timeout = max(0, int((next_tick - time.monotonic()) * 1000) + 1)
-            frames = []
+            frames: list[list[bytes]] = []
             if sock.poll(timeout, zmq.POLLIN):
                 while len(frames) < MAX_FRAMES:
                     try:
@@ -252,7 +255,7 @@ def run(cfg: Config, index: int) -> None:
                 if shard.storage_error is not None:
                     out = shard.discard_failed_write()
                 else:
-                    out = _write_failed(shard, index, e, send)
+                    out = _write_failed(shard, index, e, sock)
                     next_probe = time.monotonic() + PROBE_EVERY
             for gw, items in out.items():
                 try:

@@ -8,91 +8,15 @@ subscription that goes away returns to pending unless another one also holds it.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable
 
 from mq9 import subjects, wire
-from mq9.shard.state import DELIVERED_BITS, INFLIGHT_BITS, PRIO_BITS, PRIO_MASK, STATE_MASK, Mailbox
+from mq9.shard.core import ShardCore
+from mq9.shard.state import DELIVERED_BITS, INFLIGHT_BITS, PRIO_MASK, STATE_MASK, Mailbox, Sub, Subscribers
 
 
-class Sub:
-    """One owner subscription of a gateway (``key`` is unique within that gateway)."""
-
-    __slots__ = ("gw", "key", "mail_id", "mask", "queue", "inflight")
-
-    def __init__(self, gw: bytes, key: int, mail_id: str, mask: int, queue: str | None):
-        self.gw = gw
-        self.key = key
-        self.mail_id = mail_id
-        self.mask = mask
-        self.queue = queue
-        self.inflight: set[int] = set()
-
-
-class _Queue:
-    __slots__ = ("members", "rr")
-
-    def __init__(self) -> None:
-        self.members: list[Sub] = []
-        self.rr = 0
-
-    def pick(self) -> Sub:
-        m = self.members
-        self.rr += 1
-        return m[self.rr % len(m)]
-
-
-class Subscribers:
-    """Owner subscriptions of one mail_id, kept even while no such mailbox exists (a client
-    may SUB before CREATE, or keep its SUB across an expiry and a re-create).
-
-    Queue groups are keyed by (queue name, priority mask), the nearest thing to NATS's
-    (subject, queue) identity: ``.*`` and ``.urgent`` subscribers never share a group.
-    """
-
-    __slots__ = ("subs", "queues", "plain_by_prio", "queues_by_prio", "mask")
-
-    def __init__(self) -> None:
-        self.subs: list[Sub] = []
-        self.queues: dict[tuple[str, int], _Queue] = {}
-        self.plain_by_prio: tuple[list[Sub], ...] = ([], [], [])
-        self.queues_by_prio: tuple[list[_Queue], ...] = ([], [], [])
-        self.mask = 0
-
-    def add(self, sub: Sub) -> None:
-        self.subs.append(sub)
-        if sub.queue is not None:
-            q = self.queues.get((sub.queue, sub.mask))
-            if q is None:
-                q = self.queues[(sub.queue, sub.mask)] = _Queue()
-            q.members.append(sub)
-        self._index()
-
-    def remove(self, sub: Sub) -> None:
-        self.subs.remove(sub)
-        if sub.queue is not None:
-            qk = (sub.queue, sub.mask)
-            q = self.queues[qk]
-            q.members.remove(sub)
-            if not q.members:
-                del self.queues[qk]
-        self._index()
-
-    def _index(self) -> None:
-        plain: tuple[list[Sub], ...] = ([], [], [])
-        queues: tuple[list[_Queue], ...] = ([], [], [])
-        for p, bit in enumerate(PRIO_BITS):
-            for s in self.subs:
-                if s.queue is None and s.mask & bit:
-                    plain[p].append(s)
-            for (_, mask), q in self.queues.items():
-                if mask & bit:
-                    queues[p].append(q)
-        self.plain_by_prio = plain
-        self.queues_by_prio = queues
-        self.mask = sum(PRIO_BITS[p] for p in range(3) if plain[p] or queues[p])
-
-
-class Subscriptions:
-    """The ``Shard``'s handlers of subscription reports (state in ``Shard.__init__``)."""
+class Subscriptions(ShardCore):
+    """The ``Shard``'s handlers of subscription reports."""
 
     def _subscribe(self, gw: bytes, op: wire.Subscribe) -> None:
         mask = op.priorities & subjects.ALL_PRIORITIES
@@ -150,7 +74,7 @@ class Subscriptions:
         if mb is not None:
             self._mark_delivered(mb, op.msg_ids)
 
-    def _mark_delivered(self, mb: Mailbox, ids) -> None:
+    def _mark_delivered(self, mb: Mailbox, ids: list[int]) -> None:
         msgs = mb.msgs
         store = self.store
         n = stale = 0
@@ -189,7 +113,7 @@ class Subscriptions:
         sub.inflight.difference_update(mine)
         self._give_back(mb, sub, mine)
 
-    def _give_back(self, mb: Mailbox, sub: Sub, mids) -> None:
+    def _give_back(self, mb: Mailbox, sub: Sub, mids: Iterable[int]) -> None:
         """``sub`` no longer holds ``mids``: those nobody else holds go back to pending."""
         back = []
         for mid in mids:
