@@ -14,7 +14,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import ParamSpec, Protocol, cast
+from typing import ParamSpec, Protocol, cast, final
 
 from mq9.config import Config
 from mq9.gateway.auth import ConnPerms, User
@@ -51,6 +51,7 @@ class Traffic:
 _UNCOUNTED = Traffic()  # a subscription's counters until its first delivery picks them
 
 
+@final  # so that ``type(item) is Subscription`` tells a router's items apart for mypy
 class Subscription:
     __slots__ = ("client", "sid", "sid_b", "subject", "queue", "max_msgs", "delivered", "owner", "key",
                  "last_subject", "last_head", "last_kind")
