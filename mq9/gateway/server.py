@@ -99,9 +99,10 @@ class Gateway:
         self._pinger: asyncio.TimerHandle | None = None
         self._topology_timer: asyncio.TimerHandle | None = None
         self._stats_timer: asyncio.TimerHandle | None = None
-        # Per kind (plain, broadcast, mailbox), in Traffic.totals' order.
+        # Per kind (plain, broadcast, mailbox): the counters, and what was reported of them
+        # and the metrics they go to, both in Traffic.totals' order.
         self.kinds = [Traffic() for _ in subjects.KINDS]
-        self._kind_reported = [Traffic().totals() for _ in subjects.KINDS]
+        self._kind_reported = [(0, 0, 0, 0) for _ in subjects.KINDS]
         self._kind_metrics: list[tuple[Counter, Counter, Counter, Counter]] = [
             (metrics.MESSAGES_IN.labels(k), metrics.BYTES_IN.labels(k),
              metrics.MESSAGES_OUT.labels(k), metrics.BYTES_OUT.labels(k))
