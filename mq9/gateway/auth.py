@@ -38,6 +38,9 @@ import os
 import re
 import time
 import tomllib
+from typing import NamedTuple
+
+import msgspec
 
 MAX_CACHE = 4096  # cached verdicts per user, per gateway; cleared when full
 # A password bcrypt accepted is taken without a new check for this long (per user, per
@@ -72,7 +75,7 @@ class Patterns:
 
     __slots__ = ("plain", "queued")
 
-    def __init__(self, entries: list[str], where: str, queues: bool):
+    def __init__(self, entries: list[object], where: str, queues: bool):
         self.plain: list[list[str]] = []
         self.queued: list[tuple[list[str], str]] = []
         for entry in entries:
@@ -109,10 +112,24 @@ def _queue_in(queue: str, queues: list[str]) -> bool:
 
 # ---- permissions of one user ---------------------------------------------------------------
 
+class ResponsePolicy(NamedTuple):
+    """allow_responses: how often, and for how long, a delivered request may be answered."""
+
+    max_msgs: int  # 0: no limit
+    expires: float  # seconds; 0: never
+
+
+class _Response(msgspec.Struct):
+    """A reply subject the connection was delivered: when, and how often it answered."""
+
+    since: float
+    count: int = 0
+
+
 class Permissions:
     """One user's permissions, with verdict caches shared by that user's connections."""
 
-    def __init__(self, doc: dict, where: str):
+    def __init__(self, doc: object, where: str):
         if not isinstance(doc, dict):
             raise ValueError(f"{where}: permissions must be a table")
         unknown = set(doc) - {"publish", "subscribe", "allow_responses"}
@@ -181,20 +198,20 @@ class ConnPerms:
         # The user's verdicts (cleared in place, never replaced): the PUB hot path looks
         # here first, without a call (see Client._publish).
         self.pub_cache = perms.pub_cache
-        self.replies: dict[str, list] | None = {} if perms.responses is not None else None
+        self.replies: dict[str, _Response] | None = {} if perms.responses is not None else None
 
     def may_publish(self, subject: str) -> bool:
         if self.perms.publish_allowed(subject):
             return True
-        replies = self.replies
-        if replies is None:
+        replies, policy = self.replies, self.perms.responses
+        if replies is None or policy is None:
             return False
         resp = replies.get(subject)
         if resp is None:
             return False
-        max_msgs, expires = self.perms.responses
-        resp[1] += 1
-        if (max_msgs > 0 and resp[1] > max_msgs) or (expires > 0 and time.monotonic() - resp[0] > expires):
+        max_msgs, expires = policy
+        resp.count += 1
+        if (max_msgs > 0 and resp.count > max_msgs) or (expires > 0 and time.monotonic() - resp.since > expires):
             del replies[subject]
             return False
         return True
@@ -211,15 +228,17 @@ class ConnPerms:
             replies = self.replies
             if len(replies) >= MAX_REPLIES:
                 self._prune()
-            replies[reply] = [time.monotonic(), 0]
+            replies[reply] = _Response(time.monotonic())
         return True
 
     def _prune(self) -> None:
-        expires = self.perms.responses[1]
+        replies, policy = self.replies, self.perms.responses
+        if replies is None or policy is None:
+            return
+        expires = policy.expires
         now = time.monotonic()
-        replies = self.replies
         if expires > 0:
-            for k in [k for k, v in replies.items() if now - v[0] > expires]:
+            for k in [k for k, v in replies.items() if now - v.since > expires]:
                 del replies[k]
         if len(replies) >= MAX_REPLIES:  # still full: forget the oldest half
             for k in list(replies)[: len(replies) // 2]:
@@ -278,13 +297,13 @@ class User:
     def conn_perms(self) -> ConnPerms | None:
         return ConnPerms(self.perms) if self.perms is not None else None
 
-    def same_as(self, other: "User") -> bool:
+    def same_as(self, other: User) -> bool:
         """The same entry in the file: same name, password as written and permissions."""
         return (self.name == other.name and self.password == other.password
                 and (self.perms.doc if self.perms else None) == (other.perms.doc if other.perms else None))
 
 
-class Users(dict):
+class Users(dict[str, User]):
     """user name -> User"""
 
 
@@ -314,7 +333,7 @@ def load(path: str) -> Users:
     return parse(doc, path)
 
 
-def parse(doc, where: str) -> Users:
+def parse(doc: object, where: str) -> Users:
     if not isinstance(doc, dict):
         raise ValueError(f"{where}: expected a table with 'users'")
     if "authorization" in doc:
@@ -354,7 +373,7 @@ def parse(doc, where: str) -> Users:
     return users
 
 
-def _allow_deny(v, where: str, queues: bool) -> tuple[Patterns | None, Patterns | None]:
+def _allow_deny(v: object, where: str, queues: bool) -> tuple[Patterns | None, Patterns | None]:
     if v is None:
         return None, None
     if isinstance(v, str):
@@ -377,20 +396,20 @@ def _allow_deny(v, where: str, queues: bool) -> tuple[Patterns | None, Patterns 
     raise ValueError(f"{where}: must be a list of subjects or a table with allow/deny")
 
 
-def _responses(v, where: str) -> tuple[int, float] | None:
+def _responses(v: object, where: str) -> ResponsePolicy | None:
     if v is None or v is False:
         return None
     if v is True:
-        return DEFAULT_RESPONSE_MAX, DEFAULT_RESPONSE_EXPIRES
+        return ResponsePolicy(DEFAULT_RESPONSE_MAX, DEFAULT_RESPONSE_EXPIRES)
     if not isinstance(v, dict) or set(v) - {"max", "expires"}:
         raise ValueError(f"{where}: true, or a table with 'max' and 'expires'")
     max_msgs = v.get("max", DEFAULT_RESPONSE_MAX)
     if not isinstance(max_msgs, int) or isinstance(max_msgs, bool) or max_msgs < 0:
         raise ValueError(f"{where}.max: a count, got {max_msgs!r}")
-    return max_msgs, _duration(v.get("expires", DEFAULT_RESPONSE_EXPIRES), f"{where}.expires")
+    return ResponsePolicy(max_msgs, _duration(v.get("expires", DEFAULT_RESPONSE_EXPIRES), f"{where}.expires"))
 
 
-def _duration(v, where: str) -> float:
+def _duration(v: object, where: str) -> float:
     if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0:
         return float(v)
     m = _DURATION.match(v) if isinstance(v, str) else None

@@ -16,7 +16,7 @@ check all gave the very same password: together they are one guess.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 from mq9 import metrics
 from mq9.gateway.auth import User
@@ -43,7 +43,7 @@ class BcryptChecks:
             lambda fut: self._checked(key, fut))
         return True
 
-    def _checked(self, key: tuple[User, str], fut: asyncio.Future) -> None:
+    def _checked(self, key: tuple[User, str], fut: asyncio.Future[bool]) -> None:
         ok = not fut.cancelled() and fut.exception() is None and fut.result()
         if ok:
             key[0].remember(key[1])

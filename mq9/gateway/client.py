@@ -12,8 +12,14 @@ import asyncio
 import json
 import ssl
 import time
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import ParamSpec, Protocol, cast, final
 
+from mq9.config import Config
+from mq9.gateway.auth import ConnPerms, User
 from mq9.gateway.tls import NotTLS, ServerTLS
+from mq9.log import Logger
 from mq9.protocol import errors
 from mq9.protocol.parser import Parser
 from mq9.protocol.subject_syntax import valid_publish_subject, valid_subject
@@ -23,12 +29,34 @@ PING = b"PING\r\n"
 PONG = b"PONG\r\n"
 OK = b"+OK\r\n"
 
+P = ParamSpec("P")
 
+
+class Traffic:
+    """What one kind of subject (``subjects.KINDS``) carried through a gateway: plain ints,
+    bumped on the publish and delivery paths and folded into the metrics once a second."""
+
+    __slots__ = ("msgs_in", "bytes_in", "msgs_out", "bytes_out")
+
+    def __init__(self) -> None:
+        self.msgs_in = 0
+        self.bytes_in = 0
+        self.msgs_out = 0
+        self.bytes_out = 0
+
+    def totals(self) -> tuple[int, int, int, int]:
+        return self.msgs_in, self.bytes_in, self.msgs_out, self.bytes_out
+
+
+_UNCOUNTED = Traffic()  # a subscription's counters until its first delivery picks them
+
+
+@final  # so that ``type(item) is Subscription`` tells a router's items apart for mypy
 class Subscription:
     __slots__ = ("client", "sid", "sid_b", "subject", "queue", "max_msgs", "delivered", "owner", "key",
                  "last_subject", "last_head", "last_kind")
 
-    def __init__(self, client: "Client", sid: str, subject: str, queue: str | None, key: int):
+    def __init__(self, client: Client, sid: str, subject: str, queue: str | None, key: int):
         self.client = client
         self.sid = sid
         self.sid_b = sid.encode("utf-8", "surrogateescape")
@@ -42,17 +70,50 @@ class Subscription:
         # a subscriber mostly gets one subject over and over.
         self.last_subject: str | None = None
         self.last_head = b""
-        self.last_kind: list[int] = []
+        self.last_kind = _UNCOUNTED
+
+
+class Broker(Protocol):
+    """What a connection asks of its gateway (``mq9.gateway.server.Gateway``)."""
+
+    @property
+    def cfg(self) -> Config: ...
+    @property
+    def tls(self) -> ssl.SSLContext | None: ...
+    @property
+    def auth_required(self) -> bool: ...
+    @property
+    def log(self) -> Logger: ...
+    @property
+    def kinds(self) -> list[Traffic]: ...  # by ``subjects.kind_of``
+
+    def admit(self, client: Client) -> bool: ...
+    def release(self, client: Client) -> None: ...
+    def info_line(self, client: Client, connect_info: bool = False) -> bytes: ...
+    def check_auth(self, opts: Mapping[str, object], client: Client) -> bool | None: ...
+    def auth_failed(self, kind: str) -> None: ...
+    def tls_failed(self, client: Client, exc: BaseException) -> None: ...
+    def slow_consumer(self, client: Client) -> None: ...
+    def want_flush(self, client: Client) -> None: ...
+    def pong_when_routed(self, client: Client) -> None: ...
+    def publish(self, subject: str, reply: str | None, headers: bytes | None, payload: bytes,
+                client: Client) -> None: ...
+    def publish_run(self, subject: str, replies: list[str | None] | None, payloads: list[bytes],
+                    nbytes: int, client: Client) -> None: ...
+    def next_key(self) -> int: ...
+    def subscribe(self, sub: Subscription) -> None: ...
+    def unsubscribe(self, sub: Subscription) -> None: ...
 
 
 class Client(asyncio.Protocol):
-    """``broker`` is the gateway (``mq9.gateway.server.Gateway``)."""
+    # Set by connection_made, before anything reads them.
+    transport: asyncio.Transport
+    _write: Callable[[bytes], None]  # transport.write, or tls.write once TLS is set up
 
-    def __init__(self, broker, cid: int):
+    def __init__(self, broker: Broker, cid: int):
         self.broker = broker
         self.cfg = broker.cfg
         self.cid = cid
-        self.transport: asyncio.Transport | None = None
         self.parser = Parser(self, self.cfg.max_payload, self.cfg.max_control_line)
         self.subs: dict[str, Subscription] = {}
         self.out: list[bytes] = []
@@ -72,28 +133,29 @@ class Client(asyncio.Protocol):
         self.lang = ""
         self.pings_out = 0
         self.rechecks = 0  # no-responders answers still pending for this client
-        self.held_pongs: list | None = None  # PONGs that must wait for them
+        self.held_pongs: list[Callable[[], None]] | None = None  # PONGs that must wait for them
         self.start = time.time()
         self.last_activity_wall = self.start
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
         self._auth_timer: asyncio.TimerHandle | None = None
-        self.remote = ("", 0)
-        self.perms = None  # auth.ConnPerms when the user has permissions
+        self.remote: tuple[str, int] = ("", 0)
+        self.perms: ConnPerms | None = None  # when the user has permissions
         # What a config reload checks again (see reauth): the credentials of the first
         # CONNECT as given, as nats-server keeps them, and the auth-file user they matched.
-        self.creds: dict | None = None
-        self.user = None  # auth.User
-        self.deliver_check = None  # perms.deliverable when deliveries must be filtered
-        self.held_ops: list | None = None  # ops that arrived while a bcrypt check ran
+        self.creds: dict[str, str] | None = None
+        self.user: User | None = None
+        # perms.deliverable when deliveries must be filtered
+        self.deliver_check: Callable[[str, str | None], bool] | None = None
+        self.held_ops: list[Callable[[], None]] | None = None  # ops that arrived while a bcrypt check ran
         self.tls: ServerTLS | None = None
         self.handshaking = False  # TLS handshake under way: nothing may be written yet
         self._tls_timer: asyncio.TimerHandle | None = None
-        self._write = None  # transport.write, or tls.write once TLS is set up
 
     # ---- asyncio.Protocol -------------------------------------------------------------
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream server's transport (uvloop's is not a subclass of asyncio.Transport).
+        transport = self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if peer:
             self.remote = peer[:2]
@@ -120,10 +182,10 @@ class Client(asyncio.Protocol):
             self._auth_timer = asyncio.get_running_loop().call_later(
                 self.cfg.auth_timeout, self._auth_timeout)
 
-    def _tls_data(self, data: bytes) -> bytes:
+    def _tls_data(self, tls: ServerTLS, data: bytes) -> bytes:
         """Socket bytes in, plaintext out (b"" while the handshake goes on)."""
         try:
-            data = self.tls.feed(data)
+            data = tls.feed(data)
         except (NotTLS, ssl.SSLError, EOFError, ValueError) as e:
             if self.handshaking:
                 self._tls_failed(e)
@@ -135,12 +197,12 @@ class Client(asyncio.Protocol):
             self.handshaking = False
             self.close()
             return b""
-        if self.handshaking and self.tls.established:
+        if self.handshaking and tls.established:
             self.handshaking = False
             if self._tls_timer is not None:
                 self._tls_timer.cancel()
                 self._tls_timer = None
-            self._write = self.tls.write
+            self._write = tls.write
             if self.cfg.tls_handshake_first:
                 self._write(self.broker.info_line(self))
             self._start_auth_timer()
@@ -159,8 +221,9 @@ class Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity_wall = time.time()
-        if self.tls is not None:
-            data = self._tls_data(data)
+        tls = self.tls
+        if tls is not None:
+            data = self._tls_data(tls, data)
             if not data:
                 return
         try:
@@ -169,7 +232,7 @@ class Client(asyncio.Protocol):
             self.broker.log.exception("client_parser_failure", cid=self.cid)
             self.close_with_error(errors.PARSE_ERROR)
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self._teardown()
 
     def eof_received(self) -> bool:
@@ -244,8 +307,8 @@ class Client(asyncio.Protocol):
         self.msgs_out += 1
         self.bytes_out += size
         k = sub.last_kind
-        k[2] += 1
-        k[3] += size
+        k.msgs_out += 1
+        k.bytes_out += size
         sub.delivered += 1
         if sub.max_msgs and sub.delivered >= sub.max_msgs:
             self._remove_sub(sub)
@@ -272,11 +335,11 @@ class Client(asyncio.Protocol):
         self.msgs_out += n
         self.bytes_out += size
         k = sub.last_kind
-        k[2] += n
-        k[3] += size
+        k.msgs_out += n
+        k.bytes_out += size
         sub.delivered += n
 
-    def describe(self, now: float) -> dict:
+    def describe(self, now: float) -> dict[str, object]:
         """This connection as nats-server's /connz lists it."""
         return {"cid": self.cid, "ip": self.remote[0], "port": self.remote[1],
                 "start": self.start, "last_activity": self.last_activity_wall,
@@ -288,7 +351,7 @@ class Client(asyncio.Protocol):
                 "subscriptions": len(self.subs), "name": self.name, "lang": self.lang,
                 **self._tls_description()}
 
-    def _tls_description(self) -> dict:
+    def _tls_description(self) -> dict[str, str]:
         if self.tls is None or not self.tls.established:
             return {}
         version, cipher = self.tls.describe()
@@ -345,11 +408,11 @@ class Client(asyncio.Protocol):
     def protocol_error(self, text: str) -> None:
         self.close_with_error(text)
 
-    def _require_connect(self, op, *args) -> bool:
+    def _require_connect(self, op: Callable[P, None], *args: P.args, **kwargs: P.kwargs) -> bool:
         if self.connected or not self.broker.auth_required:
             return True
         if self.held_ops is not None:  # CONNECT is being checked: the op waits for it
-            self.held_ops.append((op, args))
+            self.held_ops.append(partial(op, *args, **kwargs))
             return False
         self.broker.auth_failed("no_connect")
         self.close_with_error(errors.AUTHORIZATION_VIOLATION)
@@ -357,7 +420,7 @@ class Client(asyncio.Protocol):
 
     def op_connect(self, args: bytes) -> None:
         if self.held_ops is not None:
-            self.held_ops.append((self.op_connect, (args,)))
+            self.held_ops.append(partial(self.op_connect, args))
             return
         try:
             opts = json.loads(args)
@@ -419,7 +482,7 @@ class Client(asyncio.Protocol):
         perms = self.perms
         self.deliver_check = perms.deliverable if perms is not None and perms.perms.checks_delivery else None
 
-    def reauthorised(self, user, perms) -> int:
+    def reauthorised(self, user: User | None, perms: ConnPerms | None) -> int:
         """A config reload kept this connection: ``perms`` (auth.ConnPerms or None) replace
         its permissions, and each subscription they no longer allow is removed with
         nats-server's -ERR naming its sid. Returns how many were removed."""
@@ -448,10 +511,10 @@ class Client(asyncio.Protocol):
         if self.closed:
             return
         self.transport.resume_reading()
-        for op, args in held or ():
+        for op in held or ():
             if self.closed:
                 break
-            op(*args)
+            op()
 
     def op_ping(self) -> None:
         if not self.connected and not self._require_connect(self.op_ping):
@@ -464,7 +527,7 @@ class Client(asyncio.Protocol):
     def op_pub(self, subject: str, reply: str | None, payload: bytes) -> None:
         self._publish(subject, reply, None, payload)
 
-    def op_pubs(self, subject: str, replies: list | None, payloads: list[bytes]) -> None:
+    def op_pubs(self, subject: str, replies: list[str | None] | None, payloads: list[bytes]) -> None:
         """A run of PUBs to one subject (see ``Parser``); ``replies`` None or one each."""
         perms = self.perms
         if self.verbose or not self.connected or (
@@ -490,7 +553,7 @@ class Client(asyncio.Protocol):
         # An empty header block is a plain message, as nats-server delivers it.
         self._publish(subject, reply, headers or None, payload)
 
-    def _publish(self, subject, reply, headers, payload) -> None:
+    def _publish(self, subject: str, reply: str | None, headers: bytes | None, payload: bytes) -> None:
         if not self.connected and not self._require_connect(self._publish, subject, reply, headers, payload):
             return
         if self.pedantic and not valid_publish_subject(subject):

@@ -42,7 +42,7 @@ class Raw:
         self.buf = b""
 
     @classmethod
-    async def connect(cls, gw: Gateway, hello: bytes | None = b'CONNECT {"verbose":false}\r\n') -> "Raw":
+    async def connect(cls, gw: Gateway, hello: bytes | None = b'CONNECT {"verbose":false}\r\n') -> Raw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.cfg.port)
         info = await asyncio.wait_for(reader.readline(), WAIT)
         assert info.startswith(b"INFO "), info

@@ -11,10 +11,17 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
+
+import msgspec
 
 from mq9 import api, metrics, subjects, wire
 from mq9.api import BadRequest, error_body
-from mq9.gateway.client import Subscription
+from mq9.cluster.slots import ShardId
+from mq9.config import Config
+from mq9.gateway.client import Client, Subscription
+from mq9.gateway.router import Router
+from mq9.gateway.shardlink import Answer, ShardLink
 
 _INBOX_CACHE = 65536  # parsed INBOX subjects kept (a send to a known mailbox skips parsing)
 _encode = api.encode
@@ -56,22 +63,39 @@ def new_token() -> str:
     return "tok-" + _random.take(16).hex()  # 128 random bits
 
 
+class Inbox(msgspec.Struct):
+    """A valid INBOX subject, parsed once and remembered."""
+
+    subject: str
+    priority: str
+    ack_head: bytes  # the send ack's JSON around its msg_id (``api.send_ack_template``)
+    ack_tail: bytes
+    mail_id: str
+
+
+# What a send's answer is handled with: reply subject, start time, the parsed subject, the
+# message's headers and payload; for a run, the reply subjects (None: none has one), start
+# time, the parsed subject and the payloads. Tuples: one is made per request, and unpacked.
+_SendArg = tuple[str | None, float, Inbox, bytes | None, bytes]
+_SendRunArg = tuple[list[str | None] | None, float, Inbox, list[bytes]]
+
+
 class Mailboxes:
-    def __init__(self, cfg, link, router):
+    def __init__(self, cfg: Config, link: ShardLink, router: Router):
         self.cfg = cfg
         self.link = link
         self.router = router
         self.owner_subs: dict[int, Subscription] = {}
-        self.sub_target: dict[int, tuple] = {}  # key -> the shard its Subscribe went to
+        self.sub_target: dict[int, ShardId] = {}  # key -> the shard its Subscribe went to
         self._ack_times: list[float] = []  # observed into the histogram once a second
         # Delivered reports, batched per (shard, key, mail_id) and flushed with the frame.
-        self._acks: dict[tuple[int, int, str], list[int]] = {}
-        self._inboxes: dict[str, tuple[str, str, bytes, bytes, str]] = {}  # INBOX subject -> parsed
+        self._acks: dict[tuple[ShardId, int, str], list[int]] = {}
+        self._inboxes: dict[str, Inbox] = {}  # INBOX subject -> parsed
 
     # ---- publishes on $mq9.AI.* -----------------------------------------------------
 
     def handle(self, subject: str, reply: str | None, headers: bytes | None, payload: bytes,
-               client) -> bool:
+               client: Client) -> bool:
         """Returns True if the publish was an mq9 operation (consumed here)."""
         if subject.startswith(subjects.INBOX):
             self._send(subject, reply, headers, payload)
@@ -94,8 +118,8 @@ class Mailboxes:
         self.router.route(subject, None, headers, payload, client)
         return True
 
-    def handle_run(self, subject: str, replies: list | None, payloads: list[bytes],
-                   client) -> bool:
+    def handle_run(self, subject: str, replies: list[str | None] | None, payloads: list[bytes],
+                   client: Client) -> bool:
         """``handle`` for header-less publishes in a row to one subject: INBOX sends go to
         the shard as one request, other mailbox operations are one request each."""
         if subject.startswith(subjects.INBOX):
@@ -111,24 +135,25 @@ class Mailboxes:
         if reply:
             self.router.route(reply, None, None, error_body(code, text), None)
 
-    def _answer(self, reply: str | None):
-        def done(res: wire.Result, _arg=None) -> None:
+    def _answer(self, reply: str | None) -> Callable[[Answer, None], None]:
+        def done(res: Answer, _arg: None) -> None:
             if not reply:
                 return
             if res.code:
                 self.router.route(reply, None, None, error_body(res.code, res.error or res.code), None)
-            else:
+            elif type(res) is wire.Result:
                 self.router.route(reply, None, None, _encode(res.data or {}), None)
         return done
 
     def _create(self, reply: str | None, payload: bytes) -> None:
         req = api.create_request(payload, self.cfg.default_ttl)
         auto = req.name is None
-        self._do_create(reply, new_mail_id() if auto else req.name, req.type, req.ttl,
+        self._do_create(reply, new_mail_id() if req.name is None else req.name, req.type, req.ttl,
                         new_token(), auto, attempts=3)
 
-    def _do_create(self, reply, name, mtype, ttl, token, auto, attempts) -> None:
-        def done(res: wire.Result, _arg) -> None:
+    def _do_create(self, reply: str | None, name: str, mtype: str, ttl: int, token: str, auto: bool,
+                   attempts: int) -> None:
+        def done(res: Answer, _arg: None) -> None:
             if res.code == api.Code.EXISTS and auto and attempts > 1:
                 # 120 random bits make this all but impossible; retry rather than fail.
                 self._do_create(reply, new_mail_id(), mtype, ttl, token, auto, attempts - 1)
@@ -137,51 +162,52 @@ class Mailboxes:
                 return
             if res.code:
                 self.router.route(reply, None, None, error_body(res.code, res.error or res.code), None)
-            else:
-                self.router.route(reply, None, None, _encode(api.Created(**res.data, token=token)), None)
+            elif type(res) is wire.Result:
+                self.router.route(reply, None, None, _encode(api.Created(**(res.data or {}), token=token)), None)
 
         rid = self.link.next_rid()
         op = wire.Create(rid=rid, mail_id=name, type=mtype, ttl=ttl, token_hash=token_hash(token), auto=auto)
-        self.link.request(self.link.shard_of(name), op, done)
+        self.link.request(self.link.shard_of(name), op, done, None)
 
     def _query(self, mail_id: str, reply: str | None, payload: bytes) -> None:
         req = api.query_request(payload, mail_id)
         rid = self.link.next_rid()
         op = wire.Query(rid=rid, mail_id=mail_id, token_hash=token_hash(req.token),
                         limit=req.limit, mark_read=req.mark_read)
-        self.link.request(self.link.shard_of(mail_id), op, self._answer(reply))
+        self.link.request(self.link.shard_of(mail_id), op, self._answer(reply), None)
 
     def _delete(self, mail_id: str, reply: str | None, payload: bytes) -> None:
         req = api.delete_request(payload, mail_id)
         rid = self.link.next_rid()
         op = wire.Delete(rid=rid, mail_id=mail_id, token_hash=token_hash(req.token))
-        self.link.request(self.link.shard_of(mail_id), op, self._answer(reply))
+        self.link.request(self.link.shard_of(mail_id), op, self._answer(reply), None)
 
-    def _inbox(self, subject: str, reply: str | None):
+    def _inbox(self, subject: str, reply: str | None) -> Inbox | None:
         """The parsed INBOX subject (see ``_parse_inbox``), or None after answering why not."""
         target = self._inboxes.get(subject)
         if target is None:
-            target = self._parse_inbox(subject)
-            if target.__class__ is str:
-                if target == "bad_subject":
+            parsed = self._parse_inbox(subject)
+            if isinstance(parsed, str):
+                if parsed == "bad_subject":
                     metrics.DROPS.labels("bad_subject").inc()
                     self._error(reply, api.Code.BAD_REQUEST, api.BAD_INBOX_SUBJECT)
                 else:
-                    self._error(reply, api.Code.BAD_REQUEST, target)
+                    self._error(reply, api.Code.BAD_REQUEST, parsed)
                 return None
+            target = parsed
         return target
 
     def _send(self, subject: str, reply: str | None, headers: bytes | None, payload: bytes) -> None:
         target = self._inbox(subject, reply)
         if target is None:
             return
-        mail_id = target[4]
-        op = wire.Send(rid=self.link.next_rid(), mail_id=mail_id, priority=target[1],
+        mail_id = target.mail_id
+        op = wire.Send(rid=self.link.next_rid(), mail_id=mail_id, priority=target.priority,
                        subject=subject, payload=payload, headers=headers)
-        self.link.request(self.link.shard_of(mail_id), op, self._sent,
-                          (reply, time.perf_counter() if reply else 0.0, target, headers, payload))
+        arg: _SendArg = (reply, time.perf_counter() if reply else 0.0, target, headers, payload)
+        self.link.request(self.link.shard_of(mail_id), op, self._sent, arg)
 
-    def send_run(self, subject: str, replies: list | None, payloads: list[bytes]) -> None:
+    def send_run(self, subject: str, replies: list[str | None] | None, payloads: list[bytes]) -> None:
         """Header-less sends in a row to one INBOX subject: one request to the shard."""
         target = self._inbox(subject, None)
         if target is None:
@@ -189,25 +215,27 @@ class Mailboxes:
                 if reply:
                     self._inbox(subject, reply)  # the same error, to each requester
             return
-        mail_id = target[4]
-        op = wire.SendRun(rid=self.link.next_rid(), mail_id=mail_id, priority=target[1],
+        mail_id = target.mail_id
+        op = wire.SendRun(rid=self.link.next_rid(), mail_id=mail_id, priority=target.priority,
                           subject=subject, payloads=payloads)
-        self.link.request(self.link.shard_of(mail_id), op, self._sent_run,
-                          (replies, time.perf_counter(), target, payloads))
+        arg: _SendRunArg = (replies, time.perf_counter(), target, payloads)
+        self.link.request(self.link.shard_of(mail_id), op, self._sent_run, arg)
 
-    def _sent_run(self, res, arg) -> None:
-        replies, t0, (subject, priority, ack_head, ack_tail, _), payloads = arg
-        if res.code:  # refused as a whole (not_found, moved too long, unavailable, ...)
-            body = error_body(res.code, res.error or res.code)
+    def _sent_run(self, res: Answer, arg: _SendRunArg) -> None:
+        replies, t0, target, payloads = arg
+        if type(res) is not wire.SentRun:  # refused as a whole (not_found, moved too long, unavailable, ...)
+            code = res.code or api.Code.INTERNAL
+            body = error_body(code, res.error or code)
             if replies is None:
-                metrics.DROPS.labels(res.code).inc(len(payloads))
+                metrics.DROPS.labels(code).inc(len(payloads))
                 return
             for reply in replies:
                 if reply:
                     self.router.route(reply, None, None, body, None)
                 else:
-                    metrics.DROPS.labels(res.code).inc()
+                    metrics.DROPS.labels(code).inc()
             return
+        subject, priority, ack_head, ack_tail = target.subject, target.priority, target.ack_head, target.ack_tail
         results = res.results
         if replies is not None:
             dt = time.perf_counter() - t0
@@ -215,37 +243,40 @@ class Mailboxes:
             for reply, r in zip(replies, results):
                 if not reply:
                     continue
-                if r.__class__ is int:
+                if type(r) is int:
                     times.append(dt)
                     self.router.route(reply, None, None, b"%s%d%s" % (ack_head, r, ack_tail), None)
-                else:
-                    self._error(reply, r[0], r[1])
+                elif type(r) is tuple:  # (code, text): not stored
+                    code, text = r
+                    self._error(reply, code, text)
         if self.router.has_interest(subject):  # monitors see what was stored
             for r, payload in zip(results, payloads):
-                if r.__class__ is int:
+                if type(r) is int:
                     self.router.route(subject, None, _with_mq9_headers(None, r, priority),
                                       payload, None)
 
-    def _sent(self, res, arg) -> None:
-        """The shard's answer to a send (``arg``: reply subject, start time, parsed inbox,
-        the message's headers and payload)."""
-        reply, t0, (subject, priority, ack_head, ack_tail, _), headers, payload = arg
-        if res.code:
+    def _sent(self, res: Answer, arg: _SendArg) -> None:
+        """The shard's answer to a send (``arg``: see ``_SendArg``)."""
+        reply, t0, target, headers, payload = arg
+        if type(res) is not wire.Sent:  # a Result that says why not
+            code = res.code or api.Code.INTERNAL
             if not reply:
-                metrics.DROPS.labels(res.code).inc()
-            self._error(reply, res.code, res.error or res.code)
+                metrics.DROPS.labels(code).inc()
+            self._error(reply, code, res.error or code)
             return
         if reply:
             self._ack_times.append(time.perf_counter() - t0)
-            self.router.route(reply, None, None, b"%s%d%s" % (ack_head, res.msg_id, ack_tail), None)
+            self.router.route(reply, None, None, b"%s%d%s" % (target.ack_head, res.msg_id, target.ack_tail),
+                              None)
         # Monitors (wildcard subscriptions) see the message once it is stored.
+        subject = target.subject
         if self.router.has_interest(subject):
-            self.router.route(subject, None, _with_mq9_headers(headers, res.msg_id, priority),
+            self.router.route(subject, None, _with_mq9_headers(headers, res.msg_id, target.priority),
                               payload, None)
 
-    def _parse_inbox(self, subject: str):
-        """(subject, priority, ack body's head and tail, mail_id) for a valid INBOX subject,
-        remembered; else the error text ("bad_subject" for a malformed one)."""
+    def _parse_inbox(self, subject: str) -> Inbox | str:
+        """The ``Inbox`` of a valid INBOX subject, remembered; else the error text
+        ("bad_subject" for a malformed one)."""
         parsed = subjects.parse_inbox(subject)
         if parsed is None or not subjects.valid_mail_id(parsed[0]):
             return "bad_subject"
@@ -256,7 +287,7 @@ class Mailboxes:
         if len(self._inboxes) >= _INBOX_CACHE:
             self._inboxes.clear()  # unique subjects at this rate are not worth evicting one by one
         head, tail = api.send_ack_template(mail_id, priority)
-        target = self._inboxes[subject] = (subject, priority, head, tail, mail_id)
+        target = self._inboxes[subject] = Inbox(subject, priority, head, tail, mail_id)
         return target
 
     # ---- owner subscriptions --------------------------------------------------------
@@ -270,9 +301,9 @@ class Mailboxes:
                                               queue=sub.queue))
 
     def unsubscribe(self, sub: Subscription) -> None:
-        if self.owner_subs.pop(sub.key, None) is None:
+        if self.owner_subs.pop(sub.key, None) is None or sub.owner is None:
             return
-        mail_id = sub.owner[0]
+        mail_id, _ = sub.owner
         shard = self.sub_target.pop(sub.key)
         if sub.client.lost_output:
             # Queued to the connection this turn but never written (the peer closed first):
@@ -284,10 +315,12 @@ class Mailboxes:
         self.flush_acks()  # Delivered before Unsubscribe, so the shard counts them first
         self.link.post(shard, wire.Unsubscribe(key=sub.key, mail_id=mail_id))
 
-    def on_shard_connected(self, shard) -> None:
+    def on_shard_connected(self, shard: ShardId) -> None:
         """Connected again: a restarted shard knows none of our subscriptions; one that only
         lost the connection keeps them, and an identical Subscribe changes nothing there."""
         for sub in self.owner_subs.values():
+            if sub.owner is None:
+                continue
             mail_id, prios = sub.owner
             if self.sub_target[sub.key] == shard:
                 self.link.post(shard, wire.Subscribe(key=sub.key, mail_id=mail_id,
@@ -297,6 +330,8 @@ class Mailboxes:
         """Slots moved: owner subscriptions follow their mailbox to its new shard (the old
         one froze the slot and pushes nothing more)."""
         for sub in self.owner_subs.values():
+            if sub.owner is None:
+                continue
             mail_id, prios = sub.owner
             target = self.link.shard_of(mail_id)
             if target != self.sub_target[sub.key]:

@@ -21,12 +21,44 @@ every connection that gave that password, a batch per loop turn.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
+from typing import Protocol
+
+from mq9.config import Config
+from mq9.gateway.auth import User, Users
+from mq9.gateway.bcryptchecks import BcryptChecks
+from mq9.gateway.client import Client
+from mq9.log import Logger
 from mq9.protocol import errors
 
 BATCH = 100  # connections checked per event-loop turn
 
 
-def auth_changed(old_cfg, old_users, new_cfg, new_users) -> bool:
+class Host(Protocol):
+    """What a pass needs of its gateway (``mq9.gateway.server.Gateway``, which imports this
+    module), read after the reload took effect."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    @property
+    def cfg(self) -> Config: ...
+    @property
+    def users(self) -> Users | None: ...
+    @property
+    def auth_required(self) -> bool: ...
+    @property
+    def clients(self) -> dict[int, Client]: ...
+    @property
+    def bcrypt(self) -> BcryptChecks: ...
+    @property
+    def log(self) -> Logger: ...
+
+    def check_auth(self, opts: Mapping[str, object], client: Client) -> bool | None: ...
+    def auth_failed(self, kind: str) -> None: ...
+
+
+def auth_changed(old_cfg: Config, old_users: Users | None, new_cfg: Config, new_users: Users | None) -> bool:
     """Whether a reload changed anything a connected client authenticated with."""
     if (old_cfg.auth_token, old_cfg.user, old_cfg.password) != (new_cfg.auth_token, new_cfg.user,
                                                                  new_cfg.password):
@@ -40,7 +72,7 @@ class Recheck:
     """One pass over the gateway's connections for reload ``generation``; ``stop`` ends it
     when a newer reload starts its own."""
 
-    def __init__(self, gateway, generation: int):
+    def __init__(self, gateway: Host, generation: int):
         self.gw = gateway
         self.generation = generation
         self.users = gateway.users
@@ -71,7 +103,7 @@ class Recheck:
         else:
             self._finish()
 
-    def _check(self, c) -> None:
+    def _check(self, c: Client) -> None:
         creds = c.creds or {}
         name = creds.get("user") or None
         users = self.users
@@ -96,8 +128,8 @@ class Recheck:
             self._keep(c, user)  # only the permissions changed
             return
         password = creds.get("pass")
-        ok = user.check_fast(password) if isinstance(password, str) else False
-        if ok is None:
+        ok = user.check_fast(password) if password is not None else False
+        if ok is None and password is not None:
             self.waiting += 1
             if self.gw.bcrypt.wait(user, password, lambda ok: self._checked(c, user, ok)):
                 self.bcrypt_checks += 1
@@ -106,7 +138,7 @@ class Recheck:
         else:
             self._refuse(c)
 
-    def _checked(self, c, user, ok: bool) -> None:
+    def _checked(self, c: Client, user: User, ok: bool) -> None:
         self.waiting -= 1
         if self.stopped:
             return  # a newer pass checks this connection against newer settings
@@ -117,16 +149,16 @@ class Recheck:
                 self._refuse(c)
         self._finish()
 
-    def _keep(self, c, user) -> None:
+    def _keep(self, c: Client, user: User | None) -> None:
         self.subs_removed += c.reauthorised(user, user.conn_perms() if user is not None else None)
 
-    def _refuse(self, c) -> None:
+    def _refuse(self, c: Client) -> None:
         self.refused += 1
         self.gw.auth_failed("credentials")
         self.gw.log.debug("reload_client_refused", cid=c.cid, user=(c.creds or {}).get("user", ""))
         c.close_with_error(errors.AUTHORIZATION_VIOLATION)
 
-    def _close(self, c, why: str) -> None:
+    def _close(self, c: Client, why: str) -> None:
         self.removed += 1
         self.gw.log.debug("reload_client_closed", cid=c.cid, reason=why, user=(c.creds or {}).get("user", ""))
         c.close()

@@ -13,12 +13,25 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Protocol, final
+
+import msgspec
 
 from mq9 import wire
-from mq9.gateway.client import Subscription
+from mq9.gateway.client import Client, Subscription
 from mq9.gateway.sublist import Sublist
 
 
+class Mesh(Protocol):
+    """The other gateways, as the router talks to them (``mq9.gateway.peers.Peers``)."""
+
+    @property
+    def others(self) -> list[str]: ...
+    def send(self, g: str, msg: wire.PeerMsg) -> None: ...
+
+
+@final  # so that ``type(item) is RemoteInterest`` tells the two kinds of items apart for mypy
 class RemoteInterest:
     __slots__ = ("gw", "subject", "queue", "count")
 
@@ -29,11 +42,22 @@ class RemoteInterest:
         self.count = 0
 
 
+Item = Subscription | RemoteInterest  # what the sublist holds
+
+
+class _Forward(msgspec.Struct):
+    """What one publish sends to another gateway: to its plain subscribers or not, and the
+    queue groups whose chosen member it holds."""
+
+    plain: bool
+    queues: list[str] = []
+
+
 class Router:
-    def __init__(self, gw_id: str, peers):
+    def __init__(self, gw_id: str, peers: Mesh):
         self.gw = gw_id
-        self.peers = peers  # has .send(gw, msg), .others
-        self.sublist = Sublist()
+        self.peers = peers
+        self.sublist: Sublist[Item] = Sublist()
         self.local_counts: dict[tuple[str, str | None], int] = defaultdict(int)
         self.remote: dict[tuple[str, str, str | None], RemoteInterest] = {}
 
@@ -97,32 +121,33 @@ class Router:
     # ---- publishing ------------------------------------------------------------------
 
     def route(self, subject: str, reply: str | None, headers: bytes | None, payload: bytes,
-              origin) -> bool:
+              origin: Client | None) -> bool:
         """Deliver a publish from a local client (``origin`` may be None for messages the
         gateway itself publishes). Returns whether anyone, anywhere, was interested."""
         plain, queues = self.sublist.match(subject)
         if not plain and not queues:
             return False
         delivered = False
-        forward: dict[str, list] = {}
+        forward: dict[str, _Forward] = {}
         for item in plain:
-            if item.__class__ is Subscription:
+            if type(item) is Subscription:
                 client = item.client
                 if client is origin and not client.echo:
                     continue
                 client.deliver(item, subject, reply, headers, payload)
                 delivered = True
-            else:
-                forward.setdefault(item.gw, [True])
+            elif item.gw not in forward:
+                forward[item.gw] = _Forward(True)
         if queues:
             delivered = self._to_queues(subject, reply, headers, payload, origin, queues,
                                         forward) or delivered
         for g, spec in forward.items():
             self.peers.send(g, wire.Routed(subject=subject, payload=payload, reply=reply,
-                                           headers=headers, plain=spec[0], queues=spec[1:]))
+                                           headers=headers, plain=spec.plain, queues=spec.queues))
         return delivered or bool(forward)
 
-    def route_run(self, subject: str, reply: str | None, payloads: list[bytes], origin) -> bool:
+    def route_run(self, subject: str, reply: str | None, payloads: list[bytes],
+                  origin: Client | None) -> bool:
         """``route`` for several header-less messages to one subject, in order: one match,
         one delivery call per subscriber and one ``RoutedRun`` per interested gateway; queue
         groups still choose a member per message."""
@@ -132,7 +157,7 @@ class Router:
         delivered = False
         gateways: list[str] = []
         for item in plain:
-            if item.__class__ is Subscription:
+            if type(item) is Subscription:
                 client = item.client
                 if client is origin and not client.echo:
                     continue
@@ -144,29 +169,34 @@ class Router:
             self.peers.send(g, wire.RoutedRun(subject=subject, reply=reply, payloads=payloads))
         if queues:
             for payload in payloads:
-                forward: dict[str, list] = {}
+                forward: dict[str, _Forward] = {}
                 delivered = self._to_queues(subject, reply, None, payload, origin, queues,
                                             forward) or delivered
                 for g, spec in forward.items():
                     self.peers.send(g, wire.Routed(subject=subject, payload=payload, reply=reply,
-                                                   plain=False, queues=spec[1:]))
+                                                   plain=False, queues=spec.queues))
         return delivered or bool(gateways)
 
-    def _to_queues(self, subject, reply, headers, payload, origin, queues, forward) -> bool:
+    def _to_queues(self, subject: str, reply: str | None, headers: bytes | None, payload: bytes,
+                   origin: Client | None, queues: Mapping[str, Sequence[Item]],
+                   forward: dict[str, _Forward]) -> bool:
         """One member per queue group: a local one gets the message now, another gateway's
         is named in ``forward``. Returns whether a local member got it."""
         delivered = False
         for queue, members in queues.items():
             if origin is not None and not origin.echo:
-                members = [m for m in members if m.__class__ is not Subscription or m.client is not origin]
+                members = [m for m in members if type(m) is not Subscription or m.client is not origin]
                 if not members:
                     continue
             chosen = _pick(members)
-            if chosen.__class__ is Subscription:
+            if type(chosen) is Subscription:
                 chosen.client.deliver(chosen, subject, reply, headers, payload)
                 delivered = True
             else:
-                forward.setdefault(chosen.gw, [False]).append(queue)
+                spec = forward.get(chosen.gw)
+                if spec is None:
+                    spec = forward[chosen.gw] = _Forward(False)
+                spec.queues.append(queue)
         return delivered
 
     def has_interest(self, subject: str) -> bool:
@@ -180,10 +210,10 @@ class Router:
         subject, reply, headers, payload = msg.subject, msg.reply, msg.headers, msg.payload
         if msg.plain:
             for item in plain:
-                if item.__class__ is Subscription:
+                if type(item) is Subscription:
                     item.client.deliver(item, subject, reply, headers, payload)
         for queue in msg.queues:
-            local = [m for m in queues.get(queue, ()) if m.__class__ is Subscription]
+            local = [m for m in queues.get(queue, ()) if type(m) is Subscription]
             if local:
                 chosen = local[random.randrange(len(local))] if len(local) > 1 else local[0]
                 chosen.client.deliver(chosen, subject, reply, headers, payload)
@@ -191,29 +221,29 @@ class Router:
     def on_routed_run(self, msg: wire.RoutedRun) -> None:
         plain, _ = self.sublist.match(msg.subject)
         for item in plain:
-            if item.__class__ is Subscription:
+            if type(item) is Subscription:
                 item.client.deliver_run(item, msg.subject, msg.reply, msg.payloads)
 
-    def no_responders(self, reply: str, status: bytes, client) -> None:
+    def no_responders(self, reply: str, status: bytes, client: Client) -> None:
         """The 503 status goes to the requester's first own non-queue subscription that
         matches the reply subject, as nats-server does."""
         plain, _ = self.sublist.match(reply)
         for item in plain:
-            if item.__class__ is Subscription and item.client is client:
+            if type(item) is Subscription and item.client is client:
                 client.deliver(item, reply, None, status, b"")
                 return
 
 
-def _pick(members):
+def _pick(members: Sequence[Item]) -> Item:
     """One member of a queue group; another gateway's interest weighs as many members."""
     if len(members) == 1:
         return members[0]
     total = 0
     for m in members:
-        total += m.count if m.__class__ is RemoteInterest else 1
+        total += m.count if type(m) is RemoteInterest else 1
     r = random.randrange(total)
     for m in members:
-        r -= m.count if m.__class__ is RemoteInterest else 1
+        r -= m.count if type(m) is RemoteInterest else 1
         if r < 0:
             return m
     return members[-1]

@@ -17,15 +17,17 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Callable, Mapping
 
 import zmq
+from prometheus_client import Counter
 
 from mq9 import __version__, log, metrics, nodefile, process, subjects
 from mq9 import reload as reloading
 from mq9.config import Config
 from mq9.gateway import auth, reauth, tls
 from mq9.gateway.bcryptchecks import BcryptChecks
-from mq9.gateway.client import PING, PONG, Client, Subscription
+from mq9.gateway.client import PING, PONG, Client, Subscription, Traffic
 from mq9.gateway.conncount import ConnCounter
 from mq9.gateway.mailboxes import Mailboxes
 from mq9.gateway.peers import Peers
@@ -40,7 +42,7 @@ LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 # before it accepts clients anyway (a sibling hung at start must not keep it closed).
 MESH_WAIT = 10.0  # seconds
 MAX_CONNZ = 5000  # above this many connections, /connz is refreshed every 10 s, not every second
-
+_MAILBOX = subjects.KINDS.index("mailbox")  # the kind_of of a $mq9.AI subject other than a broadcast
 
 
 class Gateway:
@@ -75,7 +77,7 @@ class Gateway:
         self.server_id = node.server_id if node else uuid.uuid4().hex.upper()[:22]
         self.server_name = node.server_name if node else (cfg.server_name
                                                           or f"mq9-{socket.gethostname()}")
-        self._info_base = {
+        self._info_base: dict[str, object] = {
             "server_id": self.server_id,
             "server_name": self.server_name,
             "version": NATS_VERSION,
@@ -91,18 +93,20 @@ class Gateway:
         if self.auth_required:
             self._info_base["auth_required"] = True
         self.lame_duck = False
-        self._lame_duck_task: asyncio.Task | None = None
+        self._lame_duck_task: asyncio.Task[None] | None = None
         self._update_connect_urls()
         self.server: asyncio.AbstractServer | None = None
         self._pinger: asyncio.TimerHandle | None = None
         self._topology_timer: asyncio.TimerHandle | None = None
         self._stats_timer: asyncio.TimerHandle | None = None
-        # Per kind (plain, broadcast, mailbox): msgs in, bytes in, msgs out, bytes out.
-        self.kinds = [[0, 0, 0, 0] for _ in subjects.KINDS]
-        self._kind_reported = [[0, 0, 0, 0] for _ in subjects.KINDS]
-        self._kind_metrics = [[metrics.MESSAGES_IN.labels(k), metrics.BYTES_IN.labels(k),
-                               metrics.MESSAGES_OUT.labels(k), metrics.BYTES_OUT.labels(k)]
-                              for k in subjects.KINDS]
+        # Per kind (plain, broadcast, mailbox): the counters, and what was reported of them
+        # and the metrics they go to, both in Traffic.totals' order.
+        self.kinds = [Traffic() for _ in subjects.KINDS]
+        self._kind_reported = [(0, 0, 0, 0) for _ in subjects.KINDS]
+        self._kind_metrics: list[tuple[Counter, Counter, Counter, Counter]] = [
+            (metrics.MESSAGES_IN.labels(k), metrics.BYTES_IN.labels(k),
+             metrics.MESSAGES_OUT.labels(k), metrics.BYTES_OUT.labels(k))
+            for k in subjects.KINDS]
         self._closed_totals = {"in_msgs": 0, "out_msgs": 0, "in_bytes": 0, "out_bytes": 0}
         self.slow_consumers = 0
         self._stats_path = os.path.join(cfg.run_dir, f"stats-gw-{index}.json")
@@ -157,7 +161,7 @@ class Gateway:
         """INFO's ``connect_urls``: the cluster's client URLs, so a client given one URL
         can fail over to the others (none on a single node, as nats-server). When they
         change, clients that take asynchronous INFOs are told, as nats-server does."""
-        urls = []
+        urls: list[str] = []
         if self.topology.owners is not None and not self.cfg.no_advertise:
             from mq9.cluster.state import client_urls  # only gateways of clustered nodes need it
 
@@ -176,7 +180,7 @@ class Gateway:
             if c.connected and c.proto >= 1 and not c.closed:
                 c.send(self.info_line(c))
 
-    def enter_lame_duck(self, done) -> None:
+    def enter_lame_duck(self, done: Callable[[], None]) -> None:
         """SIGUSR2 from the supervisor (nats-server's lame-duck mode): stop accepting,
         tell the clients (INFO ``ldm``, connect_urls without this node), wait the grace
         period, then close the clients spread over the rest of ``lame_duck_duration``,
@@ -188,7 +192,7 @@ class Gateway:
             self.server.close()
         self._lame_duck_task = self.loop.create_task(self._lame_duck(done))
 
-    async def _lame_duck(self, done) -> None:
+    async def _lame_duck(self, done: Callable[[], None]) -> None:
         cfg = self.cfg
         clients = [c for c in self.clients.values() if not c.closed]
         self.log.info("gateway_lame_duck", clients=len(clients),
@@ -243,12 +247,12 @@ class Gateway:
             t["in_bytes"] += client.bytes_in
             t["out_bytes"] += client.bytes_out
 
-    def check_auth(self, opts: dict, client: Client) -> bool | None:
+    def check_auth(self, opts: Mapping[str, object], client: Client) -> bool | None:
         """True or False; None when a bcrypt check decides, whose answer goes to
         ``client.auth_done``. Sets ``client.perms`` for a user with permissions."""
         cfg = self.cfg
         if self.users is not None:
-            return self._check_user(opts, client)
+            return self._check_user(self.users, opts, client)
         if cfg.auth_token:
             tok = opts.get("auth_token")
             return isinstance(tok, str) and hmac.compare_digest(tok.encode(), cfg.auth_token.encode())
@@ -258,11 +262,11 @@ class Gateway:
         return (hmac.compare_digest(user.encode(), (cfg.user or "").encode())
                 & hmac.compare_digest(pw.encode(), (cfg.password or "").encode())) == 1
 
-    def _check_user(self, opts: dict, client: Client) -> bool | None:
+    def _check_user(self, users: auth.Users, opts: Mapping[str, object], client: Client) -> bool | None:
         name, pw = opts.get("user"), opts.get("pass")
         if not isinstance(name, str) or not isinstance(pw, str):
             return False
-        user = self.users.get(name)
+        user = users.get(name)
         if user is None:
             return False
         ok = user.check_fast(pw)
@@ -334,22 +338,22 @@ class Gateway:
     def publish(self, subject: str, reply: str | None, headers: bytes | None, payload: bytes,
                 client: Client) -> None:
         k = self.kinds[subjects.kind_of(subject)]
-        k[0] += 1
-        k[1] += len(payload)
+        k.msgs_in += 1
+        k.bytes_in += len(payload)
         if subject.startswith(subjects.PREFIX) and self.mailboxes.handle(subject, reply, headers, payload, client):
             return
         if not self.router.route(subject, reply, headers, payload, client):
             self._nobody_listens(subject, reply, headers, payload, client)
 
-    def publish_run(self, subject: str, replies: list | None, payloads: list[bytes],
+    def publish_run(self, subject: str, replies: list[str | None] | None, payloads: list[bytes],
                     nbytes: int, client: Client) -> None:
         """Several header-less messages published in a row to one subject (``replies``:
         None, or each one's reply subject)."""
         kind = subjects.kind_of(subject)
         k = self.kinds[kind]
-        k[0] += len(payloads)
-        k[1] += nbytes
-        if kind == 2 and self.mailboxes.handle_run(subject, replies, payloads, client):
+        k.msgs_in += len(payloads)
+        k.bytes_in += nbytes
+        if kind == _MAILBOX and self.mailboxes.handle_run(subject, replies, payloads, client):
             return
         if replies is None:
             if not self.router.route_run(subject, None, payloads, client):
@@ -361,7 +365,8 @@ class Gateway:
             if not route(subject, reply, None, p, client):
                 self._nobody_listens(subject, reply, None, p, client)
 
-    def _nobody_listens(self, subject, reply, headers, payload, client: Client) -> None:
+    def _nobody_listens(self, subject: str, reply: str | None, headers: bytes | None, payload: bytes,
+                        client: Client) -> None:
         if reply and client.no_responders:
             # A responder's SUB may still be on its way to this gateway (nats-py even
             # sends the PING of flush() ahead of a buffered SUB), so look again after
@@ -372,7 +377,8 @@ class Gateway:
             self.loop.call_later(NO_RESPONDERS_GRACE, self._no_responders_recheck,
                                  subject, reply, headers, payload, client)
 
-    def _no_responders_recheck(self, subject, reply, headers, payload, client: Client) -> None:
+    def _no_responders_recheck(self, subject: str, reply: str, headers: bytes | None, payload: bytes,
+                               client: Client) -> None:
         if client.closed:
             return
 
@@ -385,7 +391,7 @@ class Gateway:
                 self.router.no_responders(reply, status, client)
             client.rechecks -= 1
             if client.rechecks == 0:
-                held, client.held_pongs = client.held_pongs, None
+                held, client.held_pongs = client.held_pongs or [], None
                 for pong in held:
                     self.peers.barrier(pong)
 
@@ -478,13 +484,12 @@ class Gateway:
         """Hot paths only bump plain ints (per kind here, per connection in ``Client``);
         once a second they are folded into the shared metrics, and the connection list
         goes to a file the supervisor serves as /connz and /varz."""
-        stats = self.kinds
-        for k in range(len(subjects.KINDS)):
-            for i, counter in enumerate(self._kind_metrics[k]):
-                delta = stats[k][i] - self._kind_reported[k][i]
-                if delta:
-                    counter.inc(delta)
-            self._kind_reported[k] = list(stats[k])
+        for k, traffic in enumerate(self.kinds):
+            now = traffic.totals()
+            for counter, total, before in zip(self._kind_metrics[k], now, self._kind_reported[k]):
+                if total != before:
+                    counter.inc(total - before)
+            self._kind_reported[k] = now
         self.mailboxes.report()
         subs = sum(len(c.subs) for c in self.clients.values())
         metrics.CONNECTIONS.set(len(self.clients))

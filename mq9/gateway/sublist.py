@@ -28,28 +28,37 @@ nats-server, which also delivers nothing for a subject with an empty token).
 
 from __future__ import annotations
 
-_EMPTY: tuple = ((), {})
+from collections.abc import Hashable, Iterable, Mapping
+from enum import IntEnum
+from typing import Generic, Never, TypeVar
+
+T = TypeVar("T", bound=Hashable)  # what the index holds (subscriptions, remote interest)
+
+# What ``match`` returns: the plain items, and the items of each queue group (read-only).
+Match = tuple[tuple[T, ...], Mapping[str, tuple[T, ...]]]
+
+_EMPTY: Match[Never] = ((), {})
 
 
-class _Node:
+class _Node(Generic[T]):
     __slots__ = ("lit", "pwc", "fwc", "pre", "plain", "queues", "multi")
 
     def __init__(self) -> None:
         # Children and item sets are created on first use: most nodes of a big trie are
         # leaves that hold one subscription.
-        self.lit: dict[str, _Node] | None = None
-        self.pwc: _Node | None = None
-        self.fwc: _Node | None = None
-        self.pre: dict[str, _Node] | None = None
-        self.plain: dict | None = None  # item -> insertion count
-        self.queues: dict[str, dict] | None = None  # queue -> {item: count}
+        self.lit: dict[str, _Node[T]] | None = None
+        self.pwc: _Node[T] | None = None
+        self.fwc: _Node[T] | None = None
+        self.pre: dict[str, _Node[T]] | None = None
+        self.plain: dict[T, int] | None = None  # item -> insertion count
+        self.queues: dict[str, dict[T, int]] | None = None  # queue -> {item: count}
         self.multi = 0  # entries with count > 1; when 0, dict keys are the items as-is
 
     def empty(self) -> bool:
         return not (self.lit or self.pwc or self.fwc or self.pre or self.plain or self.queues)
 
 
-def _extend(out: list, items: dict, multi: int) -> None:
+def _extend(out: list[T], items: dict[T, int], multi: int) -> None:
     if not multi:
         out.extend(items)
         return
@@ -57,7 +66,7 @@ def _extend(out: list, items: dict, multi: int) -> None:
         out.extend((item,) * count)
 
 
-def _collect(node: _Node, plain: list, queues: dict) -> None:
+def _collect(node: _Node[T], plain: list[T], queues: dict[str, list[T]]) -> None:
     if node.plain:
         _extend(plain, node.plain, node.multi)
     if node.queues:
@@ -68,13 +77,13 @@ def _collect(node: _Node, plain: list, queues: dict) -> None:
             _extend(lst, items, node.multi)
 
 
-def _walk(node: _Node, tokens: list[str], plain: list, queues: dict) -> None:
+def _walk(node: _Node[T], tokens: list[str], plain: list[T], queues: dict[str, list[T]]) -> None:
     # Most levels have one live branch, so follow the literal path in a loop and keep only
     # wildcard branches for later. A stack, not recursion: a client may subscribe to
     # "*.*.*..." with as many tokens as fit in a control line.
     n = len(tokens)
     i = 0
-    later: list = []
+    later: list[tuple[_Node[T], int]] = []
     while True:
         if i == n:
             if node.plain is not None or node.queues is not None:
@@ -91,33 +100,42 @@ def _walk(node: _Node, tokens: list[str], plain: list, queues: dict) -> None:
                     if t.startswith(prefix):
                         later.append((child, i))
             if node.lit is not None:
-                child = node.lit.get(t)
-                if child is not None:
-                    node = child
+                nxt = node.lit.get(t)
+                if nxt is not None:
+                    node = nxt
                     continue
         if not later:
             return
         node, i = later.pop()
 
 
-def _token_kind(t: str, last: bool) -> int:
-    """0 literal, 1 ``*``, 2 ``>``, 3 prefix wildcard."""
+class _Token(IntEnum):
+    LITERAL = 0
+    ONE = 1  # ``*``
+    REST = 2  # ``>`` (or a trailing ``#``)
+    PREFIX = 3  # a prefix wildcard, ``m-status-*``
+
+
+_LITERAL, _ONE, _REST, _PREFIX = _Token.LITERAL, _Token.ONE, _Token.REST, _Token.PREFIX
+
+
+def _token_kind(t: str, last: bool) -> _Token:
     if t == "*":
-        return 1
+        return _ONE
     if t == ">" or (last and t == "#"):
-        return 2
+        return _REST
     if len(t) > 1 and t[-1] == "*":
-        return 3
-    return 0
+        return _PREFIX
+    return _LITERAL
 
 
-class Sublist:
+class Sublist(Generic[T]):
     __slots__ = ("_root", "_count", "_cache", "_cache_max", "_by_parent")
 
     def __init__(self, cache_size: int = 4096) -> None:
-        self._root = _Node()
+        self._root: _Node[T] = _Node()
         self._count = 0
-        self._cache: dict[str, tuple] = {}
+        self._cache: dict[str, Match[T]] = {}
         self._cache_max = cache_size
         # Cached subjects by parent (all tokens but the last), so that inserting or removing
         # X.* (every connection's _INBOX.<id>.*, every mailbox's owner subscription) finds
@@ -127,7 +145,7 @@ class Sublist:
     def __len__(self) -> int:
         return self._count
 
-    def insert(self, subject: str, item, queue: str | None = None) -> None:
+    def insert(self, subject: str, item: T, queue: str | None = None) -> None:
         tokens = subject.split(".")
         last = len(tokens) - 1
         if ">" in tokens and tokens.index(">") != last:
@@ -135,17 +153,18 @@ class Sublist:
         node = self._root
         for i, t in enumerate(tokens):
             kind = _token_kind(t, i == last)
-            if kind == 0:
+            child: _Node[T] | None
+            if kind == _LITERAL:
                 if node.lit is None:
                     node.lit = {}
                 child = node.lit.get(t)
                 if child is None:
                     node.lit[t] = child = _Node()
-            elif kind == 1:
+            elif kind == _ONE:
                 child = node.pwc
                 if child is None:
                     node.pwc = child = _Node()
-            elif kind == 2:
+            elif kind == _REST:
                 child = node.fwc
                 if child is None:
                     node.fwc = child = _Node()
@@ -156,6 +175,7 @@ class Sublist:
                 if child is None:
                     node.pre[t[:-1]] = child = _Node()
             node = child
+        items: dict[T, int] | None
         if queue is None:
             if node.plain is None:
                 node.plain = {}
@@ -173,18 +193,19 @@ class Sublist:
         self._count += 1
         self._invalidate(subject, tokens)
 
-    def remove(self, subject: str, item, queue: str | None = None) -> bool:
+    def remove(self, subject: str, item: T, queue: str | None = None) -> bool:
         tokens = subject.split(".")
         last = len(tokens) - 1
         node = self._root
-        path: list[tuple[_Node, int, str]] = []
+        path: list[tuple[_Node[T], _Token, str]] = []
         for i, t in enumerate(tokens):
             kind = _token_kind(t, i == last)
-            if kind == 0:
+            child: _Node[T] | None
+            if kind == _LITERAL:
                 child = node.lit.get(t) if node.lit is not None else None
-            elif kind == 1:
+            elif kind == _ONE:
                 child = node.pwc
-            elif kind == 2:
+            elif kind == _REST:
                 child = node.fwc if i == last else None
             else:
                 child = node.pre.get(t[:-1]) if node.pre is not None else None
@@ -192,10 +213,11 @@ class Sublist:
                 return False
             path.append((node, kind, t))
             node = child
+        queues = node.queues
         if queue is None:
             items = node.plain
         else:
-            items = node.queues.get(queue) if node.queues is not None else None
+            items = queues.get(queue) if queues is not None else None
         if not items:
             return False
         count = items.get(item)
@@ -206,9 +228,9 @@ class Sublist:
             if not items:
                 if queue is None:
                     node.plain = None
-                else:
-                    del node.queues[queue]
-                    if not node.queues:
+                elif queues is not None:  # where ``items`` came from
+                    del queues[queue]
+                    if not queues:
                         node.queues = None
         else:
             items[item] = count - 1
@@ -218,23 +240,27 @@ class Sublist:
         # Drop nodes left empty so churn of unique subjects does not grow the trie.
         while path and node.empty():
             parent, kind, t = path.pop()
-            if kind == 0:
-                del parent.lit[t]
-                if not parent.lit:
+            if kind == _LITERAL:
+                lit = parent.lit
+                assert lit is not None  # the path went through it
+                del lit[t]
+                if not lit:
                     parent.lit = None
-            elif kind == 1:
+            elif kind == _ONE:
                 parent.pwc = None
-            elif kind == 2:
+            elif kind == _REST:
                 parent.fwc = None
             else:
-                del parent.pre[t[:-1]]
-                if not parent.pre:
+                pre = parent.pre
+                assert pre is not None  # the path went through it
+                del pre[t[:-1]]
+                if not pre:
                     parent.pre = None
             node = parent
         self._invalidate(subject, tokens)
         return True
 
-    def match(self, subject: str) -> tuple[tuple, dict[str, tuple]]:
+    def match(self, subject: str) -> Match[T]:
         """Items whose pattern matches the publish subject: ``(plain, {queue: items})``."""
         result = self._cache.get(subject)
         if result is not None:
@@ -265,11 +291,11 @@ class Sublist:
         plain, queues = self.match(subject)
         return bool(plain) or bool(queues)
 
-    def _match(self, tokens: list[str]) -> tuple[tuple, dict[str, tuple]]:
+    def _match(self, tokens: list[str]) -> Match[T]:
         if "" in tokens:
             return _EMPTY
-        plain: list = []
-        queues: dict[str, list] = {}
+        plain: list[T] = []
+        queues: dict[str, list[T]] = {}
         _walk(self._root, tokens, plain, queues)
         if not queues:
             return (tuple(plain), {}) if plain else _EMPTY
@@ -280,9 +306,10 @@ class Sublist:
         if not cache:
             return
         last = len(tokens) - 1
+        kind = _LITERAL
         for i, t in enumerate(tokens):
             kind = _token_kind(t, i == last)
-            if kind:
+            if kind != _LITERAL:
                 break
         else:
             if cache.pop(subject, None) is not None:
@@ -298,12 +325,13 @@ class Sublist:
             return
         literal = ".".join(tokens[:i])
         by_parent = self._by_parent
-        if i == last and kind != 2:
+        doomed: list[Iterable[str]]
+        if i == last and kind != _REST:
             # X.* and X.pre*: only subjects whose parent is X.
             group = by_parent.get(literal)
             if not group:
                 return
-            if kind == 3:
+            if kind == _PREFIX:
                 prefix, cut = tokens[i][:-1], len(literal) + 1
                 gone = [s for s in group if s.startswith(prefix, cut)]
                 group.difference_update(gone)

@@ -6,8 +6,7 @@ import time
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import stateful
+from hypothesis import given, settings, stateful
 from hypothesis import strategies as st
 
 from mq9.gateway.sublist import Sublist

@@ -19,15 +19,33 @@ failed start_tls drops the connection without sending the alert OpenSSL produced
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+from typing import Protocol
+
+
+class Settings(Protocol):
+    """The tls_* settings of ``mq9.config.Config`` (which imports this module to check them)."""
+
+    @property
+    def tls_cert(self) -> str | None: ...
+    @property
+    def tls_key(self) -> str | None: ...
+    @property
+    def tls_ca(self) -> str | None: ...
+    @property
+    def tls_verify(self) -> bool: ...
+
 
 # The first byte of a TLS record that carries a handshake message (a ClientHello here).
 HANDSHAKE_RECORD = 0x16
 
 
-def server_context(cfg) -> ssl.SSLContext:
+def server_context(cfg: Settings) -> ssl.SSLContext:
     """The server-side context for ``cfg``'s tls_* settings; ValueError says what is wrong
     with a file, so the node refuses to start instead of failing in every gateway."""
+    if cfg.tls_cert is None:
+        raise ValueError("--tls-cert and --tls-key go together")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # nats-server's minimum as well
     try:
@@ -57,7 +75,7 @@ class ServerTLS:
 
     __slots__ = ("raw", "sslobj", "incoming", "outgoing", "established", "_first")
 
-    def __init__(self, ctx: ssl.SSLContext, raw):
+    def __init__(self, ctx: ssl.SSLContext, raw: asyncio.WriteTransport):
         self.raw = raw
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
@@ -121,7 +139,7 @@ class ServerTLS:
             self.raw.write(self.outgoing.read())
 
 
-def info_fields(cfg) -> dict:
+def info_fields(cfg: Settings) -> dict[str, bool]:
     """What INFO (and /varz) says about TLS."""
     if not cfg.tls_cert:
         return {}

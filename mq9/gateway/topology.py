@@ -12,10 +12,15 @@ shards on other nodes are reached over TCP at ports derived from their ``cluster
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from mq9.cluster.slots import ShardId, SlotMap, slot_of
 from mq9 import endpoints
+from mq9.cluster.slots import ShardId, SlotMap, slot_of
 from mq9.config import Config
+
+# A member's entry in the metadata group's snapshot, as JSON gives it (``cluster/state.py``):
+# advertise, cluster_port, shards, gateways, ...
+MemberInfo = dict[str, Any]
 
 
 def gateway_id(node: str, index: int) -> str:
@@ -29,7 +34,7 @@ class Topology:
         self.version = -1
         self._local = SlotMap(cfg.shards)
         self.owners: list[ShardId] | None = None  # None: single node, use _local
-        self.members: dict[str, dict] = {}
+        self.members: dict[str, MemberInfo] = {}
         self.path = os.path.join(cfg.data_dir, "cluster", "state.json")
         self._mtime = 0.0
 
@@ -82,5 +87,5 @@ class Topology:
             return False
         self.version = snap.version
         self.members = {n: dict(i) for n, i in snap.members.items()}
-        self.owners = [tuple(o) for o in snap.slots]
+        self.owners = [(node, shard) for node, shard in snap.slots]
         return True

@@ -9,29 +9,35 @@ empty, and re-checked after every send.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Generic, TypeVar, cast
 
+import msgspec
 import zmq
 
 from mq9 import metrics, wire
 
+M = TypeVar("M", bound=msgspec.Struct)  # the wire structs one destination takes
+Socket = zmq.Socket[bytes]
 
-class Outbox:
+
+class Outbox(Generic[M]):
     __slots__ = ("sock", "loop", "items", "_after_send", "prefix")
 
-    def __init__(self, sock: zmq.Socket, loop: asyncio.AbstractEventLoop, after_send=None,
-                 prefix: list[bytes] | None = None):
+    def __init__(self, sock: Socket, loop: asyncio.AbstractEventLoop,
+                 after_send: Callable[[], None] | None = None, prefix: list[bytes] | None = None):
         self.sock = sock
         self.loop = loop
-        self.items: list = []
+        self.items: list[M] = []
         self._after_send = after_send
         self.prefix = prefix  # leading frames (a ROUTER identity), if any
 
-    def put(self, msg) -> None:
+    def put(self, msg: M) -> None:
         if not self.items:
             self.loop.call_soon(self.flush)
         self.items.append(msg)
 
-    def put_now(self, msg) -> None:
+    def put_now(self, msg: M) -> None:
         """Queue ``msg`` and send what is queued at once, without waiting for the end of
         the loop turn: for a big piece of work, so that the receiver starts on it while
         this process goes on parsing (the two processes overlap instead of taking turns)."""
@@ -48,7 +54,7 @@ class Outbox:
         except (UnicodeEncodeError, OverflowError):
             # A subject that is not UTF-8 (nats-server accepts raw bytes) cannot cross to
             # another process; drop just those, not the whole frame.
-            good = []
+            good: list[M] = []
             for m in items:
                 try:
                     wire.encode([m])
@@ -69,13 +75,15 @@ class Outbox:
             self._after_send()
 
 
-def watch(loop: asyncio.AbstractEventLoop, sock: zmq.Socket, on_frame, max_batch: int = 1000):
+def watch(loop: asyncio.AbstractEventLoop, sock: Socket, on_frame: Callable[[bytes], None],
+          max_batch: int = 1000) -> Callable[[], None]:
     """Call ``on_frame(frame_bytes)`` for every message readable on ``sock``; returns a
     ``drain`` function to call after sends on the same socket."""
+    getsockopt = int_option(sock)
 
     def drain() -> None:
         n = 0
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
                 frame = sock.recv(zmq.NOBLOCK, copy=True)
             except zmq.Again:
@@ -87,7 +95,13 @@ def watch(loop: asyncio.AbstractEventLoop, sock: zmq.Socket, on_frame, max_batch
                 loop.call_soon(drain)
                 return
 
-    loop.add_reader(sock.getsockopt(zmq.FD), drain)
+    loop.add_reader(sock.fileno(), drain)
     # The FD signals only after a read found the socket empty: read once to arm it.
     loop.call_soon(drain)
     return drain
+
+
+def int_option(sock: Socket) -> Callable[[int], int]:
+    """``sock.getsockopt`` for options whose value is an int (EVENTS): pyzmq declares every
+    option as ``int | bytes``. Bound once, outside the per-frame loop."""
+    return cast("Callable[[int], int]", sock.getsockopt)
