@@ -101,7 +101,7 @@ class DeleteRequest(msgspec.Struct):
 _json_dec = msgspec.json.Decoder().decode
 
 
-def _json_object(payload: bytes) -> dict:
+def _json_object(payload: bytes) -> dict[str, object]:
     if not payload.strip():
         return {}
     try:
@@ -112,13 +112,13 @@ def _json_object(payload: bytes) -> dict:
         try:
             body = json.loads(payload)
         except (ValueError, UnicodeDecodeError, RecursionError):
-            raise BadRequest(BAD_JSON)
+            raise BadRequest(BAD_JSON) from None
     if not isinstance(body, dict):
         raise BadRequest(NOT_AN_OBJECT)
     return body
 
 
-def check_int(name: str, v, lo: int, hi: int | None = None) -> str | None:
+def check_int(name: str, v: object, lo: int, hi: int | None = None) -> str | None:
     """Why ``v`` is no valid value of integer field ``name``, or None."""
     if isinstance(v, bool) or not isinstance(v, int):
         return NOT_AN_INTEGER.format(name)
@@ -127,17 +127,18 @@ def check_int(name: str, v, lo: int, hi: int | None = None) -> str | None:
     return None
 
 
-def _int_field(body: dict, name: str, default: int, lo: int, hi: int | None = None) -> int:
+def _int_field(body: dict[str, object], name: str, default: int, lo: int, hi: int | None = None) -> int:
     v = body.get(name, default)
     if v is None:
         return default
     why = check_int(name, v, lo, hi)
     if why:
         raise BadRequest(why)
+    assert isinstance(v, int)  # what check_int found
     return v
 
 
-def check_type(mtype) -> str | None:
+def check_type(mtype: object) -> str | None:
     return None if mtype in MAILBOX_TYPES else BAD_TYPE
 
 
@@ -145,7 +146,7 @@ def check_priority(priority: str) -> str | None:
     return None if priority in subjects.PRIORITY_BIT else UNKNOWN_PRIORITY.format(priority)
 
 
-def _token(body: dict) -> str:
+def _token(body: dict[str, object]) -> str:
     tok = body.get("token")
     return tok if isinstance(tok, str) else ""
 
@@ -155,7 +156,7 @@ def create_request(payload: bytes, default_ttl: int) -> CreateRequest:
     mtype = body.get("type", "standard")
     if mtype is None:
         mtype = "standard"
-    if check_type(mtype):
+    if not isinstance(mtype, str) or check_type(mtype):
         raise BadRequest(BAD_TYPE)
     ttl = _int_field(body, "ttl", default_ttl, 0, MAX_TTL)
     name = body.get("name")
@@ -186,7 +187,7 @@ def delete_request(payload: bytes, mail_id: str) -> DeleteRequest:
 
 class Error(msgspec.Struct):
     error: str
-    code: Code
+    code: str  # a Code's value; a shard's answer (wire.Result.code, a str) passes through as is
 
 
 class Created(msgspec.Struct, omit_defaults=True):

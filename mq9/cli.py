@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from mq9 import __version__, config
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         # argparse's default also prints the whole usage block; one line is easier to spot
         # in a container log.
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -38,17 +39,15 @@ def _parser() -> argparse.ArgumentParser:
                     "the --config TOML file; a flag wins over the variable, the variable over "
                     "the file.")
     config.add_arguments(node)
-    from mq9 import signals
+    from mq9 import completion, signals
 
-    node.add_argument("--signal", metavar="SIGNAL[=PID]",
-                      help=signals.HELP).completions = list(signals.SIGNALS)  # mq9/completion.py
+    completion.offer(node.add_argument("--signal", metavar="SIGNAL[=PID]", help=signals.HELP),
+                     signals.SIGNALS)
     commands.add_parser("cluster", help="cluster status / remove a node (see mq9 cluster --help)",
                         add_help=False)
     commands.add_parser("health", help="exit 0 if the node on a data dir is healthy, 1 if not "
                                        "(see mq9 health --help)", add_help=False)
     tools.add_parsers(commands)
-    from mq9 import completion
-
     comp = commands.add_parser("completion", help="print a shell completion script",
                                description="Print a completion script for SHELL; load it with "
                                            "`source <(mq9 completion bash)` (or zsh).")
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _send_signal(ns) -> int:
+def _send_signal(ns: argparse.Namespace) -> int:
     from mq9 import signals
 
     try:

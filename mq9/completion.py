@@ -13,11 +13,34 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import weakref
+from collections.abc import Iterable
+from typing import NamedTuple
 
 SHELLS = ("bash", "zsh")
 # flags whose value is a path: files, except these directories
 _FILE_DESTS = {"config", "auth_file", "tls_cert", "tls_key", "tls_ca", "cluster_secret_file"}
 _DIR_DESTS = {"data_dir"}
+# words to offer for a flag's value where argparse's choices would be too strict
+_OFFERED: weakref.WeakKeyDictionary[argparse.Action, list[str]] = weakref.WeakKeyDictionary()
+
+
+def offer(action: argparse.Action, words: Iterable[str]) -> None:
+    """Offer ``words`` as values of ``action``'s flag (which takes any value)."""
+    _OFFERED[action] = [str(w) for w in words]
+
+
+class ValueKind(NamedTuple):
+    """What a flag's value is: "choices" (those in ``choices``), "file", "dir" or "any"."""
+    kind: str
+    choices: tuple[str, ...] = ()
+
+
+class Node(NamedTuple):
+    """A command path, the words offered after it, and each of its flags' value kinds."""
+    path: str
+    words: list[str]
+    values: dict[str, ValueKind]
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -27,9 +50,8 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     return {}
 
 
-def tree(parser: argparse.ArgumentParser, path: str = "mq9") -> list[tuple[str, list[str], dict]]:
-    """(path, words offered there, {flag: value kind}) for ``parser`` and every subparser.
-    A value kind is ("choices", [...]), ("file",), ("dir",) or ("any",)."""
+def tree(parser: argparse.ArgumentParser, path: str = "mq9") -> list[Node]:
+    """The ``Node`` of ``parser`` and of every subparser."""
     subs = _subparsers(parser)
     if path == "mq9" and "cluster" in subs:
         from mq9.cluster import admin  # its flags live in its own parser
@@ -37,7 +59,7 @@ def tree(parser: argparse.ArgumentParser, path: str = "mq9") -> list[tuple[str, 
         subs["cluster"] = admin.build_parser("mq9 cluster")
     words = list(subs)  # what comes first: subcommands, then a positional's choices, then flags
     flags: list[str] = []
-    values: dict[str, tuple] = {}
+    values: dict[str, ValueKind] = {}
     for action in parser._actions:
         if not action.option_strings:
             if action.choices and not isinstance(action, argparse._SubParsersAction):
@@ -46,18 +68,18 @@ def tree(parser: argparse.ArgumentParser, path: str = "mq9") -> list[tuple[str, 
         flags.extend(action.option_strings)
         if action.nargs == 0:
             continue
-        choices = getattr(action, "completions", None) or action.choices
+        choices = _OFFERED.get(action) or action.choices
         if choices:
-            kind = ("choices", [str(c) for c in choices])
+            kind = ValueKind("choices", tuple(str(c) for c in choices))
         elif action.dest in _DIR_DESTS:
-            kind = ("dir",)
+            kind = ValueKind("dir")
         elif action.dest in _FILE_DESTS or action.metavar == "FILE":
-            kind = ("file",)
+            kind = ValueKind("file")
         else:
-            kind = ("any",)
+            kind = ValueKind("any")
         for opt in action.option_strings:
             values[opt] = kind
-    out = [(path, words + flags, values)]
+    out = [Node(path, words + flags, values)]
     for name, sub in subs.items():
         out.extend(tree(sub, f"{path} {name}"))
     return out
@@ -74,15 +96,14 @@ def bash(parser: argparse.ArgumentParser) -> str:
     value_cases, word_cases = [], []
     for path, words, values in nodes:
         word_cases.append(f"        {_q(path)}) opts={_q(' '.join(words))} ;;")
-        by_kind: dict[tuple, list[str]] = {}
-        for opt, kind in values.items():
-            key = (kind[0], tuple(kind[1]) if kind[0] == "choices" else ())
-            by_kind.setdefault(key, []).append(_q(f"{path} {opt}"))
-        for (kind, choices), pats in by_kind.items():
-            action = {"choices": f'COMPREPLY=($(compgen -W {_q(" ".join(choices))} -- "$cur"))',
+        by_kind: dict[ValueKind, list[str]] = {}
+        for opt, value in values.items():
+            by_kind.setdefault(value, []).append(_q(f"{path} {opt}"))
+        for value, pats in by_kind.items():
+            action = {"choices": f'COMPREPLY=($(compgen -W {_q(" ".join(value.choices))} -- "$cur"))',
                       "file": 'COMPREPLY=($(compgen -f -- "$cur"))',
                       "dir": 'COMPREPLY=($(compgen -d -- "$cur"))',
-                      "any": "COMPREPLY=()"}[kind]
+                      "any": "COMPREPLY=()"}[value.kind]
             value_cases.append(f"        {'|'.join(pats)}) {action}; return ;;")
     return f"""# mq9 shell completion for bash, made by `mq9 completion bash`.
 # Load it with: source <(mq9 completion bash)

@@ -11,12 +11,17 @@ from __future__ import annotations
 import argparse
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, TypeVar
 
 MIB = 1024 * 1024
 
 
-def _opt(default, help: str, **kw):
+_T = TypeVar("_T")
+
+
+def _opt(default: _T, help: str, **kw: object) -> _T:
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -96,19 +101,24 @@ class Config:
         return os.path.join(os.path.abspath(self.data_dir), "run")
 
 
-def _flag(f) -> str:
-    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+def _flag(f: Field[Any]) -> str:
+    return str(f.metadata.get("flag", "--" + f.name.replace("_", "-")))
 
 
-def _env(f) -> str:
-    return f.metadata.get("env", "MQ9_" + f.name.upper())
+def _env(f: Field[Any]) -> str:
+    return str(f.metadata.get("env", "MQ9_" + f.name.upper()))
 
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
 
-def _convert(f, raw):
+# int() and float() refuse what they cannot read (a TOML table, "abc") with TypeError or
+# ValueError, which ``from_args`` reports with the setting's name.
+_CONVERTERS: dict[str, Callable[[Any], int | float | str]] = {"int": int, "float": float, "str": str}
+
+
+def _convert(f: Field[Any], raw: object) -> bool | int | float | str | None:
     if raw is None:
         return None
     if f.type in (bool, "bool"):
@@ -120,7 +130,7 @@ def _convert(f, raw):
             return False
         raise ValueError(raw)
     base = f.type if isinstance(f.type, type) else f.type.split("|")[0].strip()
-    conv = {"int": int, "float": float, "str": str}.get(base if isinstance(base, str) else base.__name__, str)
+    conv = _CONVERTERS.get(base if isinstance(base, str) else base.__name__, str)
     return conv(raw)
 
 
@@ -137,20 +147,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def from_args(ns: argparse.Namespace, environ: dict[str, str] | None = None) -> Config:
-    environ = os.environ if environ is None else environ
+def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
+    env: Mapping[str, str] = os.environ if environ is None else environ
     cli = {f.name: getattr(ns, f.name, None) for f in fields(Config)}
-    config_path = cli.get("config") or environ.get("MQ9_CONFIG")
-    from_file: dict = {}
+    config_path = cli.get("config") or env.get("MQ9_CONFIG")
+    from_file: dict[str, Any] = {}  # whatever TOML holds; _convert checks it
     if config_path:
         with open(config_path, "rb") as fh:
             from_file = {k.replace("-", "_"): v for k, v in tomllib.load(fh).items()}
         unknown = set(from_file) - {f.name for f in fields(Config)}
         if unknown:
             raise ValueError(f"unknown settings in {config_path}: {', '.join(sorted(unknown))}")
-    values = {}
+    values: dict[str, Any] = {}  # each converted to its own field's type by _convert
     for f in fields(Config):
-        sources = ((cli[f.name], _flag(f)), (environ.get(_env(f)), _env(f)),
+        sources = ((cli[f.name], _flag(f)), (env.get(_env(f)), _env(f)),
                    (from_file.get(f.name), f"{f.name} in {config_path}"))
         for raw, where in sources:
             if raw is not None:

@@ -43,7 +43,7 @@ def cgroup_quota(proc_self_cgroup: str = "/proc/self/cgroup", root: str = CGROUP
             v2_path = path
         elif "cpu" in controllers.split(","):
             v1_path = (path, controllers)
-    found = []
+    found: list[float | None] = []
     if v2_path is not None:
         for d in _levels(root, v2_path):
             found.append(_v2(os.path.join(d, "cpu.max")))
@@ -55,8 +55,8 @@ def cgroup_quota(proc_self_cgroup: str = "/proc/self/cgroup", root: str = CGROUP
                 for d in _levels(mount, path):
                     found.append(_v1(d))
                 break
-    found = [q for q in found if q is not None]
-    return min(found) if found else None
+    quotas = [q for q in found if q is not None]
+    return min(quotas) if quotas else None
 
 
 def _levels(mount: str, path: str) -> list[str]:

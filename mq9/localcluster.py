@@ -26,6 +26,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, TextIO
 
 from mq9 import process
 
@@ -129,7 +130,8 @@ def is_member(node: NodeSpec) -> bool:
 def ready(node: NodeSpec) -> bool:
     try:
         with urllib.request.urlopen(f"http://{HOST}:{node.metrics_port}/readyz", timeout=1) as r:
-            return r.status == 200
+            status: int = r.status  # urlopen's answer is untyped in typeshed
+            return status == 200
     except OSError:
         return False
 
@@ -146,14 +148,16 @@ class Running:
             argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=lambda: process.die_with_parent(parent, signal.SIGTERM))
-        os.set_blocking(self.proc.stdout.fileno(), False)
+        assert self.proc.stdout is not None  # stdout=PIPE
+        self.stdout: IO[bytes] = self.proc.stdout
+        os.set_blocking(self.stdout.fileno(), False)
         self.partial = b""
         self.ready = False
 
-    def pump(self, out) -> bool:
+    def pump(self, out: TextIO) -> bool:
         """Print what the node wrote; False at end of output."""
         try:
-            data = os.read(self.proc.stdout.fileno(), 65536)
+            data = os.read(self.stdout.fileno(), 65536)
         except BlockingIOError:
             return True
         lines = (self.partial + data).split(b"\n")
@@ -167,7 +171,7 @@ class Running:
 
 
 class LocalCluster:
-    def __init__(self, cfg: argparse.Namespace, extra: list[str], out=sys.stdout):
+    def __init__(self, cfg: argparse.Namespace, extra: list[str], out: TextIO = sys.stdout):
         self.cfg, self.extra, self.out = cfg, extra, out
         self.specs = layout(cfg)
         self.secret = secret_file(Path(cfg.dir))
@@ -185,11 +189,12 @@ class LocalCluster:
         seed = self.specs[0] if spec is not self.specs[0] else None
         node = Running(spec, spec.argv(self.cfg, self.secret, seed, self.extra), self.env)
         self.nodes.append(node)
-        self.sel.register(node.proc.stdout, selectors.EVENT_READ, node)
+        self.sel.register(node.stdout, selectors.EVENT_READ, node)
 
     def pump(self, timeout: float) -> None:
         for key, _ in self.sel.select(timeout):
-            if not key.data.pump(self.out):
+            node: Running = key.data
+            if not node.pump(self.out):
                 self.sel.unregister(key.fileobj)
 
     def run(self) -> int:
@@ -222,8 +227,8 @@ class LocalCluster:
         return status
 
     def announce(self) -> None:
-        mq9 = Path(sys.executable).parent / "mq9"
-        mq9 = str(mq9) if mq9.exists() else "mq9"
+        path = Path(sys.executable).parent / "mq9"
+        mq9 = str(path) if path.exists() else "mq9"
         first = self.specs[0]
         lines = [f"mq9.localcluster: {len(self.specs)} nodes up, one cluster "
                  f"(data and secret in {self.cfg.dir}/):"]
@@ -258,7 +263,7 @@ class LocalCluster:
         while self.sel.get_map() and time.monotonic() < deadline:
             self.pump(0.2)
         for n in self.nodes:
-            n.proc.stdout.close()
+            n.stdout.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,8 @@ import re
 import sys
 import time
 import traceback
+from types import TracebackType
+from typing import TextIO
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -38,12 +40,14 @@ _NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warnin
           logging.ERROR: "error", logging.CRITICAL: "critical"}
 
 _logger = logging.getLogger("mq9")
+_JsonValue = str | int | float | bool | None
+_ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
 _BARE = re.compile(r'^[^\s="\\\x00-\x1f\x7f]+$')
 _BAD_KEY = re.compile(r"[^A-Za-z0-9_.\-]")
 _proc = "mq9"
 
 
-def _value(v) -> str:
+def _value(v: object) -> str:
     if v is None:
         return "null"
     if v is True:
@@ -53,14 +57,14 @@ def _value(v) -> str:
     if type(v) is int or type(v) is float:
         return repr(v)
     if isinstance(v, (bytes, bytearray, memoryview)):
-        v = bytes(v).decode("utf-8", "backslashreplace")
-    elif not isinstance(v, str):
-        v = str(v)
-    if _BARE.match(v):
-        return v
+        text = bytes(v).decode("utf-8", "backslashreplace")
+    else:
+        text = v if isinstance(v, str) else str(v)
+    if _BARE.match(text):
+        return text
     # JSON string quoting escapes exactly what logfmt parsers expect: quotes, backslashes,
     # newlines and other control characters.
-    return json.dumps(v, ensure_ascii=False)
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _key(k: str) -> str:
@@ -100,7 +104,7 @@ class JsonFormatter(LogfmtFormatter):
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        doc = {"ts": f"{ts}.{int(record.msecs):03d}Z",
+        doc: dict[str, _JsonValue] = {"ts": f"{ts}.{int(record.msecs):03d}Z",
                "level": _NAMES.get(record.levelno, str(record.levelno).lower()),
                "proc": self.proc}
         fields = getattr(record, "mq9_fields", None)
@@ -120,7 +124,7 @@ class JsonFormatter(LogfmtFormatter):
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
 
 
-def _json_value(v):
+def _json_value(v: object) -> _JsonValue:
     if v is None or v is True or v is False or type(v) is int:
         return v
     if type(v) is float:
@@ -138,35 +142,35 @@ class Logger:
 
     __slots__ = ("fields",)
 
-    def __init__(self, fields: dict | None = None):
+    def __init__(self, fields: dict[str, object] | None = None):
         self.fields = fields or {}
 
-    def bind(self, **fields) -> "Logger":
+    def bind(self, **fields: object) -> Logger:
         return Logger({**self.fields, **fields})
 
-    def _emit(self, level: int, event: str, fields: dict, exc_info=None) -> None:
+    def _emit(self, level: int, event: str, fields: dict[str, object], exc_info: _ExcInfo | None = None) -> None:
         if self.fields:
             fields = {**self.fields, **fields}
         # stacklevel points funcName/lineno at the caller of info()/error(), not at us
         _logger.log(level, event, extra={"mq9_fields": fields}, exc_info=exc_info, stacklevel=3)
 
-    def debug(self, event: str, **fields) -> None:
+    def debug(self, event: str, **fields: object) -> None:
         if _logger.isEnabledFor(logging.DEBUG):
             self._emit(logging.DEBUG, event, fields)
 
-    def info(self, event: str, **fields) -> None:
+    def info(self, event: str, **fields: object) -> None:
         if _logger.isEnabledFor(logging.INFO):
             self._emit(logging.INFO, event, fields)
 
-    def warning(self, event: str, **fields) -> None:
+    def warning(self, event: str, **fields: object) -> None:
         if _logger.isEnabledFor(logging.WARNING):
             self._emit(logging.WARNING, event, fields)
 
-    def error(self, event: str, **fields) -> None:
+    def error(self, event: str, **fields: object) -> None:
         if _logger.isEnabledFor(logging.ERROR):
             self._emit(logging.ERROR, event, fields)
 
-    def exception(self, event: str, **fields) -> None:
+    def exception(self, event: str, **fields: object) -> None:
         """An error with the exception being handled (call it from an ``except`` block)."""
         if _logger.isEnabledFor(logging.ERROR):
             self._emit(logging.ERROR, event, fields, exc_info=sys.exc_info())
@@ -190,7 +194,11 @@ def proc() -> str:
     return _proc
 
 
-def setup(level: str = "info", proc: str = "mq9", stream=None, fmt: str = "logfmt") -> None:
+class _Handler(logging.StreamHandler[TextIO]):
+    """The handler ``setup`` installs, told apart from others' by its class."""
+
+
+def setup(level: str = "info", proc: str = "mq9", stream: TextIO | None = None, fmt: str = "logfmt") -> None:
     """Send every log record of this process to ``stream`` (stderr) as ``fmt`` (logfmt |
     json).
 
@@ -205,10 +213,9 @@ def setup(level: str = "info", proc: str = "mq9", stream=None, fmt: str = "logfm
     _proc = proc
     root = logging.getLogger()
     for h in list(root.handlers):
-        if getattr(h, "_mq9", False):
+        if isinstance(h, _Handler):
             root.removeHandler(h)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler._mq9 = True
+    handler = _Handler(stream if stream is not None else sys.stderr)
     handler.setFormatter(FORMATS[fmt](proc))
     root.addHandler(handler)
     root.setLevel(_LEVELS[level])

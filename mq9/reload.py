@@ -22,10 +22,13 @@ handlers are in place and then receives any signal sent meanwhile.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import os
 import signal
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import msgspec
 
@@ -38,7 +41,7 @@ RELOADABLE = tuple(f for f in Reloaded.__struct_fields__ if f != "generation")
 _SAME_FILE = ("config",)
 
 
-def load(source, environ: dict, running: Config) -> Config:
+def load(source: argparse.Namespace | None, environ: Mapping[str, str], running: Config) -> Config:
     """The configuration as flags (``source``), ``environ`` and the config file give it now,
     checked as at start; ValueError says in one line what is wrong. Without ``source`` (a
     node started from code, not ``mq9 node``) the files named in ``running`` are re-read."""
@@ -65,7 +68,8 @@ def changed(running: Config, new: Config) -> list[str]:
     return [n for n in RELOADABLE if getattr(new, n) != getattr(running, n)]
 
 
-def settings(cfg: Config | Reloaded) -> dict:
+def settings(cfg: Config | Reloaded) -> dict[str, Any]:
+    """The reloadable settings by name, each of its own field's type."""
     return {n: getattr(cfg, n) for n in RELOADABLE}
 
 
@@ -91,7 +95,7 @@ def read(run_dir: str) -> Reloaded | None:
 
 
 @contextlib.contextmanager
-def signals_blocked():
+def signals_blocked() -> Iterator[None]:
     """Around spawning a child: it inherits SIGHUP and SIGUSR2 blocked (see the module doc)."""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGUSR2})
     try:

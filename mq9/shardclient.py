@@ -6,6 +6,9 @@ to one request picked out of a frame.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import zmq
 
 from mq9 import curve, endpoints, wire
@@ -13,9 +16,10 @@ from mq9.cluster.slots import ShardId
 from mq9.config import Config
 
 
-def endpoint(cfg: Config, node_id: str, members: dict, owner: ShardId) -> str:
+def endpoint(cfg: Config, node_id: str, members: Mapping[str, Mapping[str, Any]], owner: ShardId) -> str:
     """Shard ``owner``'s endpoint for a process of node ``node_id``; ``members`` is the
-    metadata group's member table (only read for another node's shard)."""
+    metadata group's member table (only read for another node's shard): a member's info
+    as JSON gives it."""
     node, shard = owner
     if node == node_id:
         return endpoints.shard_endpoint(cfg, shard)
@@ -23,7 +27,8 @@ def endpoint(cfg: Config, node_id: str, members: dict, owner: ShardId) -> str:
     return endpoints.shard_tcp(info["advertise"], info["cluster_port"], shard)
 
 
-def dealer(ctx: zmq.Context, cfg: Config, address: str, identity: bytes | None = None) -> zmq.Socket:
+def dealer(ctx: zmq.Context[zmq.Socket[bytes]], cfg: Config, address: str,
+           identity: bytes | None = None) -> zmq.Socket[bytes]:
     """A DEALER connected to ``address``. Without ``identity`` ZeroMQ makes one up, so
     callers that come and go never take over each other's pipe at the shard's ROUTER."""
     s = ctx.socket(zmq.DEALER)
@@ -38,10 +43,10 @@ def dealer(ctx: zmq.Context, cfg: Config, address: str, identity: bytes | None =
     return s
 
 
-def answer_in(frame: bytes, rid: int):
+def answer_in(frame: bytes, rid: int) -> wire.Answer | None:
     """The answer to request ``rid`` in a frame from a shard, or None."""
     for m in wire.decode_from_shard(frame):
-        if type(m) in wire.ANSWERS and m.rid == rid:
+        if isinstance(m, wire.ANSWERS) and m.rid == rid:
             return m
     return None
 

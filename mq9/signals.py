@@ -16,6 +16,7 @@ import fcntl
 import os
 import signal
 import tomllib
+from collections.abc import Mapping
 
 from mq9.config import Config
 
@@ -40,7 +41,7 @@ def parse(text: str) -> tuple[signal.Signals, str | None]:
     return sig, (target.strip() if sep else None)
 
 
-def data_dir(flag: str | None, config_flag: str | None, environ=os.environ) -> str:
+def data_dir(flag: str | None, config_flag: str | None, environ: Mapping[str, str] = os.environ) -> str:
     if flag:
         return flag
     if environ.get("MQ9_DATA_DIR"):

@@ -19,7 +19,7 @@ Supervisor -> children (a file in run_dir, then SIGHUP; ``mq9/reload.py``):
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, TypeAlias
 
 import msgspec
 
@@ -319,11 +319,12 @@ class Reloaded(msgspec.Struct):
     tls_handshake_first: bool
 
 
-ToShard = Union[Hello, Create, Send, SendRun, Query, Delete, Subscribe, Unsubscribe, Delivered, Undelivered,
-                Export, Import, Freeze, Drop, ListMailboxes]
-FromShard = Union[Result, Sent, SentRun, DeliverRun, MailboxList]
+ToShard: TypeAlias = (Hello | Create | Send | SendRun | Query | Delete | Subscribe | Unsubscribe | Delivered
+                      | Undelivered | Export | Import | Freeze | Drop | ListMailboxes)
+FromShard: TypeAlias = Result | Sent | SentRun | DeliverRun | MailboxList
+Answer: TypeAlias = Result | Sent | SentRun | MailboxList
 ANSWERS = (Result, Sent, SentRun, MailboxList)  # what answers a request by rid
-PeerMsg = Union[PeerHello, Interest, Routed, RoutedRun, Mark, Ack]
+PeerMsg: TypeAlias = PeerHello | Interest | Routed | RoutedRun | Mark | Ack
 
 _to_shard_dec = msgspec.msgpack.Decoder(list[ToShard])
 _from_shard_dec = msgspec.msgpack.Decoder(list[FromShard])
@@ -333,15 +334,15 @@ _enc = msgspec.msgpack.Encoder()
 encode = _enc.encode  # encode(list_of_structs) -> bytes
 
 
-def decode_to_shard(frame: bytes) -> list:
+def decode_to_shard(frame: bytes) -> list[ToShard]:
     return _to_shard_dec.decode(frame)
 
 
-def decode_from_shard(frame: bytes) -> list:
+def decode_from_shard(frame: bytes) -> list[FromShard]:
     return _from_shard_dec.decode(frame)
 
 
-def decode_peer(frame: bytes) -> list:
+def decode_peer(frame: bytes) -> list[PeerMsg]:
     return _peer_dec.decode(frame)
 
 

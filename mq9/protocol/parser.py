@@ -50,27 +50,74 @@ them back with ``errors="surrogateescape"``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from enum import IntEnum
+from typing import Protocol
 
 import msgspec
 
 from mq9.protocol import errors
 
-# What follows an op name before its arguments.
-_SEP = 0  # a space or tab is required (PUB, HPUB, SUB, UNSUB, -ERR)
-_ANY = 1  # anything; leading blanks are skipped (CONNECT, INFO: "CONNECT{}" is accepted)
-_IGN = 2  # the rest of the line is ignored (PING, PONG, +OK)
 
-_PUB, _HPUB, _SUB, _UNSUB, _PING, _PONG, _CONNECT, _INFO, _OK, _ERR = range(10)
+class Handler(Protocol):
+    """What the parser calls, in stream order (``gateway.client.Client``). A handler may
+    also have ``op_pubs`` (``PubsHandler``); without it a run comes one PUB at a time."""
 
-_OPS_BY_FIRST: dict[int, tuple[tuple[bytes, int, int], ...]] = {
-    ord("P"): ((b"PUB", _PUB, _SEP), (b"PING", _PING, _IGN), (b"PONG", _PONG, _IGN)),
+    def op_connect(self, args: bytes, /) -> None: ...
+    def op_pub(self, subject: str, reply: str | None, payload: bytes, /) -> None: ...
+    def op_hpub(self, subject: str, reply: str | None, headers: bytes, payload: bytes, /) -> None: ...
+    def op_sub(self, subject: str, queue: str | None, sid: str, /) -> None: ...
+    def op_unsub(self, sid: str, max_msgs: int | None, /) -> None: ...
+    def op_ping(self) -> None: ...
+    def op_pong(self) -> None: ...
+    def protocol_error(self, text: str, /) -> None: ...
+
+
+# op_pubs(subject, replies, payloads): ``replies`` None when no PUB of the run has a reply,
+# else one per payload.
+OpPubs = Callable[[str, "list[str | None] | None", list[bytes]], None]
+
+
+class _Follow(IntEnum):
+    """What follows an op name before its arguments."""
+    SEP = 0  # a space or tab is required (PUB, HPUB, SUB, UNSUB, -ERR)
+    ANY = 1  # anything; leading blanks are skipped (CONNECT, INFO: "CONNECT{}" is accepted)
+    IGN = 2  # the rest of the line is ignored (PING, PONG, +OK)
+
+
+class _Op(IntEnum):
+    PUB = 0
+    HPUB = 1
+    SUB = 2
+    UNSUB = 3
+    PING = 4
+    PONG = 5
+    CONNECT = 6
+    INFO = 7
+    OK = 8
+    ERR = 9
+
+
+# (name, op, what follows the name): a plain tuple, not a NamedTuple, because CPython
+# unpacks an exact tuple faster, and each control line unpacks one.
+_OpName = tuple[bytes, _Op, _Follow]
+
+
+# Module-level names: the line loop compares against them without an attribute lookup.
+_SEP, _ANY, _IGN = _Follow.SEP, _Follow.ANY, _Follow.IGN
+_PUB, _HPUB, _SUB, _UNSUB, _PING, _PONG, _CONNECT, _INFO = (
+    _Op.PUB, _Op.HPUB, _Op.SUB, _Op.UNSUB, _Op.PING, _Op.PONG, _Op.CONNECT, _Op.INFO)
+
+_OPS_BY_FIRST: dict[int, tuple[_OpName, ...]] = {
+    ord("P"): ((b"PUB", _PUB, _SEP), (b"PING", _PING, _IGN),
+               (b"PONG", _PONG, _IGN)),
     ord("H"): ((b"HPUB", _HPUB, _SEP),),
     ord("S"): ((b"SUB", _SUB, _SEP),),
     ord("U"): ((b"UNSUB", _UNSUB, _SEP),),
     ord("C"): ((b"CONNECT", _CONNECT, _ANY),),
     ord("I"): ((b"INFO", _INFO, _ANY),),
-    ord("+"): ((b"+OK", _OK, _IGN),),
-    ord("-"): ((b"-ERR", _ERR, _SEP),),
+    ord("+"): ((b"+OK", _Op.OK, _IGN),),
+    ord("-"): ((b"-ERR", _Op.ERR, _SEP),),
 }
 
 
@@ -88,22 +135,20 @@ _BLANKS = re.compile(rb"[ \t]*")
 RUN_MAX = 128
 
 
-def _lookup(head: bytes) -> tuple[bytes, int, int] | bool:
-    """``head`` is the upper-cased start of a line (at most 8 bytes, longer than any op).
-
-    Returns the op it starts with, True if it is still the beginning of some op name, or
-    False if no op can start this way.
-    """
+def _lookup(head: bytes) -> _OpName | None:
+    """The op that ``head``, the upper-cased start of a line (at most 8 bytes, longer than
+    any op), starts with."""
     cands = _OPS_BY_FIRST.get(head[0])
-    if cands is None:
-        return False
-    for op in cands:
-        if head.startswith(op[0]):
-            return op
-    for op in cands:
-        if op[0].startswith(head):
-            return True
-    return False
+    if cands is not None:
+        for op in cands:
+            if head.startswith(op[0]):
+                return op
+    return None
+
+
+def _op_prefix(head: bytes) -> bool:
+    """Whether ``head`` (upper case, shorter than any op it starts) may still become an op."""
+    return any(op[0].startswith(head) for op in _OPS_BY_FIRST.get(head[0], ()))
 
 
 def _split_pub(args: bytes) -> list[bytes]:
@@ -147,7 +192,17 @@ class Parser:
         "_connect", "_pub", "_pubs", "_hpub", "_sub", "_unsub", "_ping", "_pong", "_perr",
     )
 
-    def __init__(self, handler, max_payload: int = 1048576, max_control_line: int = 4096):
+    _connect: Callable[[bytes], None]
+    _pub: Callable[[str, str | None, bytes], None]
+    _pubs: OpPubs
+    _hpub: Callable[[str, str | None, bytes, bytes], None]
+    _sub: Callable[[str, str | None, str], None]
+    _unsub: Callable[[str, int | None], None]
+    _ping: Callable[[], None]
+    _pong: Callable[[], None]
+    _perr: Callable[[str], None]
+
+    def __init__(self, handler: Handler, max_payload: int = 1048576, max_control_line: int = 4096):
         self.max_payload = max_payload
         self.max_control_line = max_control_line
         self.reason = ""
@@ -161,7 +216,8 @@ class Parser:
         # A run of PUBs to one subject, in order: op_pubs(subject, replies, payloads),
         # ``replies`` None when none has a reply, else one per payload (str or None).
         # Handlers without ``op_pubs`` get them one by one.
-        self._pubs = getattr(handler, "op_pubs", None) or self._pubs_one_by_one
+        pubs: OpPubs | None = getattr(handler, "op_pubs", None)
+        self._pubs = pubs or self._pubs_one_by_one
         self._hpub = handler.op_hpub
         self._sub = handler.op_sub
         self._unsub = handler.op_unsub
@@ -169,7 +225,7 @@ class Parser:
         self._pong = handler.op_pong
         self._perr = handler.protocol_error
 
-    def _pubs_one_by_one(self, subject: str, replies: list | None, payloads: list) -> None:
+    def _pubs_one_by_one(self, subject: str, replies: list[str | None] | None, payloads: list[bytes]) -> None:
         for i, p in enumerate(payloads):
             self._pub(subject, None if replies is None else replies[i], p)
             if self._dead:
@@ -213,16 +269,18 @@ class Parser:
         fast_len = self.max_control_line + 5
         # Consecutive PUBs to one subject form a run, handed over in one call (publishers
         # stream to a subject; senders pipeline requests to one mailbox); ``replies`` holds
-        # their reply subjects (raw) once one has any. ``line`` is the last fast PUB line: a
-        # byte-identical next line is taken without the regular expression.
-        run: list | None = None
-        replies: list | None = None
-        run_sb = rb = None
-        subject = None
-        line = None
+        # their reply subjects (raw) once one has any. ``line`` is the last fast PUB line of
+        # the run (set whenever ``run`` is): a byte-identical next line is taken without the
+        # regular expression.
+        run: list[bytes] | None = None
+        replies: list[bytes | None] | None = None
+        run_sb: bytes | None = None
+        rb: bytes | None = None
+        subject = ""
+        line = b""
         size = 0
         while pos < n:
-            if line is not None and data.startswith(line, pos):
+            if run is not None and data.startswith(line, pos):
                 start = pos + len(line)
                 stop = start + size
                 if stop + 2 > n or data[stop] != 13 or data[stop + 1] != 10:
@@ -237,8 +295,8 @@ class Parser:
             if m is not None:
                 start = m.end()
                 if start - pos <= fast_len:
-                    sb, rb, size = m.groups()
-                    size = int(size)
+                    sb, rb, sz = m.groups()
+                    size = int(sz)
                     if size > max_payload:
                         self._flush_run(run, subject, replies)
                         if not self._dead:
@@ -270,7 +328,6 @@ class Parser:
             if run is not None:
                 self._flush_run(run, subject, replies)
                 run = replies = None
-                line = None
                 if self._dead:
                     return
             if data[pos] == 72:  # H
@@ -278,9 +335,9 @@ class Parser:
                 if m is not None:
                     start = m.end()
                     if start - pos <= fast_len + 1:
-                        sb, rb, hsize, hsz = m.groups()
-                        hsize = int(hsize)
-                        hsz = int(hsz)
+                        sb, rb, hs, ts = m.groups()
+                        hsize = int(hs)
+                        hsz = int(ts)
                         if hsize > hsz:
                             self._fail(errors.PARSE_ERROR, "processHeaderPub Header Size "
                                        f"larger then TotalSize: {m[0]!r}")
@@ -312,7 +369,8 @@ class Parser:
                 return
         self._flush_run(run, subject, replies)
 
-    def _no_payload_end(self, data: bytes, pos: int, stop: int, run, subject, replies) -> None:
+    def _no_payload_end(self, data: bytes, pos: int, stop: int, run: list[bytes] | None, subject: str,
+                        replies: list[bytes | None] | None) -> None:
         """A PUB whose payload is not followed by CRLF in this chunk: the run before it is
         handed over, then it waits for more bytes or fails."""
         self._flush_run(run, subject, replies)
@@ -323,10 +381,9 @@ class Parser:
         else:
             self._fail(errors.UNKNOWN_PROTOCOL_OP, "payload not followed by CRLF")
 
-    def _flush_run(self, run: list | None, subject: str, replies: list | None) -> None:
+    def _flush_run(self, run: list[bytes] | None, subject: str, raw_replies: list[bytes | None] | None) -> None:
         if run:
-            if replies is not None:
-                replies = [None if r is None else _dec(r) for r in replies]
+            replies = None if raw_replies is None else [None if r is None else _dec(r) for r in raw_replies]
             if len(run) == 1:
                 self._pub(subject, None if replies is None else replies[0], run[0])
             else:
@@ -336,18 +393,18 @@ class Parser:
         """One op starting at ``pos``, ``nl`` being the first LF after it; returns where the
         next op starts, or -1 to stop parsing this chunk (error, stop, or incomplete)."""
         op = _lookup(data[pos:pos + 8].upper())
-        if op.__class__ is not tuple:
+        if op is None:
             return self._fail(errors.UNKNOWN_PROTOCOL_OP,
                               f"unknown protocol operation: {data[pos:min(nl, pos + 32)]!r}")
         name, code, kind = op
-        if kind == _IGN:
-            if code == _PING:
+        if kind is _IGN:
+            if code is _PING:
                 self._ping()
-            elif code == _PONG:
+            elif code is _PONG:
                 self._pong()
             return -1 if self._dead else nl + 1
         k = pos + len(name)
-        if kind == _SEP:
+        if kind is _SEP:
             # The op name holds no LF, so k <= nl.
             if data[k] != 32 and data[k] != 9:
                 return self._fail(errors.UNKNOWN_PROTOCOL_OP,
@@ -355,7 +412,9 @@ class Parser:
             k += 1
         # nats-server skips blanks and starts the arguments at the next byte without
         # looking at it, so "SUB \ns.> 1\r\n" subscribes to s.>: an LF there is not the end.
-        start = _BLANKS.match(data, k).end()
+        blanks = _BLANKS.match(data, k)
+        assert blanks is not None  # "[ \t]*" matches the empty string too
+        start = blanks.end()
         if start == nl:
             nl = data.find(b"\n", start + 1)
             if nl < 0:
@@ -367,11 +426,11 @@ class Parser:
         if len(args) > self.max_control_line:
             return self._fail(errors.MAX_CONTROL_LINE_EXCEEDED,
                               f"maximum control line exceeded: {len(args)}")
-        if code == _PUB:
+        if code is _PUB:
             return self._msg(data, pos, nl, _split_pub(args), False, args)
-        if code == _HPUB:
+        if code is _HPUB:
             return self._msg(data, pos, nl, _split_pub(args), True, args)
-        if code == _SUB:
+        if code is _SUB:
             parts = _split_sub(args)
             if len(parts) == 2:
                 self._sub(_dec(parts[0]), None, _dec(parts[1]))
@@ -379,7 +438,7 @@ class Parser:
                 self._sub(_dec(parts[0]), _dec(parts[1]), _dec(parts[2]))
             else:
                 return self._fail(errors.PARSE_ERROR, f"processSub Parse Error: {args!r}")
-        elif code == _UNSUB:
+        elif code is _UNSUB:
             parts = _split_sub(args)
             if len(parts) == 1:
                 self._unsub(_dec(parts[0]), None)
@@ -388,9 +447,9 @@ class Parser:
                 self._unsub(_dec(parts[0]), max_msgs if max_msgs > 0 else None)
             else:
                 return self._fail(errors.PARSE_ERROR, f"processUnsub Parse Error: {args!r}")
-        elif code == _CONNECT:
+        elif code is _CONNECT:
             self._connect(args)
-        elif code == _INFO:
+        elif code is _INFO:
             # nats-server unmarshals a client's INFO into its Info struct and then ignores
             # it; only JSON that is not an object (or null) is fatal. (It would also reject
             # known fields of the wrong type; that detail is not copied.)
@@ -408,14 +467,14 @@ class Parser:
              args: bytes) -> int:
         if headers:
             if len(parts) == 3:
-                subject, hsize, size = parts
-                reply = None
+                subject_b, hsize_b, size_b = parts
+                reply_b = None
             elif len(parts) == 4:
-                subject, reply, hsize, size = parts
+                subject_b, reply_b, hsize_b, size_b = parts
             else:
                 return self._fail(errors.PARSE_ERROR, f"processHeaderPub Parse Error: {args!r}")
-            hsize = _size(hsize)
-            size = _size(size)
+            hsize = _size(hsize_b)
+            size = _size(size_b)
             if hsize < 0 or size < 0:
                 return self._fail(errors.PARSE_ERROR,
                                   f"processHeaderPub Bad or Missing Size: {args!r}")
@@ -424,13 +483,13 @@ class Parser:
                                   f"processHeaderPub Header Size larger then TotalSize: {args!r}")
         else:
             if len(parts) == 2:
-                subject, size = parts
-                reply = None
+                subject_b, size_b = parts
+                reply_b = None
             elif len(parts) == 3:
-                subject, reply, size = parts
+                subject_b, reply_b, size_b = parts
             else:
                 return self._fail(errors.PARSE_ERROR, f"processPub Parse Error: {args!r}")
-            size = _size(size)
+            size = _size(size_b)
             if size < 0:
                 return self._fail(errors.PARSE_ERROR, f"processPub Bad or Missing Size: {args!r}")
             hsize = 0
@@ -445,9 +504,8 @@ class Parser:
             return -1
         if data[stop] != 13 or data[stop + 1] != 10:
             return self._fail(errors.UNKNOWN_PROTOCOL_OP, "payload not followed by CRLF")
-        subject = _dec(subject)
-        if reply is not None:
-            reply = _dec(reply)
+        subject = _dec(subject_b)
+        reply = None if reply_b is None else _dec(reply_b)
         if headers:
             # Header size 0 is legal; nats-server then delivers a plain MSG, not HMSG.
             self._hpub(subject, reply, data[start:start + hsize], data[start + hsize:stop])
@@ -470,26 +528,29 @@ class Parser:
         """The chunk ends inside a control line: reject what already cannot be valid, as
         nats-server does byte by byte, and keep the rest (bounded) for the next feed."""
         rest = data[pos:]
-        op = _lookup(rest[:8].upper())
-        if op is False:
+        head = rest[:8].upper()
+        op = _lookup(head)
+        if op is None and not _op_prefix(head):
             self._fail(errors.UNKNOWN_PROTOCOL_OP,
                        f"unknown protocol operation: {rest[:32]!r}")
             return
-        if op is not True:
+        if op is not None:
             name, _code, kind = op
             k = len(name)
-            if kind == _IGN:
+            if kind is _IGN:
                 rest = rest[:k]  # the text after PING/PONG/+OK is skipped, so don't store it
             elif len(rest) > k:
-                if kind == _SEP:
+                if kind is _SEP:
                     if rest[k] != 32 and rest[k] != 9:
                         self._fail(errors.UNKNOWN_PROTOCOL_OP,
                                    f"unknown protocol operation: {rest[:32]!r}")
                         return
                     k += 1
-                start = _BLANKS.match(rest, k).end()
+                blanks = _BLANKS.match(rest, k)
+                assert blanks is not None  # "[ \t]*" matches the empty string too
+                start = blanks.end()
                 if start == len(rest):
-                    rest = rest[:k] if kind == _SEP else rest[:k + 1]
+                    rest = rest[:k] if kind is _SEP else rest[:k + 1]
                 else:
                     size = len(rest) - start - (1 if rest.find(b"\r", start + 1) >= 0 else 0)
                     if size > self.max_control_line:

@@ -532,7 +532,7 @@ async def _ask_server(port: int, stream: bytes, expected: bytes, closed: bool,
             if not data:
                 return out, True
             out += data
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return out, False
     except (ConnectionResetError, BrokenPipeError):
         return out, True
