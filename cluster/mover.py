@@ -129,6 +129,9 @@ class ShardMover:
                 raise MoveError(f"shard {_name(owner)} did not answer {type(op).__name__}")
             m = shardclient.answer_in(s.recv(), op.rid)
             if m is not None:
+                if not isinstance(m, wire.Result):  # the shard answers a move op only so
+                    raise MoveError(f"shard {_name(owner)} answered {type(op).__name__} "
+                                    f"with {type(m).__name__}")
                 if m.code:
                     raise MoveError(f"shard {_name(owner)}: {type(op).__name__}: {m.code}: {m.error}")
                 return m.data or {}
