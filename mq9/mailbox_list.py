@@ -78,10 +78,11 @@ def shards(cfg: Config, group: ClusterView | None) -> tuple[str, list[tuple[Shar
         return node, [((node, i), shardclient.endpoint(cfg, node, {}, (node, i)))
                       for i in range(cfg.shards)]
     node = group.node_id
-    members = group.snapshot().members or {node: {"shards": cfg.shards}}
+    members = group.snapshot().members
+    counts = {member: int(info["shards"]) for member, info in members.items()} or {node: cfg.shards}
     out = []
-    for member, info in sorted(members.items()):
-        for i in range(int(info["shards"])):
+    for member, n in sorted(counts.items()):
+        for i in range(n):
             out.append(((member, i), shardclient.endpoint(cfg, node, members, (member, i))))
     return node, out
 

@@ -368,8 +368,8 @@ class Node:
                     self.http.serve()
                 log.info("node_ready", port=self.cfg.port, metrics_port=self.cfg.metrics_port,
                          seconds=round(time.monotonic() - self.started_at, 3))
-                if group is not None and group.snapshot().members.get(
-                        group.node_id, {}).get("lame_duck"):
+                me = group.snapshot().members.get(group.node_id) if group is not None else None
+                if me is not None and me.get("lame_duck"):
                     # back from a lame-duck stop (a rolling restart): advertise it again
                     threading.Thread(target=self._announce_lame_duck, args=(False, 6),
                                      name="mq9-lame-duck", daemon=True).start()
