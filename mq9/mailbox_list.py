@@ -19,6 +19,7 @@ import itertools
 import json
 import threading
 import time
+from collections.abc import Callable
 from urllib.parse import parse_qsl
 
 import zmq
@@ -26,14 +27,14 @@ import zmq
 from mq9 import log, shardclient, subjects, wire
 from mq9.cluster.slots import ShardId
 from mq9.config import Config
-from mq9.monitor import _iso
+from mq9.monitor import ClusterView, Json, _iso
 
 TIMEOUT = 3.0  # as long as a gateway waits for a shard
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000  # what one shard gives per request (mailbox.LIST_MAX)
 
 _rids = itertools.count(1)
-_ctx: zmq.Context | None = None
+_ctx: zmq.Context[zmq.Socket[bytes]] | None = None
 _ctx_lock = threading.Lock()
 
 
@@ -41,7 +42,7 @@ class BadQuery(ValueError):
     """A query parameter that cannot be used; the text says which and why."""
 
 
-def _context() -> zmq.Context:
+def _context() -> zmq.Context[zmq.Socket[bytes]]:
     global _ctx
     with _ctx_lock:
         if _ctx is None:
@@ -69,7 +70,7 @@ def parse(query: dict[str, str]) -> tuple[str, str, int]:
     return prefix, after, limit
 
 
-def shards(cfg: Config, group) -> tuple[str, list[tuple[ShardId, str]]]:
+def shards(cfg: Config, group: ClusterView | None) -> tuple[str, list[tuple[ShardId, str]]]:
     """(this node's id, every shard to ask with its endpoint): this node's alone, or every
     member's once the metadata group knows its members."""
     if group is None:
@@ -77,22 +78,23 @@ def shards(cfg: Config, group) -> tuple[str, list[tuple[ShardId, str]]]:
         return node, [((node, i), shardclient.endpoint(cfg, node, {}, (node, i)))
                       for i in range(cfg.shards)]
     node = group.node_id
-    members = group.snapshot().members or {node: {"shards": cfg.shards}}
+    members = group.snapshot().members
+    counts = {member: int(info["shards"]) for member, info in members.items()} or {node: cfg.shards}
     out = []
-    for member, info in sorted(members.items()):
-        for i in range(int(info["shards"])):
+    for member, n in sorted(counts.items()):
+        for i in range(n):
             out.append(((member, i), shardclient.endpoint(cfg, node, members, (member, i))))
     return node, out
 
 
-def ask(cfg: Config, targets: list[tuple[ShardId, str]], make_op, timeout: float = TIMEOUT,
-        ) -> tuple[dict[ShardId, object], dict[ShardId, str]]:
+def ask(cfg: Config, targets: list[tuple[ShardId, str]], make_op: Callable[[int], wire.ListMailboxes],
+        timeout: float = TIMEOUT) -> tuple[dict[ShardId, object], dict[ShardId, str]]:
     """Send ``make_op(rid)`` to every target at once and wait for the answers until
     ``timeout``. -> (answers, {owner: why it has none})."""
     ctx = _context()
     answers: dict[ShardId, object] = {}
     failed: dict[ShardId, str] = {}
-    waiting: dict[zmq.Socket, tuple[ShardId, int]] = {}  # every socket made, to close
+    waiting: dict[zmq.Socket[bytes], tuple[ShardId, int]] = {}  # every socket made, to close
     pending = 0  # sockets registered with the poller, not answered yet
     poller = zmq.Poller()
     try:
@@ -162,8 +164,8 @@ def merge(pages: list[tuple[ShardId, wire.MailboxList]], limit: int,
     return out, bound
 
 
-def page(cfg: Config, group, prefix: str = "", after: str = "", limit: int = DEFAULT_LIMIT,
-         timeout: float = TIMEOUT) -> dict:
+def page(cfg: Config, group: ClusterView | None, prefix: str = "", after: str = "",
+         limit: int = DEFAULT_LIMIT, timeout: float = TIMEOUT) -> Json:
     """The /mailboxz document for one page."""
     node, targets = shards(cfg, group)
     answers, failed = ask(cfg, targets, lambda rid: wire.ListMailboxes(rid, prefix, after, limit),
@@ -172,8 +174,10 @@ def page(cfg: Config, group, prefix: str = "", after: str = "", limit: int = DEF
     for owner, m in answers.items():
         if type(m) is wire.MailboxList:
             pages.append((owner, m))
-        else:  # an error Result: the query was checked here, so this is the shard's trouble
+        elif type(m) is wire.Result:  # the query was checked here: this is the shard's trouble
             failed[owner] = f"{m.code}: {m.error}"
+        else:
+            failed[owner] = f"unexpected answer: {type(m).__name__}"
     items, nxt = merge(pages, limit)
     now = time.time()
     total = None
@@ -194,7 +198,7 @@ def page(cfg: Config, group, prefix: str = "", after: str = "", limit: int = DEF
     }
 
 
-def _item(owner: ShardId, i: wire.MailboxInfo, now: float) -> dict:
+def _item(owner: ShardId, i: wire.MailboxInfo, now: float) -> Json:
     return {
         "mail_id": i.mail_id,
         "type": i.type,
@@ -211,7 +215,7 @@ def _item(owner: ShardId, i: wire.MailboxInfo, now: float) -> dict:
     }
 
 
-def serve(cfg: Config, group, query_string: str) -> tuple[int, bytes]:
+def serve(cfg: Config, group: ClusterView | None, query_string: str) -> tuple[int, bytes]:
     """(HTTP status, JSON body) for ``GET /mailboxz?query_string``."""
     try:
         prefix, after, limit = parse(dict(parse_qsl(query_string, keep_blank_values=True)))

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import platform
 from bisect import bisect_left
+from collections.abc import Callable, Iterator
 
 from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 # Gauges are summed over live processes; a dead process's values are dropped by the
 # supervisor (mark_process_dead) when it restarts the child.
@@ -89,12 +90,13 @@ class NodeCollector:
     summed over every process of the node (``mq9.procfs``), ``mq9_build_info`` and
     ``mq9_slots_unavailable``. Registered in the supervisor's registry only."""
 
-    def __init__(self, started: float, slots_unavailable, versions: dict[str, str]):
+    def __init__(self, started: float, slots_unavailable: Callable[[], int],
+                 versions: dict[str, str]) -> None:
         self.started = started
         self.slots_unavailable = slots_unavailable
         self.versions = dict(versions, python=platform.python_version())
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from mq9 import procfs
 
         u = procfs.usage()

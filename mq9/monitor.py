@@ -13,17 +13,40 @@ import glob
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mq9 import __version__, cpus, metrics, procfs
 from mq9.config import Config
 from mq9.protocol import NATS_VERSION
 
+if TYPE_CHECKING:
+    from mq9.cluster.state import ClusterState
+
+# A JSON object: the gateways' stats files as read, the documents served. Their values are
+# of every JSON type, so Any is what they are.
+Json = dict[str, Any]
+
 _SORTS = {"cid", "start", "pending_bytes", "in_msgs", "out_msgs", "in_bytes", "out_bytes",
           "subscriptions", "uptime", "last_activity"}
 
 
-def _gateway_stats(cfg: Config) -> list[dict]:
+class ClusterView(Protocol):
+    """What the monitoring port reads of the metadata group
+    (``mq9.cluster.metadata.MetadataGroup``)."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    def snapshot(self) -> ClusterState: ...
+
+    def status(self) -> Mapping[str, Any]: ...
+
+    def is_leader(self) -> bool: ...
+
+
+def _gateway_stats(cfg: Config) -> list[Json]:
     out = []
     for path in sorted(glob.glob(os.path.join(cfg.run_dir, "stats-gw-*.json"))):
         try:
@@ -34,7 +57,7 @@ def _gateway_stats(cfg: Config) -> list[dict]:
     return out
 
 
-def _tls_fields(cfg: Config) -> dict:
+def _tls_fields(cfg: Config) -> Json:
     """nats-server's /varz names for the TLS settings (present only when TLS is on)."""
     if not cfg.tls_cert:
         return {}
@@ -53,7 +76,7 @@ class NodeView:
     gateways: int
 
 
-def varz(cfg: Config, node: NodeView) -> dict:
+def varz(cfg: Config, node: NodeView) -> Json:
     """nats-server's /varz: its names, types and units (durations in nanoseconds, mem in
     bytes, cpu in percent of one core) for everything it has; mq9's own fields after."""
     gws = _gateway_stats(cfg)
@@ -62,12 +85,12 @@ def varz(cfg: Config, node: NodeView) -> dict:
         return sum(int(g.get(key, 0)) for g in gws)
 
     now = time.time()
-    cluster = {}
+    cluster: Json = {}
     if cfg.cluster_port:  # the supervisor sets it to 0 on a single node
         cluster = {"addr": cfg.host, "cluster_port": cfg.cluster_port}
         if cfg.node_id:
             cluster["name"] = cfg.node_id
-    doc = {
+    doc: Json = {
         "server_id": node.server_id,
         "server_name": node.server_name,
         "version": NATS_VERSION,
@@ -116,7 +139,7 @@ def varz(cfg: Config, node: NodeView) -> dict:
     return doc
 
 
-def connz(cfg: Config, query: dict[str, str]) -> dict:
+def connz(cfg: Config, query: dict[str, str]) -> Json:
     """``?offset=&limit=&sort=`` as nats-server takes them (sort descending but ``cid``)."""
     conns = [c for g in _gateway_stats(cfg) for c in g.get("conns", ())]
     sort = query.get("sort", "cid")
@@ -134,7 +157,7 @@ def connz(cfg: Config, query: dict[str, str]) -> dict:
             "offset": offset, "limit": limit, "connections": page}
 
 
-def update_cluster_gauges(group) -> None:
+def update_cluster_gauges(group: ClusterView) -> None:
     st = group.status()
     snap = group.snapshot()
     metrics.RAFT_LEADER.set(1 if group.is_leader() else 0)
@@ -144,7 +167,7 @@ def update_cluster_gauges(group) -> None:
     metrics.SLOT_MOVES.set(len(snap.moves))
 
 
-def _int(v, default: int) -> int:
+def _int(v: str | None, default: int) -> int:
     try:
         return max(0, int(v)) if v is not None else default
     except ValueError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Protocol
 from urllib.parse import parse_qsl
@@ -23,16 +24,31 @@ from mq9.protocol import NATS_VERSION
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json"
 
+Response = tuple[int, str, bytes]  # status, content type, body
+Route = Callable[[str, str], Response]  # (path, query string) -> Response
+
 
 class NodeState(Protocol):
-    """What the monitoring port reads of its node (``mq9.node.Node``)."""
+    """What the monitoring port reads of its node (``mq9.node.Node``); read-only, so the
+    node may hold a narrower type."""
 
-    cfg: Config
-    group: object  # mq9.cluster.metadata.MetadataGroup, or None on a single node
-    server_id: str
-    server_name: str
-    started_wall: float
-    cpu: procfs.CpuPercent
+    @property
+    def cfg(self) -> Config: ...
+
+    @property
+    def group(self) -> monitor.ClusterView | None: ...  # None on a single node
+
+    @property
+    def server_id(self) -> str: ...
+
+    @property
+    def server_name(self) -> str: ...
+
+    @property
+    def started_wall(self) -> float: ...
+
+    @property
+    def cpu(self) -> procfs.CpuPercent: ...
 
     def health(self, path: str) -> list[str]: ...
 
@@ -42,7 +58,7 @@ class NodeState(Protocol):
 class _Handler(BaseHTTPRequestHandler):
     server: _HttpServer
 
-    def do_GET(self):
+    def do_GET(self) -> None:
         path, _, query = self.path.partition("?")
         route = self.server.monitor.routes.get(path)
         if route is None:
@@ -55,14 +71,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format, *args):
+    def log_message(self, format: str, *args: object) -> None:
         log.debug("http_request", client=self.client_address[0], line=format % args)
 
 
 class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], family: int, monitor: MonitorServer):
+    def __init__(self, address: tuple[str, int], family: int, monitor: MonitorServer) -> None:
         self.address_family = family  # IPv6 for an IPv6 --host
         self.monitor = monitor
         super().__init__(address, _Handler, bind_and_activate=False)
@@ -73,9 +89,9 @@ class MonitorServer:
     listens from ``serve()`` on: a bound socket that does not listen refuses connections
     like a closed port, so nothing answers before the node is ready."""
 
-    def __init__(self, node: NodeState, host: str, port: int):
+    def __init__(self, node: NodeState, host: str, port: int) -> None:
         self.node = node
-        self.routes = {
+        self.routes: dict[str, Route] = {
             "/metrics": self.metrics,
             "/varz": self.varz,
             "/connz": self.connz,
@@ -84,7 +100,8 @@ class MonitorServer:
             "/readyz": self.health,
         }
         self.registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(self.registry)
+        # prometheus_client leaves this constructor unannotated
+        multiprocess.MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
         self.registry.register(metrics.NodeCollector(
             node.started_wall, node.slots_unavailable,
             {"version": __version__, "nats_version": NATS_VERSION}))
@@ -112,14 +129,14 @@ class MonitorServer:
 
     # ---- routes: (path, query string) -> (status, content type, body) ---------------------
 
-    def metrics(self, path: str, query: str) -> tuple[int, str, bytes]:
+    def metrics(self, path: str, query: str) -> Response:
         try:
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
         except Exception:
             log.exception("metrics_collect_failed")
             return 500, TEXT, b"metrics collection failed\n"
 
-    def varz(self, path: str, query: str) -> tuple[int, str, bytes]:
+    def varz(self, path: str, query: str) -> Response:
         node = self.node
         doc = monitor.varz(node.cfg, monitor.NodeView(
             server_id=node.server_id, server_name=node.server_name, started=node.started_wall,
@@ -127,15 +144,15 @@ class MonitorServer:
             gateways=node.cfg.gateway_count))
         return 200, JSON, json.dumps(doc, indent=2).encode()
 
-    def connz(self, path: str, query: str) -> tuple[int, str, bytes]:
+    def connz(self, path: str, query: str) -> Response:
         doc = monitor.connz(self.node.cfg, dict(parse_qsl(query)))
         return 200, JSON, json.dumps(doc, indent=2).encode()
 
-    def mailboxz(self, path: str, query: str) -> tuple[int, str, bytes]:
+    def mailboxz(self, path: str, query: str) -> Response:
         code, body = mailbox_list.serve(self.node.cfg, self.node.group, query)
         return code, JSON, body
 
-    def health(self, path: str, query: str) -> tuple[int, str, bytes]:
+    def health(self, path: str, query: str) -> Response:
         # nats-server's shapes: {"status":"ok"}, or 503 {"status":"unavailable","error":..}
         bad = self.node.health(path)
         doc = {"status": "unavailable", "error": "; ".join(bad)} if bad else {"status": "ok"}

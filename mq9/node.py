@@ -31,6 +31,7 @@ out starts idle (no children, /readyz 503) unless ``--rejoin``: see ``_stay_remo
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import fcntl
 import os
@@ -40,12 +41,22 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
+from enum import StrEnum
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from mq9 import __version__, endpoints, log, nodefile, procfs
 from mq9 import reload as reloading
 from mq9.config import Config
-from mq9.supervisor import Child, Supervisor, exit_fields
-from mq9.wire import NodeInfo
+from mq9.supervisor import Child, Kind, Supervisor, exit_fields
+from mq9.wire import NodeInfo, Reloaded
+
+if TYPE_CHECKING:
+    from mq9.cluster.metadata import MetadataGroup
+    from mq9.cluster.mover import ShardMover
+    from mq9.cluster.rebalance import Rebalancer
+    from mq9.monitor_http import MonitorServer
 
 # A shard rebuilds its memory from every key at start: 1M mailboxes over 2 shards took
 # 23-50 s on a busy 2-CPU machine (docs/OPERATIONS.md). A shard that dies is seen at once;
@@ -55,13 +66,25 @@ SHARD_READY_TIMEOUT = 600.0
 LAME_DUCK_MARGIN = 5.0
 
 
+# What signal.signal returns and takes back: a function, SIG_DFL/SIG_IGN, or None.
+SignalHandler = Callable[[int, FrameType | None], object] | int | None
+
+
+class Phase(StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    LAME_DUCK = "lame_duck"
+    STOPPING = "stopping"
+    REMOVED = "removed"  # out of its cluster, idle until stopped (``_stay_removed``)
+
+
 def _ipc_path(endpoint: str) -> str:
     return endpoint[len("ipc://"):]
 
 
 class Node:
-    def __init__(self, cfg: Config, targets: dict[str, str] | None, source=None,
-                 started: Config | None = None):
+    def __init__(self, cfg: Config, targets: dict[str, str] | None,
+                 source: argparse.Namespace | None = None, started: Config | None = None) -> None:
         self.cfg = cfg
         # What a reload reads again: the parsed flags and the environment of the start, and
         # the config they gave then (to name the settings a reload cannot change).
@@ -69,12 +92,12 @@ class Node:
         self.environ = dict(os.environ)
         self.started_cfg = started or cfg
         self.reloads = 0
-        self.phase = "starting"  # starting | running | lame_duck | stopping, or removed
+        self.phase = Phase.STARTING
         self.started_wall = time.time()
         self._next_gauges = 0.0
-        self.group = None  # mq9.cluster.metadata.MetadataGroup in cluster mode
-        self.rebalancer = None  # mq9.cluster.rebalance.Rebalancer, driving mq9.cluster.mover.ShardMover
-        self.mover = None
+        self.group: MetadataGroup | None = None  # in cluster mode
+        self.rebalancer: Rebalancer | None = None  # driving self.mover
+        self.mover: ShardMover | None = None
         self.signals: list[int] = []
         self.removed: str | None = None  # why this data dir's member stays out of its cluster
         self.lame_duck_until: float | None = None
@@ -82,9 +105,8 @@ class Node:
         self.ready = False
         self.started_at = time.monotonic()
         self.listening: set[int] = set()  # gateway pids seen listening on the NATS port
-        self.metrics = None
         self.lock_fd: int | None = None
-        self.http = None  # mq9.monitor_http.MonitorServer
+        self.http: MonitorServer | None = None
         self.server_id = nodefile.new_server_id()
         self.server_name = cfg.server_name or f"mq9-{socket.gethostname()}"
         self.cpu = procfs.CpuPercent()
@@ -94,7 +116,7 @@ class Node:
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
-        self.old_handlers: dict = {}
+        self.old_handlers: dict[int, SignalHandler] = {}
         self.old_wakeup_fd = -1
         self.sup = Supervisor(cfg, targets, wake=self.wake_r, on_wake=self._take_signals,
                               on_death=self._child_died, before_restart=self._before_restart)
@@ -158,10 +180,10 @@ class Node:
             for c in self.sup.gateways:
                 self.sup.spawn(c)
             if self.group is not None:
-                self._start_rebalancer()
-            self.phase = "running"
+                self._start_rebalancer(self.group)
+            self.phase = Phase.RUNNING
             self._loop()
-        self.phase = "stopping"
+        self.phase = Phase.STOPPING
         self.sup.stop()
         log.info("node_stopped", signal=self.stop_signal)
         return 1 if outcome == "failed" else 0
@@ -199,7 +221,6 @@ class Node:
         early = "prometheus_client" in sys.modules
         from mq9 import metrics  # noqa: E402 - must follow the environment variable
 
-        self.metrics = metrics
         metrics.zero_known_labels()
         if early:
             # prometheus_client picks single- or multi-process values when first imported
@@ -269,8 +290,8 @@ class Node:
         from mq9.cluster.metadata import ClusterError, from_config
 
         try:
-            group = from_config(self.cfg, secret=self.cfg.cluster_secret)
-            self.group = group.open(join=self.cfg.join, rejoin=self.cfg.rejoin)
+            group = from_config(self.cfg, secret=self.cfg.cluster_secret).open(
+                join=self.cfg.join, rejoin=self.cfg.rejoin)
         except ClusterError as e:
             if e.code != "removed":
                 log.error("cluster_open_failed", join=self.cfg.join, error=str(e))
@@ -280,21 +301,22 @@ class Node:
         except Exception as e:  # noqa: BLE001 - every failure is fatal here, and said once
             log.error("cluster_open_failed", join=self.cfg.join, error=str(e))
             return False
-        self.cfg = dataclasses.replace(self.cfg, node_id=self.group.node_id)
+        self.group = group
+        self.cfg = dataclasses.replace(self.cfg, node_id=group.node_id)
         # `mq9 cluster remove` moved our slots away and took us out: stop as on SIGTERM.
-        self.group.on_removed(self._removed_from_cluster)
-        snap = self.group.snapshot()
-        log.info("cluster_member", node_id=self.group.node_id, leader=self.group.leader(),
+        group.on_removed(self._removed_from_cluster)
+        snap = group.snapshot()
+        log.info("cluster_member", node_id=group.node_id, leader=group.leader(),
                  members=len(snap.members), version=snap.version)
         return True
 
-    def _start_rebalancer(self) -> None:
+    def _start_rebalancer(self, group: MetadataGroup) -> None:
         """Every member runs one; only the Raft leader's acts (cluster/rebalance.py)."""
-        from mq9.cluster.rebalance import Rebalancer
         from mq9.cluster.mover import ShardMover
+        from mq9.cluster.rebalance import Rebalancer
 
-        self.mover = ShardMover(self.cfg, self.group)
-        self.rebalancer = Rebalancer(self.group, self.mover).start()
+        self.mover = ShardMover(self.cfg, group)
+        self.rebalancer = Rebalancer(group, self.mover).start()
 
     def _stay_removed(self) -> int:
         """`mq9 cluster remove` took this member out and it was started again with the
@@ -302,7 +324,7 @@ class Node:
         removal (its slots would move back); exiting would have the kubelet restart it
         over and over. So it stays up and idle: no child, no cluster port, /readyz 503
         saying why, /healthz 200, and it exits 0 on SIGTERM (or SIGUSR2)."""
-        self.phase = "removed"
+        self.phase = Phase.REMOVED
         if self.http is not None:
             self.http.serve()
         log.warning("cluster_removed_staying_out", error=self.removed,
@@ -329,14 +351,15 @@ class Node:
             if self.stop_signal is not None:
                 break  # children dying now are stopping (Ctrl-C reaches them too), not crashing
             self.sup.reap()
-            if self.phase == "lame_duck" and self._lame_duck_over():
+            if self.phase == Phase.LAME_DUCK and self._lame_duck_over():
                 break
-            if self.group is not None and time.monotonic() >= self._next_gauges:
+            group = self.group
+            if group is not None and time.monotonic() >= self._next_gauges:
                 self._next_gauges = time.monotonic() + 1.0
                 try:
                     from mq9 import monitor  # imports prometheus_client: after _init_metrics
 
-                    monitor.update_cluster_gauges(self.group)
+                    monitor.update_cluster_gauges(group)
                 except Exception:  # noqa: BLE001 - gauges must never stop the supervisor
                     log.exception("cluster_gauges_failed")
             if not self.ready and not self.not_ready():
@@ -345,8 +368,8 @@ class Node:
                     self.http.serve()
                 log.info("node_ready", port=self.cfg.port, metrics_port=self.cfg.metrics_port,
                          seconds=round(time.monotonic() - self.started_at, 3))
-                if self.group is not None and self.group.snapshot().members.get(
-                        self.group.node_id, {}).get("lame_duck"):
+                me = group.snapshot().members.get(group.node_id) if group is not None else None
+                if me is not None and me.get("lame_duck"):
                     # back from a lame-duck stop (a rolling restart): advertise it again
                     threading.Thread(target=self._announce_lame_duck, args=(False, 6),
                                      name="mq9-lame-duck", daemon=True).start()
@@ -359,22 +382,25 @@ class Node:
         from prometheus_client import multiprocess  # after _init_metrics, as every metrics import
 
         try:
-            multiprocess.mark_process_dead(pid)
+            # prometheus_client leaves this function unannotated
+            multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
         except OSError as e:
             log.warning("metrics_cleanup_failed", pid=pid, error=str(e))
 
     def _before_restart(self, c: Child) -> None:
-        if c.kind == "shard":
+        if c.kind == Kind.SHARD:
             # the dead shard's socket file would make it look ready at once
             try:
                 os.unlink(self._shard_socket(c.index))
             except FileNotFoundError:
                 pass
-        self.metrics.PROCESS_RESTARTS.labels(c.kind).inc()
+        from mq9 import metrics  # after _init_metrics, as every metrics import
+
+        metrics.PROCESS_RESTARTS.labels(c.kind).inc()
 
     # ---- signals ------------------------------------------------------------------------
 
-    def _on_signal(self, signum, frame) -> None:
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signals.append(signum)
 
     def _take_signals(self) -> None:
@@ -393,10 +419,10 @@ class Node:
                          reason="no log file: the node logs to stderr")
                 continue
             name = signal.Signals(signum).name
-            if self.phase == "running" and signum == signal.SIGUSR2:
+            if self.phase == Phase.RUNNING and signum == signal.SIGUSR2:
                 self._enter_lame_duck()
                 continue
-            if self.phase == "lame_duck" and signum in (signal.SIGUSR2, signal.SIGTERM):
+            if self.phase == Phase.LAME_DUCK and signum in (signal.SIGUSR2, signal.SIGTERM):
                 # As nats-server: SIGTERM does not cut lame-duck mode short (Kubernetes
                 # sends it as soon as the preStop hook that started it returns); the node
                 # stops when the period ends. SIGINT still stops it at once.
@@ -411,7 +437,7 @@ class Node:
 
     def _reload(self) -> None:
         """SIGHUP: validate everything once, then apply it here and in every child."""
-        if self.phase == "stopping" or self.stop_signal is not None:
+        if self.phase == Phase.STOPPING or self.stop_signal is not None:
             log.info("reload_ignored", reason="stopping")
             return
         try:
@@ -427,7 +453,7 @@ class Node:
         self.cfg = self.sup.cfg = dataclasses.replace(self.cfg, **reloading.settings(new))
         log.set_level(new.log_level)
         self.reloads += 1
-        doc = reloading.Reloaded(generation=self.reloads, **reloading.settings(new))
+        doc = Reloaded(generation=self.reloads, **reloading.settings(new))
         try:
             reloading.write(self.cfg.run_dir, doc)
         except OSError as e:
@@ -446,7 +472,7 @@ class Node:
         once none is left the node stops as on SIGTERM. In a cluster the members stop
         advertising this node's client URL."""
         cfg = self.cfg
-        self.phase = "lame_duck"
+        self.phase = Phase.LAME_DUCK
         self.lame_duck_until = time.monotonic() + cfg.lame_duck_duration + LAME_DUCK_MARGIN
         log.info("node_lame_duck", grace_period=cfg.lame_duck_grace_period,
                  duration=cfg.lame_duck_duration)
@@ -458,13 +484,17 @@ class Node:
     def _announce_lame_duck(self, on: bool, tries: int = 1) -> None:
         """Sets or clears this member's lame-duck flag in the metadata (other members
         then leave its URL out of connect_urls, or put it back)."""
+        error = "metadata group closed"
         for attempt in range(tries):
+            group = self.group  # None once the node closes it
+            if group is None:
+                break
             try:
-                self.group.set_lame_duck(on, timeout=10.0)
+                group.set_lame_duck(on, timeout=10.0)
                 return
             except Exception as e:  # noqa: BLE001 - clients still learn it from our INFO
                 error = str(e)
-            if self.group is None or attempt == tries - 1:
+            if attempt == tries - 1:
                 break
             time.sleep(5.0)
         log.warning("cluster_lame_duck_write_failed", lame_duck=on, error=error)
@@ -473,7 +503,7 @@ class Node:
         if all(c.proc is None for c in self.sup.gateways):
             self.stop_signal = "lame_duck"
             return True
-        if time.monotonic() >= self.lame_duck_until:
+        if self.lame_duck_until is not None and time.monotonic() >= self.lame_duck_until:
             log.warning("node_lame_duck_timeout", gateways=",".join(
                 c.name for c in self.sup.gateways if c.proc is not None))
             self.stop_signal = "lame_duck"
@@ -483,9 +513,9 @@ class Node:
     # ---- state for /healthz, /readyz and /metrics (called from the HTTP thread too) -----
 
     def down(self) -> list[str]:
-        if self.phase == "removed":
+        if self.phase == Phase.REMOVED:
             return []  # alive and meant to be idle: a liveness probe must not restart it
-        children = self.sup.shards if self.phase == "lame_duck" else self.sup.children
+        children = self.sup.shards if self.phase == Phase.LAME_DUCK else self.sup.children
         return [c.name for c in children if c.pid is None]
 
     def slots_unavailable(self) -> int:
@@ -510,14 +540,14 @@ class Node:
     def health(self, path: str) -> list[str]:
         """What keeps /healthz (a child down) or /readyz (not every child serving) from
         saying ok; empty when all is well."""
-        if self.phase == "stopping":
+        if self.phase == Phase.STOPPING:
             return ["node is stopping"]
-        if self.phase == "starting":
+        if self.phase == Phase.STARTING:
             return ["node is starting"]
-        if self.phase == "removed":  # idle on purpose: alive, never ready
+        if self.phase == Phase.REMOVED:  # idle on purpose: alive, never ready
             return [] if path == "/healthz" else [
                 "removed from the cluster, staying out until started with --rejoin"]
-        if self.phase == "lame_duck" and path == "/readyz":
+        if self.phase == Phase.LAME_DUCK and path == "/readyz":
             return ["node is in lame duck mode"]
         if path == "/healthz":
             bad = [f"{name} is not running" for name in self.down()]
@@ -530,8 +560,8 @@ class Node:
         return bad
 
     def not_ready(self) -> list[str]:
-        if self.phase != "running":
-            return [self.phase]
+        if self.phase != Phase.RUNNING:
+            return [self.phase.value]
         missing = [c.name for c in self.sup.shards
                    if c.pid is None or not os.path.exists(self._shard_socket(c.index))]
         unconfirmed = [c for c in self.sup.gateways if c.pid is None or c.pid not in self.listening]
@@ -551,8 +581,10 @@ class Node:
         """Last resort on any exit path: no child outlives the supervisor."""
         if self.rebalancer is not None:
             self.rebalancer.stop()
-            self.mover.close()
             self.rebalancer = None
+        if self.mover is not None:
+            self.mover.close()
+            self.mover = None
         if self.group is not None:
             try:
                 self.group.close()
@@ -572,7 +604,8 @@ class Node:
             os.close(self.lock_fd)
 
 
-def run_node(cfg: Config, targets: dict[str, str] | None = None, args=None) -> int:
+def run_node(cfg: Config, targets: dict[str, str] | None = None,
+             args: argparse.Namespace | None = None) -> int:
     """Run a node until SIGTERM/SIGINT; returns the process exit code.
 
     Must be called from the main thread (signals, and the death signal of the children).

@@ -12,6 +12,7 @@ its CPU seconds with it (``process_cpu_seconds_total`` stays a counter).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -130,7 +131,7 @@ class CpuPercent:
     """CPU use as nats-server's /varz "cpu": percent of one core (150.0 = one and a half
     cores busy) over the time between two samples."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.last: tuple[float, float] | None = None
         self.percent = 0.0
 
@@ -141,15 +142,33 @@ class CpuPercent:
         return self.percent
 
 
-def tcp_rows():
-    """The fields of every line of /proc/net/tcp and tcp6: [1] local HEXIP:HEXPORT, [2] the
-    remote one, [3] the state (``TCP_LISTEN``, ``TCP_ESTABLISHED``, ...), [9] the inode."""
+class TcpRow(NamedTuple):
+    """The leading fields of a line of /proc/net/tcp or tcp6, as the kernel writes them
+    (hex); positions as in the file, so ``row[9]`` is still the inode."""
+
+    sl: str
+    local: str  # HEXIP:HEXPORT
+    remote: str
+    state: str  # TCP_LISTEN, TCP_ESTABLISHED, ...
+    queues: str  # tx_queue:rx_queue
+    timer: str
+    retransmits: str
+    uid: str
+    timeout: str
+    inode: str
+
+
+_TCP_FIELDS = len(TcpRow._fields)
+
+
+def tcp_rows() -> Iterator[TcpRow]:
+    """Every socket of /proc/net/tcp and tcp6."""
     for path in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(path) as f:
                 next(f, None)
                 for line in f:
-                    yield line.split()
+                    yield TcpRow(*line.split()[:_TCP_FIELDS])
         except OSError:
             continue
 
@@ -158,18 +177,17 @@ def _port(address: str) -> int:
     return int(address.rpartition(":")[2], 16)
 
 
-def tcp_row(local_port: int, remote_port: int, state: str | None = None) -> list[str] | None:
-    """The fields (as ``tcp_rows``) of the connection local_port <- remote_port, in
-    ``state`` if given."""
+def tcp_row(local_port: int, remote_port: int, state: str | None = None) -> TcpRow | None:
+    """The connection local_port <- remote_port, in ``state`` if given."""
     for p in tcp_rows():
-        if _port(p[1]) == local_port and _port(p[2]) == remote_port and state in (None, p[3]):
+        if _port(p.local) == local_port and _port(p.remote) == remote_port and state in (None, p.state):
             return p
     return None
 
 
 def listening_inodes(port: int) -> set[str]:
     """The inodes of the sockets listening on ``port`` (several with SO_REUSEPORT)."""
-    return {p[9] for p in tcp_rows() if p[3] == TCP_LISTEN and _port(p[1]) == port}
+    return {p.inode for p in tcp_rows() if p.state == TCP_LISTEN and _port(p.local) == port}
 
 
 def holds_socket(pid: int, inodes: set[str]) -> bool:

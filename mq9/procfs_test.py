@@ -71,7 +71,7 @@ def test_listening_socket_and_its_holder():
             served, _ = listener.accept()
             with served:
                 row = procfs.tcp_row(port, client.getsockname()[1], procfs.TCP_ESTABLISHED)
-                assert row is not None and procfs.holds_socket(os.getpid(), {row[9]})
+                assert row is not None and procfs.holds_socket(os.getpid(), {row.inode})
                 assert procfs.tcp_row(port, client.getsockname()[1], procfs.TCP_LISTEN) is None
 
 

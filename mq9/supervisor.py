@@ -20,7 +20,9 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from multiprocessing.connection import wait as wait_any
+from multiprocessing.process import BaseProcess
 
 from mq9 import log, process
 from mq9 import reload as reloading
@@ -34,24 +36,36 @@ RESTART_DELAY_MAX = 10.0
 STABLE_AFTER = 30.0  # a child that ran this long restarts with the first delay again
 
 
-def _resolve(target: str):
+class Kind(StrEnum):
+    """A child's kind: its name's prefix and its label in ``mq9_process_restarts``."""
+
+    SHARD = "shard"
+    GATEWAY = "gateway"
+
+
+ChildMain = Callable[[Config, int], None]  # a child's run function: (config, its index)
+
+
+def _resolve(target: str) -> ChildMain:
     module, _, func = target.partition(":")
-    return getattr(importlib.import_module(module), func)
+    run: ChildMain = getattr(importlib.import_module(module), func)
+    return run
 
 
-def _child_main(kind: str, cfg: Config, index: int, target: str | None = None) -> None:
+def _child_main(kind: Kind, cfg: Config, index: int, target: str | None = None) -> None:
     """Entry point of every spawned child. ``target`` ("module:function") replaces the real
     run function in the supervisor's own tests only."""
     process.die_with_parent()
     process.set_name(f"mq9-{kind}-{index}")
     process.ignore_terminal_interrupt()
     log.setup(cfg.log_level, f"{kind}-{index}", fmt=cfg.log_format)
+    run: ChildMain
     try:
         if target is not None:
             run = _resolve(target)
-        elif kind == "gateway":
+        elif kind == Kind.GATEWAY:
             from mq9.gateway.server import run
-        elif kind == "shard":
+        elif kind == Kind.SHARD:
             from mq9.shard.server import run
         else:
             raise ValueError(f"unknown child kind {kind!r}")
@@ -62,7 +76,7 @@ def _child_main(kind: str, cfg: Config, index: int, target: str | None = None) -
         sys.exit(1)
 
 
-def exit_fields(code: int | None) -> dict:
+def exit_fields(code: int | None) -> dict[str, str | int]:
     """How a child ended, as log fields."""
     if code is None:
         return {}
@@ -78,11 +92,11 @@ class Child:
     __slots__ = ("kind", "index", "name", "proc", "pid", "started", "failures", "restart_at",
                  "retired")
 
-    def __init__(self, kind: str, index: int):
+    def __init__(self, kind: Kind, index: int):
         self.kind = kind
         self.index = index
         self.name = f"{kind}-{index}"
-        self.proc = None  # multiprocessing Process, main thread only
+        self.proc: BaseProcess | None = None  # main thread only
         self.pid: int | None = None  # what other threads may look at
         self.started = 0.0
         self.failures = 0  # deaths in a row without a stable run, sets the backoff
@@ -101,12 +115,12 @@ class Supervisor:
 
     def __init__(self, cfg: Config, targets: dict[str, str] | None, *, wake: socket.socket,
                  on_wake: Callable[[], None], on_death: Callable[[Child, int], None],
-                 before_restart: Callable[[Child], None]):
+                 before_restart: Callable[[Child], None]) -> None:
         self.cfg = cfg  # what children are spawned with; the node replaces it as it learns more
         self.targets = targets or {}
         self.ctx = multiprocessing.get_context("spawn")
-        self.shards = [Child("shard", i) for i in range(cfg.shards)]
-        self.gateways = [Child("gateway", i) for i in range(cfg.gateway_count)]
+        self.shards = [Child(Kind.SHARD, i) for i in range(cfg.shards)]
+        self.gateways = [Child(Kind.GATEWAY, i) for i in range(cfg.gateway_count)]
         self.children = self.shards + self.gateways
         self.wake = wake
         self.on_wake = on_wake
@@ -131,7 +145,8 @@ class Supervisor:
 
     def wait(self, timeout: float, children: list[Child] | None = None) -> None:
         """Until ``wake``, the death of one of ``children`` (default all), or the timeout."""
-        waitables = [c.proc.sentinel for c in (children or self.children) if c.proc is not None]
+        waitables: list[int | socket.socket] = [
+            c.proc.sentinel for c in (children or self.children) if c.proc is not None]
         waitables.append(self.wake)
         wait_any(waitables, max(0.0, timeout))
         self.on_wake()
@@ -160,7 +175,7 @@ class Supervisor:
     def _schedule_restart(self, c: Child, uptime: float) -> float:
         if uptime >= STABLE_AFTER:
             c.failures = 0
-        delay = min(RESTART_DELAY_FIRST * 2 ** c.failures, RESTART_DELAY_MAX)
+        delay = min(RESTART_DELAY_FIRST * 2.0 ** c.failures, RESTART_DELAY_MAX)
         c.failures += 1
         c.restart_at = time.monotonic() + delay
         return delay
@@ -169,9 +184,11 @@ class Supervisor:
         """Takes note of children that exited and schedules their restart."""
         for c in self.children:
             p = c.proc
-            if p is None or p.exitcode is None:
+            if p is None:
                 continue
             pid, code = p.pid, p.exitcode
+            if pid is None or code is None:  # not started, or running
+                continue
             uptime = time.monotonic() - c.started
             p.close()
             c.proc = None
@@ -188,7 +205,7 @@ class Supervisor:
     def restart_due(self) -> float | None:
         """Restarts children whose delay has passed; returns the next restart time."""
         now = time.monotonic()
-        nxt = None
+        nxt: float | None = None
         for c in self.children:
             if c.restart_at is None:
                 continue
@@ -209,34 +226,34 @@ class Supervisor:
         self._stop_group(self.shards, SHARD_STOP_TIMEOUT)
 
     def _stop_group(self, group: list[Child], timeout: float) -> None:
-        running = [c for c in group if c.proc is not None]
+        running = [(c, c.proc) for c in group if c.proc is not None]
         if not running:
             return
-        for c in running:
-            if c.proc.exitcode is None:
-                c.proc.terminate()
+        for _, p in running:
+            if p.exitcode is None:
+                p.terminate()
         deadline = time.monotonic() + timeout
         while True:
-            for c in running:
-                if c.proc is not None and c.proc.exitcode is not None:
-                    log.info("child_stopped", child=c.name, pid=c.pid, **exit_fields(c.proc.exitcode))
-                    self._release(c)
-            left = [c for c in running if c.proc is not None]
+            for c, p in running:
+                if c.proc is not None and p.exitcode is not None:
+                    log.info("child_stopped", child=c.name, pid=c.pid, **exit_fields(p.exitcode))
+                    self._release(c, p)
+            left = [(c, p) for c, p in running if c.proc is not None]
             if not left:
                 return
             if self.hurry or time.monotonic() >= deadline:
-                for c in left:
+                for c, p in left:
                     log.warning("child_killed", child=c.name, pid=c.pid,
                                 reason="second signal" if self.hurry else "stop timeout")
-                    c.proc.kill()
-                    c.proc.join(5)
-                    self._release(c)
+                    p.kill()
+                    p.join(5)
+                    self._release(c, p)
                 return
-            self.wait(min(0.5, deadline - time.monotonic()), left)
+            self.wait(min(0.5, deadline - time.monotonic()), [c for c, _ in left])
 
-    def _release(self, c: Child) -> None:
+    def _release(self, c: Child, p: BaseProcess) -> None:
         try:
-            c.proc.close()
+            p.close()
         except ValueError:  # still running after SIGKILL + 5 s: leave it to the kernel
             pass
         c.proc = None
@@ -245,8 +262,9 @@ class Supervisor:
     def close(self) -> None:
         """Last resort on any exit path: no child outlives the supervisor."""
         for c in self.children:
-            if c.proc is not None:
-                if c.proc.exitcode is None:
-                    c.proc.kill()
-                    c.proc.join(5)
-                self._release(c)
+            p = c.proc
+            if p is not None:
+                if p.exitcode is None:
+                    p.kill()
+                    p.join(5)
+                self._release(c, p)
