@@ -43,7 +43,10 @@ run: venv
 cluster: venv
 	$(BIN)/python -m mq9.localcluster $(ARGS)
 
+# Lint and types first (seconds), then the suite.
 test: venv-test
+	$(BIN)/python -m ruff check mq9 cluster tests loadtest
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: venv-test
@@ -57,5 +60,5 @@ loadtest: venv-test
 
 # Keeps ./mq9-data and ./mq9-cluster: they hold the brokers' messages.
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -125,12 +125,18 @@ def test_make_test_fails_when_code_does_not_import_or_nothing_is_collected(tmp_p
     assert "install" not in ok.stdout.split("pytest")[0]  # the wrapper's venv was used as is
 
     shard = clone / "mq9" / "shard" / "server.py"
-    shard.write_text(shard.read_text() + "\ndef broken(:\n")
+    source = shard.read_text()
+    shard.write_text(source + "\ndef broken(:\n")
+    unparsable = make_test("tests/test_observability.py")  # ruff stops it before pytest
+    assert unparsable.returncode != 0 and "mq9/shard/server.py" in unparsable.stdout, outcome(unparsable)
+    # valid Python that fails only when imported: lint passes, the end-to-end tests must fail
+    shard.write_text(source + '\nraise RuntimeError("broken on purpose")\n')
     broken = make_test("tests/test_observability.py")
     assert broken.returncode != 0, broken.stdout[-3000:]
     assert "skipped" not in outcome(broken) and "error" in outcome(broken), outcome(broken)
 
-    (clone / "mq9" / "gateway" / "broken_test.py").write_text("import mq9.gateway.no_such_module\n")
+    (clone / "mq9" / "gateway" / "broken_test.py").write_text(
+        "from mq9.gateway import no_such_module\n\n\ndef test_it():\n    assert no_such_module\n")
     not_collected = make_test("mq9/gateway/broken_test.py", "tests/test_pyproject.py")
     assert not_collected.returncode != 0
     assert "error" in outcome(not_collected), outcome(not_collected)
