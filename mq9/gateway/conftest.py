@@ -11,27 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 
 import pytest
 
 from mq9.config import Config
 from mq9.gateway.server import Gateway
+from tests.nodeproc import free_ports
 
 WAIT = 10.0  # seconds a test waits for bytes it expects; generous, the machine may be busy
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Raw:
