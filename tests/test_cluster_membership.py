@@ -14,6 +14,7 @@ import sys
 import time
 
 import nats
+from agents import echo_responder
 from nodeproc import child_env
 from test_cluster import SECRET_ENV, cluster_node, cluster_status, wait_balanced, wait_members
 
@@ -103,15 +104,7 @@ async def test_connect_urls_let_a_client_fail_over(tmp_path):
             await asyncio.sleep(0.1)
         await asyncio.to_thread(wait_balanced, n1.flags["cluster_port"], 3)
 
-        responder = await nats.connect(n3.url, allow_reconnect=False)
-        ncs.append(responder)
-
-        async def echo(msg):
-            await msg.respond(b"re:" + msg.data)
-
-        await responder.subscribe("svc.echo", cb=echo)
-        await responder.flush()
-        await responder.flush()
+        ncs.append(await echo_responder(n3.url, "svc.echo"))
         assert (await client.request("svc.echo", b"a", timeout=5)).data == b"re:a"
 
         t0 = time.monotonic()

@@ -17,6 +17,7 @@ import sys
 import time
 
 import nats
+from agents import echo_responder
 from natsraw import RawConn
 from nodeproc import child_env
 from test_cluster import cluster_node, cluster_status, wait_balanced, wait_members
@@ -127,15 +128,7 @@ async def test_lame_duck_in_a_cluster_moves_clients_to_the_other_nodes(tmp_path)
         duck.handshake()
         assert sorted(duck.info["connect_urls"]) == sorted(url.values())
 
-        responder = await nats.connect(n3.url, allow_reconnect=False)
-        ncs.append(responder)
-
-        async def echo(msg):
-            await msg.respond(b"re:" + msg.data)
-
-        await responder.subscribe("svc.echo", cb=echo)
-        await responder.flush()
-        await responder.flush()
+        ncs.append(await echo_responder(n3.url, "svc.echo"))
         reconnected = asyncio.Event()
 
         async def on_reconnect():
