@@ -87,11 +87,9 @@ class Gateway:
             "host": cfg.host,
             "port": cfg.port,
             "headers": True,
-            **tls.info_fields(cfg),
             "max_payload": cfg.max_payload,
         }
-        if self.auth_required:
-            self._info_base["auth_required"] = True
+        self._set_security_info()
         self.lame_duck = False
         self._lame_duck_task: asyncio.Task[None] | None = None
         self._update_connect_urls()
@@ -410,6 +408,15 @@ class Gateway:
         else:
             self.router.remove_local(sub)
 
+    def _set_security_info(self) -> None:
+        """INFO's TLS and auth fields from the current settings (at start and on reload)."""
+        info = {k: v for k, v in self._info_base.items()
+                if k not in ("tls_required", "tls_verify", "auth_required")}
+        info.update(tls.info_fields(self.cfg))
+        if self.auth_required:
+            info["auth_required"] = True
+        self._info_base = info
+
     def reload(self) -> None:
         """SIGHUP from the supervisor: new users, TLS context and INFO for new connections;
         when authorization changed, every connection is checked again (``reauth``). A
@@ -431,12 +438,7 @@ class Gateway:
         recheck = reauth.auth_changed(self.cfg, self.users, cfg, users)
         self.cfg, self.users, self.tls = cfg, users, ctx
         self.auth_required = bool(cfg.auth_token or cfg.user or users)
-        info = {k: v for k, v in self._info_base.items()
-                if k not in ("tls_required", "tls_verify", "auth_required")}
-        info.update(tls.info_fields(cfg))
-        if self.auth_required:
-            info["auth_required"] = True
-        self._info_base = info
+        self._set_security_info()
         self.log.info("config_reloaded", generation=doc.generation, users=len(users or ()),
                       tls=ctx is not None, log_level=cfg.log_level)
         if recheck:
